@@ -1,0 +1,94 @@
+"""The ``leantrain`` command: list | run | report | plot.
+
+Errors a user can cause print one line on stderr and exit with code 2 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from leantrain.errors import LeantrainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Resource-efficient training recipes.")
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List shipped recipes, datasets and models."""
+    from leantrain.config import list_recipes
+    from leantrain.data import list_datasets
+    from leantrain.models import list_models
+
+    for title, entries in (("recipes", list_recipes()), ("datasets", list_datasets()), ("models", list_models())):
+        typer.echo(f"{title}:")
+        width = max(map(len, entries), default=0)
+        for name, text in entries.items():
+            typer.echo(f"  {name:<{width}}  {text}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def run(
+    recipe: str = typer.Argument(..., help="recipe name (see `leantrain list`) or path to a YAML file"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=0.01 or lr=0.01"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+) -> None:
+    """Train a recipe and write runs/<name>-<time>/ (config.yaml, metrics.jsonl, summary.json, checkpoints)."""
+    import yaml
+
+    from leantrain.config import resolve, to_dict
+    from leantrain.train.report import print_report
+    from leantrain.train.run import run as run_recipe
+
+    cfg = resolve(recipe, overrides or [])
+    if print_config:
+        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return
+    result = run_recipe(cfg)
+    typer.echo(f"run folder: {result.run_dir}")
+    print_report([result.run_dir])
+
+
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(..., help="run folders")) -> None:
+    """Print a table of the final metrics of one or more runs."""
+    from leantrain.train.report import print_report
+
+    print_report(run_dirs)
+
+
+@app.command()
+def plot(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders"),
+    metric: str = typer.Option("loss", "--metric", help="metric name in metrics.jsonl (loss, accuracy, perplexity)"),
+    split: str = typer.Option("val", "--split", help="train or val records"),
+    out: Path = typer.Option(Path("plot.png"), "--out", help="PNG file to write"),
+) -> None:
+    """Plot a metric against steps for one or more runs (PNG)."""
+    from leantrain.train.report import plot_runs
+
+    typer.echo(f"wrote {plot_runs(run_dirs, metric, out, split=split)}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LeantrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # click usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            print(f"error: {err.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

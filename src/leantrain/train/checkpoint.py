@@ -1,0 +1,112 @@
+"""Checkpoints in safetensors + JSON (never pickle), written atomically, enough to resume exactly.
+
+A checkpoint folder ``checkpoints/step-00000120/`` holds:
+
+- ``model.safetensors``: the model's state dict (shared/tied tensors handled by ``safetensors.torch.save_model``);
+- ``optimizer.safetensors`` + the optimizer's non-tensor structure inside ``state.json``;
+- ``rng.safetensors``: torch's CPU generator state, so dropout after a resume matches an uninterrupted run;
+- ``state.json``: step, epoch, batches done in the epoch, and whatever the loop adds (best metric, ...).
+
+The folder is written under a temporary name and renamed, so a crash mid-write never leaves a checkpoint
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from leantrain.errors import LeantrainError
+
+_TENSOR = "__tensor__"
+_PAIRS = "__pairs__"
+_TUPLE = "__tuple__"
+
+
+def pack_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
+    """Split a nested state (dicts, lists, numbers, tensors) into JSON and a flat tensor dict."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_TENSOR: key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack_state(v, tensors, prefix) for k, v in obj.items()}
+        return {_PAIRS: [[k, pack_state(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [pack_state(v, tensors, prefix) for v in obj]}
+    if isinstance(obj, list):
+        return [pack_state(v, tensors, prefix) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__}")
+
+
+def unpack_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack_state`."""
+    if isinstance(obj, dict):
+        if _TENSOR in obj:
+            return tensors[obj[_TENSOR]]
+        if _PAIRS in obj:
+            return {k: unpack_state(v, tensors) for k, v in obj[_PAIRS]}
+        if _TUPLE in obj:
+            return tuple(unpack_state(v, tensors) for v in obj[_TUPLE])
+        return {k: unpack_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack_state(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict, keep: int = 2
+) -> Path:
+    """Write ``directory/step-XXXXXXXX`` atomically and keep only the ``keep`` most recent checkpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{state['step']:08d}"
+    tmp = directory / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    meta = dict(state)
+    if optimizer is not None:
+        opt_tensors: dict[str, torch.Tensor] = {}
+        meta["optimizer"] = pack_state(optimizer.state_dict(), opt_tensors)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("step-*") if (p / "state.json").is_file())
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore model, optimizer and RNG from a checkpoint folder; return its loop state."""
+    if not (path / "state.json").is_file():
+        raise LeantrainError(f"{path} is not a leantrain checkpoint (no state.json)")
+    meta = json.loads((path / "state.json").read_text())
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise LeantrainError(
+            f"checkpoint {path} does not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    packed_opt = meta.pop("optimizer", None)
+    if optimizer is not None and packed_opt is not None:
+        optimizer.load_state_dict(unpack_state(packed_opt, load_file(str(path / "optimizer.safetensors"))))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
+    return meta

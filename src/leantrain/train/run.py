@@ -1,0 +1,240 @@
+"""Run a resolved recipe: data → model → loop → run folder.
+
+A run folder ``runs/<name>-<YYYYmmdd-HHMMSS>/`` holds ``config.yaml`` (the resolved config),
+``metrics.jsonl`` (train and val records), ``summary.json`` (status and final metrics) and
+``checkpoints/step-XXXXXXXX/`` (see :mod:`leantrain.train.checkpoint`). ``resume=RUN_DIR`` continues the
+run in its own folder from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from leantrain import config as config_mod
+from leantrain.config import RunConfig
+from leantrain.errors import ConfigError, LeantrainError, NonFiniteLossError
+from leantrain.train.checkpoint import list_checkpoints
+from leantrain.train.loop import Trainer, TrainingInterrupted
+from leantrain.train.metric_loggers import JsonlLogger
+from leantrain.train.progress import make_progress
+from leantrain.train.schedule import lr_factor
+from leantrain.train.tasks import TASKS
+
+# Fields that may differ between a run and its resumption: training longer is a legitimate resume.
+RESUMABLE_CHANGES = {"resume", "progress", "threads", "train.epochs", "train.max_steps"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+@dataclass
+class PreparedData:
+    task: str
+    train: object
+    val: object
+    test: object
+    model_fields: dict  # data-dependent model config fields (input_shape, num_classes, vocab_size, ...)
+
+
+def run(cfg: RunConfig) -> RunResult:
+    """Train and evaluate ``cfg``; write the run folder; return its path and summary."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir, resume_from = _open_run_dir(cfg)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    data = prepare_data(cfg)
+    model = build_run_model(cfg, data.model_fields)
+    optimizer = build_optimizer(cfg, model)
+    task = TASKS[data.task]()
+    per_epoch = len(data.train)
+    total = min(cfg.train.max_steps or per_epoch * cfg.train.epochs, per_epoch * cfg.train.epochs)
+    progress = make_progress(cfg.progress, total)
+    logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_step(resume_from))
+    trainer = Trainer(
+        model, optimizer, task, data.train,
+        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
+        lr_schedule=lr_factor(cfg.train.schedule, total, cfg.train.warmup_steps), grad_clip=cfg.train.grad_clip,
+        eval_batches=data.val, eval_every=cfg.train.eval_every, log_every=cfg.train.log_every,
+        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=cfg.train.checkpoint_every,
+        keep_checkpoints=cfg.train.keep_checkpoints, logger=logger, progress=progress,
+    )  # fmt: skip
+    summary = {"name": cfg.name, "run_dir": str(run_dir), "task": data.task, "metric_name": task.metric_name}
+    summary.update(_param_counts(model))
+    try:
+        trainer.fit(resume_from=resume_from)
+    except NonFiniteLossError as err:
+        last = trainer.last_checkpoint
+        _finish(run_dir, summary, trainer, "diverged", started, logger, progress)
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"{err}; training stopped and {keep}. Lower optim.lr or set train.grad_clip.") from None
+    except TrainingInterrupted as err:
+        _finish(run_dir, summary, trainer, "interrupted", started, logger, progress)
+        raise LeantrainError(f"interrupted at step {trainer.state.step}; checkpoint {err.checkpoint}. "
+                             f"Continue with: leantrain run {cfg.name} resume={run_dir}") from None  # fmt: skip
+    summary["final"] = {
+        **{f"val_{k}": v for k, v in trainer.evaluate(data.val).items()},
+        **{f"test_{k}": v for k, v in trainer.evaluate(data.test).items()},
+    }
+    _finish(run_dir, summary, trainer, "completed", started, logger, progress)
+    return RunResult(run_dir, summary)
+
+
+def _finish(run_dir: Path, summary: dict, trainer: Trainer, status: str, started: float, logger, progress) -> None:
+    progress.close()
+    logger.close()
+    summary.update(
+        status=status,
+        steps=trainer.state.step,
+        epochs_done=trainer.state.epoch,
+        train_time_s=round(trainer.state.elapsed_s, 3),
+        wall_time_s=round(time.perf_counter() - started, 3),
+        best_val=trainer.state.best_val,
+        checkpoint=str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+# ---------------------------------------------------------------- run folder
+
+
+def _open_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    if cfg.resume is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+        suffix = 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{suffix}"
+        run_dir.mkdir(parents=True)
+        config_mod.save(cfg, run_dir / "config.yaml")
+        return run_dir, None
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"resume={run_dir} is not a run folder (no config.yaml)")
+    saved = config_mod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    changed = _diff(config_mod.to_dict(saved), config_mod.to_dict(cfg)) - RESUMABLE_CHANGES
+    if changed:
+        raise ConfigError(f"resume={run_dir}: the config differs from the saved run in {', '.join(sorted(changed))}")
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if not checkpoints:
+        raise ConfigError(f"resume={run_dir}: no checkpoint to resume from")
+    config_mod.save(cfg, run_dir / "config.yaml")
+    return run_dir, checkpoints[-1]
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set(a) | set(b)
+    out = set()
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.add(prefix + key)
+    return out
+
+
+def _checkpoint_step(path: Path | None) -> int | None:
+    return None if path is None else json.loads((path / "state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------- data, model, optimizer
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Load the dataset and turn its splits into mini-batch iterables for the task."""
+    from leantrain.data import ArrayBatches, lm_blocks, load_dataset, tokenize_texts
+
+    d = cfg.data
+    tokenizer = _tokenizer_for(cfg)
+    options = {"tokenizer": tokenizer} if (tokenizer is not None and _dataset_kind(d.dataset) == "lm") else {}
+    ds = load_dataset(
+        d.dataset, seed=cfg.seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+        train_subset=d.train_subset, **options,
+    )  # fmt: skip
+    task = cfg.task if cfg.task != "auto" else ("language-modeling" if ds.kind == "lm" else "classification")
+    fields: dict = {}
+
+    def batches(split, train: bool):
+        size = d.batch_size if train else d.eval_batch_size
+        n = len(split) if train or d.eval_subset is None else min(len(split), d.eval_subset)
+        common = {"shuffle": train, "seed": cfg.seed, "drop_last": False}
+        if ds.kind == "lm":
+            x, y = lm_blocks(split.x, d.block_size)
+            n = len(x) if train or d.eval_subset is None else min(len(x), d.eval_subset)
+            return ArrayBatches({"x": x[:n], "labels": y[:n]}, size, **common)
+        if ds.kind == "text":
+            if tokenizer is None:
+                raise ConfigError(f"dataset {d.dataset!r} is text: set data.tokenizer (e.g. data.tokenizer=minilm)")
+            tok = tokenize_texts(tokenizer, split.x[:n], d.max_length)
+            arrays = {"input_ids": tok.input_ids, "labels": split.y[:n]}
+            return ArrayBatches(arrays, size, trim_key="input_ids", lengths=tok.lengths, **common)
+        return ArrayBatches({"x": split.x[:n], "labels": split.y[:n]}, size, **common)
+
+    if ds.kind == "lm":
+        fields.update(vocab_size=len(tokenizer) if tokenizer is not None else ds.vocab_size, block_size=d.block_size)
+    elif ds.kind == "text":
+        fields.update(num_classes=ds.num_classes, vocab_size=len(tokenizer) if tokenizer else None)
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            fields["pad_token_id"] = tokenizer.pad_token_id
+    else:
+        fields.update(num_classes=ds.num_classes, input_shape=tuple(ds.input_shape))
+    return PreparedData(task, batches(ds.train, True), batches(ds.val, False), batches(ds.test, False), fields)
+
+
+def _dataset_kind(name: str) -> str:
+    return "lm" if name == "shakespeare" else "other"
+
+
+def _tokenizer_for(cfg: RunConfig):
+    from leantrain.models import load_tokenizer
+
+    name = cfg.data.tokenizer
+    if name is None:
+        try:
+            return load_tokenizer(cfg.model.name)
+        except ConfigError:
+            return None
+    return load_tokenizer(name)
+
+
+def build_run_model(cfg: RunConfig, data_fields: dict) -> nn.Module:
+    """Build the model, filling data-dependent config fields the recipe left unset."""
+    from leantrain.models import build_model, model_config_class
+
+    names = {f for f in model_config_class(cfg.model.name).__dataclass_fields__}
+    kwargs = {k: v for k, v in data_fields.items() if k in names and v is not None}
+    kwargs.update(cfg.model.options)
+    return build_model(cfg.model.name, **kwargs)
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LeantrainError("the model has no trainable parameters")
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _param_counts(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total_params": total, "trainable_params": trainable}
+

@@ -1,0 +1,27 @@
+"""Learning-rate schedules as pure functions of the step, so a resumed run needs no scheduler state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+
+def lr_factor(kind: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    ``constant``, ``cosine`` (to 0 at ``total_steps``) or ``linear`` (to 0), each after a linear warm-up.
+    """
+    if kind not in ("constant", "cosine", "linear"):
+        raise ValueError(f"unknown schedule {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
