@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -31,9 +32,9 @@ def list_cmd() -> None:
 
 @app.command(context_settings={"allow_extra_args": False})
 def run(
-    recipe: str = typer.Argument(..., help="recipe name (see `leantrain list`) or path to a YAML file"),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. optim.lr=0.01 or lr=0.01"),
-    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+    recipe: Annotated[str, typer.Argument(help="recipe name (see `leantrain list`) or path to a YAML file")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=0.01")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved config and exit")] = False,
 ) -> None:
     """Train a recipe and write runs/<name>-<time>/ (config.yaml, metrics.jsonl, summary.json, checkpoints)."""
     import yaml
@@ -52,7 +53,7 @@ def run(
 
 
 @app.command()
-def report(run_dirs: list[Path] = typer.Argument(..., help="run folders")) -> None:
+def report(run_dirs: Annotated[list[Path], typer.Argument(help="run folders")]) -> None:
     """Print a table of the final metrics of one or more runs."""
     from leantrain.train.report import print_report
 
@@ -61,10 +62,10 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="run folders")) -> No
 
 @app.command()
 def plot(
-    run_dirs: list[Path] = typer.Argument(..., help="run folders"),
-    metric: str = typer.Option("loss", "--metric", help="metric name in metrics.jsonl (loss, accuracy, perplexity)"),
-    split: str = typer.Option("val", "--split", help="train or val records"),
-    out: Path = typer.Option(Path("plot.png"), "--out", help="PNG file to write"),
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders")],
+    metric: Annotated[str, typer.Option(help="metric in metrics.jsonl: loss, accuracy, perplexity")] = "loss",
+    split: Annotated[str, typer.Option(help="train or val records")] = "val",
+    out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("plot.png"),
 ) -> None:
     """Plot a metric against steps for one or more runs (PNG)."""
     from leantrain.train.report import plot_runs

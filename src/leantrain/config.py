@@ -34,14 +34,20 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 class DataConfig:
     dataset: str = _f("digits", "dataset name, see `leantrain list`")
     val_fraction: float = _f(0.1, "share of the training data held out for validation", ge=0.0, lt=1.0)
-    test_fraction: float = _f(0.1, "share held out for test where the dataset has no official test split", ge=0.0, lt=1.0)
+    test_fraction: float = _f(
+        0.1, "share held out for test where the dataset has no official test split", ge=0.0, lt=1.0
+    )
     train_subset: int | None = _f(None, "keep only this many (stratified) training samples", ge=1)
-    eval_subset: int | None = _f(None, "evaluate on at most this many val/test samples (the first of each split)", ge=1)
+    eval_subset: int | None = _f(
+        None, "evaluate on at most this many val/test samples (the first of each split)", ge=1
+    )
     batch_size: int = _f(64, "training mini-batch size", ge=1)
     eval_batch_size: int = _f(256, "evaluation mini-batch size", ge=1)
     max_length: int = _f(128, "text classification: tokens per example after truncation", ge=2)
     block_size: int = _f(128, "language modelling: tokens per training window", ge=2)
-    tokenizer: str | None = _f(None, "pretrained model whose tokenizer encodes text; None: the model's own, or characters")
+    tokenizer: str | None = _f(
+        None, "pretrained model whose tokenizer encodes text; None: the model's own, or characters"
+    )
 
 
 @dataclass
@@ -115,7 +121,9 @@ def load_recipe(recipe: str) -> dict:
         path = recipes_dir() / f"{recipe}.yaml"
         if not path.is_file():
             names = list(list_recipes())
-            raise ConfigError(f"unknown recipe {recipe!r}{_did_you_mean(recipe, names)}; choose from: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown recipe {recipe!r}{_did_you_mean(recipe, names)}; choose from: {', '.join(names)}"
+            )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -288,9 +296,9 @@ def _check_range(value: Any, meta: Any, where: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return
     tests = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="), "lt": (lambda v, b: v < b, "<")}
-    for name, (ok, sign) in tests.items():
+    for name, (ok, _sym) in tests.items():
         if name in meta and not ok(value, meta[name]):
-            bounds = " and ".join(f"{s} {meta[n]}" for n, (_, s) in tests.items() if n in meta)
+            bounds = " and ".join(f"{sym} {meta[n]}" for n, (_, sym) in tests.items() if n in meta)
             raise ConfigError(f"config: {where} = {value!r} is out of range (must be {bounds})")
 
 

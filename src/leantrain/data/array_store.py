@@ -42,9 +42,7 @@ def load_array(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def cached_arrays(
-    name: str, keys: Sequence[str], build: Callable[[], dict[str, np.ndarray]]
-) -> dict[str, np.ndarray]:
+def cached_arrays(name: str, keys: Sequence[str], build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Return the arrays ``keys`` of dataset ``name``, from the cache or by calling ``build`` once and caching.
 
     ``build`` must return exactly the dtypes that are stored, so a cold and a warm load give

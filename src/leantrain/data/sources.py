@@ -82,8 +82,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 def read_fashion_mnist() -> dict[str, np.ndarray]:
     """Debian's Fashion-MNIST: 60,000 official train then 10,000 official test images (uint8, 28x28)."""
-    names = [f"{part}-{kind}-idx{n}-ubyte.gz" for part in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))]
-    paths = [FASHION_MNIST_DIR / n for n in names]
+    parts = [(part, kind, n) for part in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))]
+    paths = [FASHION_MNIST_DIR / f"{part}-{kind}-idx{n}-ubyte.gz" for part, kind, n in parts]
     if not all(p.is_file() for p in paths):
         raise MissingDependencyError(f"Fashion-MNIST ({FASHION_MNIST_DIR})", INSTALL["fashion-mnist"])
     x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)

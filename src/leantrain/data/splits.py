@@ -101,4 +101,3 @@ def contiguous_bounds(n: int, config: SplitConfig) -> tuple[slice, slice, slice]
         raise ConfigError(f"train_subset={config.train_subset} is out of range; train holds {n_train} tokens")
     train_end = n_train if config.train_subset is None else config.train_subset
     return slice(0, train_end), slice(n_train, n_train + n_val), slice(n_train + n_val, n)
-

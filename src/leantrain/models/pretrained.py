@@ -140,7 +140,7 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_folder() -> Path:
-    """The cached fp32 HF folder of SmolLM2-135M, exported from the GGUF on first use (about 40 s, once)."""
+    """The cached fp32 HF folder of SmolLM2-135M, exported from the GGUF on first use (20-40 s, once)."""
     folder = cache_dir("models") / "smollm2-135m"
     if all((folder / name).is_file() for name in _EXPORT_FILES):
         return folder
@@ -151,8 +151,9 @@ def smollm2_folder() -> Path:
     gguf = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError("gguf (needed to read SmolLM2's GGUF file)", GGUF_INSTALL)
-    print(f"leantrain: exporting SmolLM2-135M from GGUF to {folder} (once, about 40 s)", file=sys.stderr)
+    print(f"leantrain: exporting SmolLM2-135M from GGUF to {folder} (once, 20-40 s)", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache is an ordinary folder
     try:
         start = time.perf_counter()
         _export_smollm2(gguf, tmp)

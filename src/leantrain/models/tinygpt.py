@@ -119,11 +119,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, **_: object) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None, **_: object
+    ) -> torch.Tensor:
         """``idx`` (B, T) token ids with T <= block_size -> next-token logits (B, T, vocab_size).
 
-        Extra keyword arguments (``attention_mask``, ``labels``, ...) are accepted and ignored.
+        ``input_ids=`` is accepted in place of ``idx`` (Hugging Face batches); other keyword arguments
+        (``attention_mask``, ``labels``, ...) are ignored: the model is causal and unpadded.
         """
+        idx = input_ids if idx is None else idx
+        if idx is None:
+            raise TypeError("GPT.forward needs token ids: pass idx (or input_ids=)")
         B, T = idx.shape
         if T > self.config.block_size:
             raise ConfigError(

@@ -102,9 +102,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     meta = json.loads((path / "state.json").read_text())
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise LeantrainError(
-            f"checkpoint {path} does not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+        detail = f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        raise LeantrainError(f"checkpoint {path} does not fit this model ({detail})")
     packed_opt = meta.pop("optimizer", None)
     if optimizer is not None and packed_opt is not None:
         optimizer.load_state_dict(unpack_state(packed_opt, load_file(str(path / "optimizer.safetensors"))))

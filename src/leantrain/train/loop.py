@@ -213,7 +213,9 @@ class Trainer:
         record["elapsed_s"] = self.state.elapsed_s
         if self.logger is not None:
             self.logger.log(record)
-        self.progress.message(f"val @ step {self.state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.progress.message(
+            f"val @ step {self.state.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        )
         return metrics
 
     def _checkpoint(self) -> Path | None:

@@ -24,7 +24,9 @@ class JsonlLogger:
     def __init__(self, path: Path, *, drop_after_step: int | None = None):
         # A resumed run first forgets records past its checkpoint, so the log reads like one clean run.
         if drop_after_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= drop_after_step]
+            kept = [
+                ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= drop_after_step
+            ]
             path.write_text("".join(ln + "\n" for ln in kept))
         self.path = path
         self._file = path.open("a")

@@ -80,7 +80,9 @@ def run(cfg: RunConfig) -> RunResult:
         last = trainer.last_checkpoint
         _finish(run_dir, summary, trainer, "diverged", started, logger, progress)
         keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        raise NonFiniteLossError(f"{err}; training stopped and {keep}. Lower optim.lr or set train.grad_clip.") from None
+        raise NonFiniteLossError(
+            f"{err}; training stopped and {keep}. Lower optim.lr or set train.grad_clip."
+        ) from None
     except TrainingInterrupted as err:
         _finish(run_dir, summary, trainer, "interrupted", started, logger, progress)
         raise LeantrainError(f"interrupted at step {trainer.state.step}; checkpoint {err.checkpoint}. "
@@ -237,4 +239,3 @@ def _param_counts(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total_params": total, "trainable_params": trainable}
-
