@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from leantrain.errors import ConfigError
+from leantrain.field_types import coerce, parse_text
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -143,7 +143,7 @@ def resolve(recipe: str | dict, overrides: list[str] | tuple[str, ...] = ()) -> 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.01)")
-        cfg = apply_override(cfg, key.strip(), _parse_scalar(value))
+        cfg = apply_override(cfg, key.strip(), parse_text(value))
     return cfg
 
 
@@ -154,7 +154,7 @@ def from_dict(raw: dict) -> RunConfig:
     for section, cls in SECTIONS.items():
         kwargs[section] = _build(cls, raw.pop(section, None) or {}, section)
     model_raw = dict(raw.pop("model", None) or {})
-    model_name = _coerce(model_raw.pop("name", ModelConfig.name), str, "model.name")
+    model_name = coerce(model_raw.pop("name", ModelConfig.name), str, "model.name")
     model_raw.update(model_raw.pop("options", None) or {})
     kwargs["model"] = ModelConfig(name=model_name, options=validate_model_options(model_name, model_raw))
     top = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"model"}
@@ -162,7 +162,18 @@ def from_dict(raw: dict) -> RunConfig:
         if key not in top:
             raise ConfigError(_unknown_key(key, sorted(top | set(SECTIONS) | {"model"})))
     scalars = _build_scalars(RunConfig, raw, top)
+    _check_names(kwargs["data"])
     return RunConfig(**scalars, **kwargs)
+
+
+def _check_names(data: DataConfig) -> None:
+    from leantrain.data import dataset_options
+    from leantrain.models import tokenizer_names
+
+    dataset_options(data.dataset)  # raises on an unknown dataset, listing the valid ones
+    if data.tokenizer is not None and data.tokenizer not in tokenizer_names():
+        choices = ", ".join(tokenizer_names())
+        raise ConfigError(f"config: data.tokenizer={data.tokenizer!r} is not a pretrained tokenizer; use {choices}")
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -193,19 +204,12 @@ def apply_override(cfg: RunConfig, key: str, value: Any) -> RunConfig:
 
 
 def validate_model_options(name: str, options: dict) -> dict:
-    """Coerce and validate model keyword arguments against the model's config dataclass."""
-    from leantrain.models import make_model_config, model_config_class
+    """Validate model keyword arguments with the model's own config dataclass; return them coerced."""
+    from leantrain.models import make_model_config
 
-    cls = model_config_class(name)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    clean = {}
-    for key, value in options.items():
-        if key not in fields:
-            raise ConfigError(_unknown_key(f"model.{key}", sorted(f"model.{f}" for f in fields)))
-        clean[key] = _coerce(value, hints[key], f"model.{key}")
-    make_model_config(name, **clean)  # the model's own range checks
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in clean.items()}
+    config = make_model_config(name, **options)
+    values = {k: getattr(config, k) for k in options}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 # ---------------------------------------------------------------- validation
@@ -227,69 +231,10 @@ def _build_scalars(cls: type, raw: dict, names: set[str], prefix: str = "") -> d
     for f in dataclasses.fields(cls):
         if f.name in names and f.name in raw:
             where = prefix + f.name
-            value = _coerce(raw[f.name], hints[f.name], where)
+            value = coerce(raw[f.name], hints[f.name], where)
             _check_range(value, f.metadata, where)
             out[f.name] = value
     return out
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type or raise a ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"config: {where} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = _parse_scalar(value)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"config: {where} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
-            raise ConfigError(f"config: {where} must have {len(args)} items, got {len(value)}")
-        item = args[0] if args else Any
-        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    return _coerce_scalar(value, tp, where)
-
-
-def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-        elif tp is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            if isinstance(value, str):
-                return int(value)
-        elif tp is float:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                return float(value)
-        elif tp is str:
-            if isinstance(value, str):
-                return value
-        elif tp is dict:
-            if isinstance(value, dict):
-                return value
-        else:
-            return value
-    except ValueError:
-        pass
-    raise ConfigError(f"config: {where} must be {kind.get(tp, tp)}, got {value!r}")
 
 
 def _check_range(value: Any, meta: Any, where: str) -> None:
@@ -300,13 +245,6 @@ def _check_range(value: Any, meta: Any, where: str) -> None:
         if name in meta and not ok(value, meta[name]):
             bounds = " and ".join(f"{sym} {meta[n]}" for n, (_, sym) in tests.items() if n in meta)
             raise ConfigError(f"config: {where} = {value!r} is out of range (must be {bounds})")
-
-
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        return text
 
 
 def _expand_key(cfg: RunConfig, key: str) -> list[str]:
@@ -335,7 +273,10 @@ def _all_paths(cfg: RunConfig) -> dict[str, list[str]]:
 
 
 def _did_you_mean(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in choices}
+    close = difflib.get_close_matches(key, choices, n=1) or [
+        by_leaf[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1)
+    ]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

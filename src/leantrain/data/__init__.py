@@ -10,7 +10,7 @@ batches in-memory arrays reproducibly, ``tokenize_texts``/``lm_blocks`` prepare 
 from leantrain.data.dataset import Dataset, Split
 from leantrain.data.loaders import ArrayBatches
 from leantrain.data.partition import dirichlet, iid, partition, shards
-from leantrain.data.registry import list_datasets, load_dataset
+from leantrain.data.registry import dataset_options, list_datasets, load_dataset
 from leantrain.data.text import TokenizedTexts, lm_blocks, tokenize_texts
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Dataset",
     "Split",
     "TokenizedTexts",
+    "dataset_options",
     "dirichlet",
     "iid",
     "list_datasets",

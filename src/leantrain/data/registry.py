@@ -121,6 +121,17 @@ def list_datasets() -> dict[str, str]:
     return {name: entry.description for name, entry in REGISTRY.items()}
 
 
+def dataset_options(name: str) -> tuple[str, ...]:
+    """Dataset-specific keyword options ``load_dataset`` accepts for ``name`` (e.g. ``tokenizer``)."""
+    _check_name(name)
+    return REGISTRY[name].options
+
+
+def _check_name(name: str) -> None:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(REGISTRY)}")
+
+
 def load_dataset(
     name: str,
     *,
@@ -137,8 +148,7 @@ def load_dataset(
     ``train_subset=n`` keeps a stratified n-sample subset of train (the first n tokens for ``lm`` sets).
     ``options`` are dataset-specific (``tokenizer`` for shakespeare).
     """
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(REGISTRY)}")
+    _check_name(name)
     entry = REGISTRY[name]
     unknown = sorted(set(options) - set(entry.options))
     if unknown:

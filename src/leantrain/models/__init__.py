@@ -12,6 +12,7 @@ from leantrain.models.registry import (
     make_model_config,
     model_config_class,
     register_model,
+    tokenizer_names,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "make_model_config",
     "model_config_class",
     "register_model",
+    "tokenizer_names",
 ]

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
-import types
 import typing
 from typing import Any
 
 from leantrain.errors import ConfigError
+from leantrain.field_types import coerce
 
 
 @dataclasses.dataclass
@@ -24,7 +23,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name, annotation in _field_types(type(self)).items():
-            setattr(self, name, _coerce(self, name, getattr(self, name), annotation))
+            setattr(self, name, coerce(getattr(self, name), annotation, f"{type(self).__name__}.{name}"))
         self.validate()
 
     def validate(self) -> None:
@@ -64,47 +63,7 @@ def as_image_shape(config: Any, name: str = "input_shape") -> tuple[int, int, in
     return (1, *shape) if len(shape) == 2 else tuple(shape)
 
 
-# ----------------------------------------------------------------------------
-# Type coercion from annotations
-
-
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(config: Any, name: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` converted to ``annotation`` (list -> tuple, int -> float) or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(config, name, value, inner[0])
-    if origin is tuple:
-        item = args[0] if args else Any
-        if not isinstance(value, (list, tuple)):
-            _type_error(config, name, value, f"a list of {_type_name(item)}")
-        return tuple(_coerce(config, name, v, item) for v in value)
-    # numbers.* so that dataset-derived numpy integers (e.g. num_classes) are accepted too.
-    if annotation is int:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            _type_error(config, name, value, "an integer")
-        return int(value)
-    if annotation is float:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            _type_error(config, name, value, "a number")
-        return float(value)
-    if annotation in (str, bool) and not isinstance(value, annotation):
-        _type_error(config, name, value, f"a {_type_name(annotation)}")
-    return value
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _type_error(config: Any, name: str, value: Any, expected: str) -> typing.NoReturn:
-    raise ConfigError(f"{type(config).__name__}.{name}={value!r} has the wrong type; accepted: {expected}")

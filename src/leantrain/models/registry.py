@@ -83,6 +83,11 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return _MODELS[name].build(config)
 
 
+def tokenizer_names() -> list[str]:
+    """Names of pretrained models whose tokenizer :func:`load_tokenizer` can load."""
+    return sorted(_TOKENIZERS)
+
+
 def load_tokenizer(name: str) -> Any:
     """The Hugging Face tokenizer of a pretrained model ("minilm", "smollm2-135m"); ConfigError otherwise."""
     if name not in _TOKENIZERS:

@@ -37,10 +37,13 @@ def print_report(run_dirs: list[Path]) -> None:
 
     rows = report_rows(run_dirs)
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     table = Table(*columns)
-    for row in rows:
-        table.add_row(*[_cell(row.get(c)) for c in columns])
-    Console(width=max(120, 14 * len(columns))).print(table)
+    for line in cells:
+        table.add_row(*line)
+    # Wide enough that no cell wraps, whatever the terminal (a table is read whole or piped to a file).
+    width = sum(max(len(c), *(len(line[i]) for line in cells)) + 3 for i, c in enumerate(columns)) + 1
+    Console(width=width).print(table)
 
 
 def _cell(value) -> str:

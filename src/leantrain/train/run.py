@@ -159,11 +159,11 @@ def _checkpoint_step(path: Path | None) -> int | None:
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
     """Load the dataset and turn its splits into mini-batch iterables for the task."""
-    from leantrain.data import ArrayBatches, lm_blocks, load_dataset, tokenize_texts
+    from leantrain.data import ArrayBatches, dataset_options, lm_blocks, load_dataset, tokenize_texts
 
     d = cfg.data
     tokenizer = _tokenizer_for(cfg)
-    options = {"tokenizer": tokenizer} if (tokenizer is not None and _dataset_kind(d.dataset) == "lm") else {}
+    options = {"tokenizer": tokenizer} if tokenizer is not None and "tokenizer" in dataset_options(d.dataset) else {}
     ds = load_dataset(
         d.dataset, seed=cfg.seed, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
         train_subset=d.train_subset, **options,
@@ -198,20 +198,12 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     return PreparedData(task, batches(ds.train, True), batches(ds.val, False), batches(ds.test, False), fields)
 
 
-def _dataset_kind(name: str) -> str:
-    return "lm" if name == "shakespeare" else "other"
-
-
 def _tokenizer_for(cfg: RunConfig):
-    from leantrain.models import load_tokenizer
+    """``data.tokenizer`` if set, else the model's own tokenizer if it is a pretrained model, else None."""
+    from leantrain.models import load_tokenizer, tokenizer_names
 
-    name = cfg.data.tokenizer
-    if name is None:
-        try:
-            return load_tokenizer(cfg.model.name)
-        except ConfigError:
-            return None
-    return load_tokenizer(name)
+    name = cfg.data.tokenizer or (cfg.model.name if cfg.model.name in tokenizer_names() else None)
+    return None if name is None else load_tokenizer(name)
 
 
 def build_run_model(cfg: RunConfig, data_fields: dict) -> nn.Module:

@@ -1,0 +1,63 @@
+import pytest
+import yaml
+
+from leantrain.config import from_dict, list_recipes, resolve, to_dict
+from leantrain.errors import ConfigError
+
+
+@pytest.mark.parametrize("recipe", sorted(list_recipes()))
+def test_shipped_recipes_resolve_and_round_trip(recipe):
+    cfg = resolve(recipe)
+    assert cfg.name == recipe
+    assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
+def test_overrides_dotted_leaf_and_model_options():
+    cfg = resolve("cnn-fashion-mnist", ["optim.lr=0.02", "epochs=1", "model.channels=[16, 32]", "weight_decay=5e-5"])
+    assert cfg.optim.lr == 0.02
+    assert cfg.train.epochs == 1
+    assert cfg.model.options["channels"] == [16, 32]
+    assert cfg.optim.weight_decay == 5e-5  # "5e-5" is a string to YAML 1.1; the float field parses it
+    assert resolve("cnn-fashion-mnist", ["train.max_steps=null"]).train.max_steps is None
+    assert resolve("cnn-fashion-mnist", ["betas=[0.8, 0.9]"]).optim.betas == (0.8, 0.9)
+
+
+def test_recipe_from_a_yaml_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data: {dataset: digits}\nmodel: {name: mlp, hidden_sizes: [32]}\n")
+    cfg = resolve(str(path))
+    assert (cfg.name, cfg.data.dataset, cfg.model.options) == ("mine", "digits", {"hidden_sizes": [32]})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys: data.batch_size"),
+        (["lr=-1"], "optim.lr = -1.0 is out of range (must be > 0.0)"),
+        (["lr=fast"], "optim.lr must be a number, got 'fast'"),
+        (["val_fraction=1.5"], "data.val_fraction = 1.5 is out of range (must be >= 0.0 and < 1.0)"),
+        (["optim.name=lion"], "optim.name must be one of sgd, adamw, adam; got 'lion'"),
+        (["data.dataset=cifar10"], "unknown dataset 'cifar10'; valid names: digits, mnist5k"),
+        (["model.name=vgg"], "unknown model 'vgg'; valid models: cnn"),
+        (["model.hidden=0"], "CNNConfig.hidden=0 is invalid; accepted: integers >= 1"),
+        (["model.widthh=3"], "unknown config key 'model.widthh' (did you mean 'model.hidden'?)"),
+        (["data.tokenizer=gpt2"], "data.tokenizer='gpt2' is not a pretrained tokenizer; use minilm, smollm2-135m"),
+        (["epochs"], "override 'epochs' must look like key=value"),
+        (["betas=[0.9]"], "optim.betas must have 2 items, got 1"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_choices(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        resolve("cnn-fashion-mnist", overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_recipe_and_section_keys():
+    with pytest.raises(ConfigError, match="unknown recipe 'quickstrat' \\(did you mean 'quickstart'\\?\\)"):
+        resolve("quickstrat")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        from_dict({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="unknown field\\(s\\) 'widthh' for model 'cnn'; valid fields: input_shape"):
+        from_dict({"model": {"name": "cnn", "widthh": 3}})
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer'"):
+        from_dict({"optimizer": {"lr": 3}})
