@@ -90,6 +90,7 @@ class Trainer:
         self.state = LoopState()
         self.should_stop = False
         self.last_checkpoint: Path | None = None
+        self.last_val: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest evaluation
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
@@ -205,6 +206,7 @@ class Trainer:
         if self.eval_batches is None:
             return None
         metrics = self.evaluate(self.eval_batches)
+        self.last_val = (self.state.step, metrics)
         value = metrics[self.task.metric_name]
         best = self.state.best_val
         if best is None or (value > best if self.task.higher_is_better else value < best):

