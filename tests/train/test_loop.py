@@ -185,3 +185,12 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path):
         trainer.fit()
     assert info.value.checkpoint.name == "step-00000003"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_max_steps_overrides_epochs_and_crosses_epoch_boundaries():
+    x, y = _data()  # 8 batches per epoch
+    model = _model(0)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ClassificationTask(), _Batches(x, y),
+                      epochs=1, max_steps=20)  # fmt: skip
+    state = trainer.fit()
+    assert (state.step, state.epoch, state.batch_in_epoch) == (20, 2, 4)

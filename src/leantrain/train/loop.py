@@ -52,6 +52,11 @@ class LoopState:
     best_val: float | None = None
 
 
+def total_steps(batches_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """``max_steps`` when set (it overrides ``epochs``, as in Hugging Face's Trainer), else all epochs' batches."""
+    return max_steps if max_steps else batches_per_epoch * epochs
+
+
 class Trainer:
     """Runs optimizer steps over ``train_batches`` with logging, evaluation and checkpoints."""
 
@@ -79,9 +84,7 @@ class Trainer:
     ):
         self.model, self.optimizer, self.task = model, optimizer, task
         self.train_batches, self.eval_batches = train_batches, eval_batches
-        self.epochs = epochs
-        per_epoch = len(train_batches)  # type: ignore[arg-type]
-        self.total_steps = min(max_steps or per_epoch * epochs, per_epoch * epochs)
+        self.total_steps = total_steps(len(train_batches), epochs, max_steps)  # type: ignore[arg-type]
         self.lr_schedule, self.grad_clip = lr_schedule, grad_clip
         self.grad_transforms, self.callbacks = list(grad_transforms), list(callbacks)
         self.eval_every, self.log_every = eval_every, log_every
@@ -141,7 +144,7 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self, resume_from: Path | None = None) -> LoopState:
-        """Train to ``total_steps`` (or ``epochs``), resuming from a checkpoint folder if given."""
+        """Train for ``total_steps`` optimizer steps, resuming from a checkpoint folder if given."""
         if resume_from is not None:
             meta = load_checkpoint(resume_from, self.model, self.optimizer)
             self.state = LoopState(**{k: meta[k] for k in asdict(LoopState()) if k in meta})
@@ -149,7 +152,7 @@ class Trainer:
         self._call("on_train_begin")
         self.model.train()
         with _deferred_sigint() as interrupted:
-            while self.state.step < self.total_steps and self.state.epoch < self.epochs and not self.should_stop:
+            while self.state.step < self.total_steps and not self.should_stop:
                 self._run_epoch(interrupted)
         self._checkpoint()
         self._call("on_train_end")

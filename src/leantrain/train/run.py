@@ -23,7 +23,7 @@ from leantrain import config as config_mod
 from leantrain.config import RunConfig
 from leantrain.errors import ConfigError, LeantrainError, NonFiniteLossError
 from leantrain.train.checkpoint import list_checkpoints
-from leantrain.train.loop import Trainer, TrainingInterrupted
+from leantrain.train.loop import Trainer, TrainingInterrupted, total_steps
 from leantrain.train.metric_loggers import JsonlLogger
 from leantrain.train.progress import make_progress
 from leantrain.train.schedule import lr_factor
@@ -60,8 +60,7 @@ def run(cfg: RunConfig) -> RunResult:
     model = build_run_model(cfg, data.model_fields)
     optimizer = build_optimizer(cfg, model)
     task = TASKS[data.task]()
-    per_epoch = len(data.train)
-    total = min(cfg.train.max_steps or per_epoch * cfg.train.epochs, per_epoch * cfg.train.epochs)
+    total = total_steps(len(data.train), cfg.train.epochs, cfg.train.max_steps)
     progress = make_progress(cfg.progress, total)
     logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_step(resume_from))
     trainer = Trainer(
