@@ -70,7 +70,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(1, "passes over the training data (ignored when max_steps is set)", ge=1)
-    max_steps: int | None = _f(None, "train for exactly this many optimizer steps, over as many epochs as needed", ge=1)
+    max_steps: int | None = _f(None, "train exactly this many optimizer steps, over as many epochs as needed", ge=1)
     schedule: Literal["constant", "cosine", "linear"] = _f("constant", "learning-rate decay after warm-up")
     warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
     grad_clip: float | None = _f(None, "clip the global gradient norm to this value", gt=0.0)
