@@ -57,6 +57,13 @@ class ModelConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    method: Literal["full", "lora", "gem", "paca"] = _f("full", "full: train every weight; else a PEFT method")
+    options: dict = _f({}, "keyword arguments of the method's config (LoraConfig, GemConfig, PacaConfig)")
+    score_samples: int = _f(1000, "GEM: training samples in the one gradient pass that picks the mask", ge=1)
+
+
+@dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam"] = _f("adamw", "optimizer")
     lr: float = _f(1e-3, "peak learning rate", gt=0.0)
@@ -91,6 +98,7 @@ class RunConfig:
     progress: Literal["auto", "bar", "plain", "none"] = _f("auto", "auto: a bar on a terminal, log lines otherwise")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -157,13 +165,25 @@ def from_dict(raw: dict) -> RunConfig:
     model_name = coerce(model_raw.pop("name", ModelConfig.name), str, "model.name")
     model_raw.update(model_raw.pop("options", None) or {})
     kwargs["model"] = ModelConfig(name=model_name, options=validate_model_options(model_name, model_raw))
-    top = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"model"}
+    kwargs["finetune"] = _build_finetune(dict(raw.pop("finetune", None) or {}))
+    top = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS) - {"model", "finetune"}
     for key in raw:
         if key not in top:
-            raise ConfigError(_unknown_key(key, sorted(top | set(SECTIONS) | {"model"})))
+            raise ConfigError(_unknown_key(key, sorted(top | set(SECTIONS) | {"model", "finetune"})))
     scalars = _build_scalars(RunConfig, raw, top)
     _check_names(kwargs["data"])
     return RunConfig(**scalars, **kwargs)
+
+
+def _build_finetune(raw: dict) -> FinetuneConfig:
+    """``method`` and ``score_samples`` are ours; every other key is an option of the method's config."""
+    from leantrain.finetune.methods import make_method_config
+
+    own = {k: raw.pop(k) for k in ("method", "score_samples") if k in raw}
+    raw.update(raw.pop("options", None) or {})
+    cfg = FinetuneConfig(**_build_scalars(FinetuneConfig, own, set(own), prefix="finetune."), options=raw)
+    make_method_config(cfg.method, cfg.options)
+    return cfg
 
 
 def _check_names(data: DataConfig) -> None:
@@ -180,6 +200,8 @@ def to_dict(cfg: RunConfig) -> dict:
     """The nested mapping written to config.yaml (model options flattened into the model section)."""
     out = dataclasses.asdict(cfg)
     out["model"] = {"name": cfg.model.name, **cfg.model.options}
+    ft = cfg.finetune
+    out["finetune"] = {"method": ft.method, "score_samples": ft.score_samples, **ft.options}
     for section in ("optim", "data", "train"):
         out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in out[section].items()}
     return out
@@ -261,14 +283,20 @@ def _expand_key(cfg: RunConfig, key: str) -> list[str]:
 
 
 def _all_paths(cfg: RunConfig) -> dict[str, list[str]]:
+    from leantrain.finetune.methods import method_config_class
     from leantrain.models import model_config_class
 
-    paths = {f.name: [f.name] for f in dataclasses.fields(RunConfig) if f.name not in (*SECTIONS, "model")}
+    nested = (*SECTIONS, "model", "finetune")
+    paths = {f.name: [f.name] for f in dataclasses.fields(RunConfig) if f.name not in nested}
     for section, cls in SECTIONS.items():
         paths.update({f"{section}.{f.name}": [section, f.name] for f in dataclasses.fields(cls)})
     paths["model.name"] = ["model", "name"]
     for f in dataclasses.fields(model_config_class(cfg.model.name)):
         paths[f"model.{f.name}"] = ["model", f.name]
+    paths.update({f"finetune.{k}": ["finetune", k] for k in ("method", "score_samples")})
+    method_cls = method_config_class(cfg.finetune.method)
+    for f in dataclasses.fields(method_cls) if method_cls else ():
+        paths.setdefault(f"finetune.{f.name}", ["finetune", f.name])
     return paths
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from leantrain import config as config_mod
 from leantrain.config import RunConfig
 from leantrain.errors import ConfigError, LeantrainError, NonFiniteLossError
+from leantrain.finetune.methods import apply_method
 from leantrain.train.checkpoint import list_checkpoints
 from leantrain.train.loop import Trainer, TrainingInterrupted, total_steps
 from leantrain.train.metric_loggers import JsonlLogger
@@ -57,9 +58,14 @@ def run(cfg: RunConfig) -> RunResult:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     data = prepare_data(cfg)
-    model = build_run_model(cfg, data.model_fields)
-    optimizer = build_optimizer(cfg, model)
     task = TASKS[data.task]()
+    model = build_run_model(cfg, data.model_fields)
+    model = apply_method(
+        model, cfg.finetune.method, cfg.finetune.options,
+        score_batches=_first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
+        loss_fn=lambda m, batch: task.loss(m, batch)[0],
+    )  # fmt: skip
+    optimizer = build_optimizer(cfg, model)
     total = total_steps(len(data.train), cfg.train.epochs, cfg.train.max_steps)
     progress = make_progress(cfg.progress, total)
     logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_step(resume_from))
@@ -197,6 +203,18 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     else:
         fields.update(num_classes=ds.num_classes, input_shape=tuple(ds.input_shape))
     return PreparedData(task, batches(ds.train, True), batches(ds.val, False), batches(ds.test, False), fields)
+
+
+def _first_batches(batches, samples: int) -> list[dict]:
+    """The epoch-0 training batches covering the first ``samples`` samples (GEM's scoring pass)."""
+    batches.set_epoch(0)
+    out, seen = [], 0
+    for batch in batches:
+        if seen >= samples:
+            break
+        out.append(batch)
+        seen += len(batch["labels"])
+    return out
 
 
 def _tokenizer_for(cfg: RunConfig):
