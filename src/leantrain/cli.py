@@ -1,4 +1,4 @@
-"""The ``leantrain`` command: list | run | report | plot.
+"""The ``leantrain`` command: list | run | report | plot | bench.
 
 Errors a user can cause print one line on stderr and exit with code 2 (never a traceback).
 """
@@ -71,6 +71,26 @@ def plot(
     from leantrain.train.report import plot_runs
 
     typer.echo(f"wrote {plot_runs(run_dirs, metric, out, split=split)}")
+
+
+BENCH_AREAS = {"finetune": "leantrain.bench.finetune"}
+
+
+@app.command()
+def bench(
+    area: Annotated[str, typer.Argument(help=f"benchmark area: {', '.join(BENCH_AREAS)}")],
+    quick: Annotated[bool, typer.Option("--quick", help="a reduced run (minutes) for spot checks")] = False,
+    out: Annotated[Path, typer.Option(help="folder for <area>.json")] = Path("bench-results"),
+    seeds: Annotated[int | None, typer.Option(help="seeds for accuracy rows (default 3, quick 1)")] = None,
+    part: Annotated[list[str] | None, typer.Option(help="only these parts (finetune: accuracy, cost)")] = None,
+) -> None:
+    """Compare an area's methods with their anchors in one run; write <out>/<area>.json and print a table."""
+    import importlib
+
+    if area not in BENCH_AREAS:
+        raise LeantrainError(f"unknown benchmark area {area!r}; choose from: {', '.join(BENCH_AREAS)}")
+    module = importlib.import_module(BENCH_AREAS[area])
+    module.run_bench(quick, out, seeds=seeds, parts=tuple(part) if part else ("accuracy", "cost"))
 
 
 def main() -> None:
