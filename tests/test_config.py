@@ -52,6 +52,31 @@ def test_bad_overrides_name_the_key_and_the_choices(overrides, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        ("paca-minilm-tweets", ["finetune.r=0"], r"PacaConfig.r=0; accepted: an int >= 1"),
+        (
+            "gem-minilm-tweets",
+            ["finetune.density=2"],
+            r"GemConfig.density=2 is invalid; accepted: a float in \(0, 1\]",
+        ),
+        ("lora-minilm-tweets", ["finetune.rank=4"], "unknown config key 'finetune.rank'"),
+        ("quickstart", ["finetune.method=dora"], "finetune.method must be one of full, lora, gem, paca"),
+        ("quickstart", ["finetune.r=4"], "unknown config key 'finetune.r'"),
+    ],
+)
+def test_bad_finetune_settings(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(recipe, overrides)
+
+
+def test_finetune_options_override_and_round_trip():
+    cfg = resolve("paca-minilm-tweets", ["r=32", "finetune.paca_alpha=64"])
+    assert (cfg.finetune.method, cfg.finetune.options["r"], cfg.finetune.options["paca_alpha"]) == ("paca", 32, 64)
+    assert from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg)))) == cfg
+
+
 def test_unknown_recipe_and_section_keys():
     with pytest.raises(ConfigError, match="unknown recipe 'quickstrat' \\(did you mean 'quickstart'\\?\\)"):
         resolve("quickstrat")

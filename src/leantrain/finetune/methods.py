@@ -31,7 +31,9 @@ def method_config_class(method: str) -> type | None:
     module, name = METHOD_CONFIGS[method]
     try:
         return getattr(importlib.import_module(module), name)
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "peft":
+            raise
         raise MissingDependencyError("peft", 'pip install -c constraints.txt "leantrain[peft]"') from None
 
 

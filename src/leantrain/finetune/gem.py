@@ -1,0 +1,409 @@
+"""GEM: Gradient-to-weight ratio and Entropy-guided Masking for sparse fine-tuning.
+
+Paper: Kang, Kim, Avestimehr, Lee, "GEM: A Scale-Aware and Distribution-Sensitive Sparse Fine-Tuning Framework for
+Effective Downstream Adaptation", arXiv 2508.16191 (AAAI 2026); official code ``sungminkg/GEM_PEFT``.
+
+GEM trains a fixed, tiny subset of the pretrained weights of some Linear layers. One pass over training data sums
+the weight gradients G; each weight is ranked by the relative change it could make, R = |G| / (|W| + eps). A global
+budget of ``density * P`` entries is split across layers in proportion to s_l = ||R_l||_F * H(R_l / sum R_l), the
+norm of the ratio map times the entropy of its normalised distribution, and each layer keeps its top-n_l entries of
+R. The mask is computed once, before training, and never changes.
+
+This module is plain PyTorch (no PEFT): :func:`compute_gem_masks` computes the masks, :class:`GemLinear` trains a
+sparse delta on one Linear, :func:`apply_gem_masks` wraps a model in place. The PEFT tuner lives in
+:mod:`leantrain.finetune.peft_tuners.gem`.
+
+Departures from the official code, on purpose:
+
+- Exact top-k per layer (the official ``R >= kth value`` can select a few extra entries on ties).
+- Indices are stored as sorted int32 flat positions and trained as a compact value vector, so trainable
+  parameters and optimizer state scale with the budget (the official code trains a dense full-size copy).
+- The delta is zero-initialised by default. ``init="copy"`` reproduces the official quirk: the trainable tensor
+  starts as a copy of W and is added to W, so every selected weight is *doubled* at step 0.
+- Scores are computed on whatever loader the caller passes (meant to be the training split; the official code
+  draws a separate seed-0 subset that can overlap the dev split), and target names are configurable (the
+  official code is hard-wired to ``q_proj``/``v_proj``).
+- A layer's count is capped at its size (only reachable with ``budget_base="all_params"`` and a large density).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantrain.errors import ConfigError, LeantrainError
+
+BUDGET_BASES = ("all_params", "target_params")
+ALLOCATIONS = ("norm_x_entropy", "proportional", "uniform")
+SCORES = ("grad_over_weight", "gradient", "random")
+GRAD_ACCUMULATIONS = ("signed_sum", "abs_sum")
+INITS = ("zeros", "copy")
+# The paper's targets are q/v projections; BERT-style models call them query/value.
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class GemMaskConfig:
+    """How GEM picks its masks (the paper's defaults). :class:`~leantrain.finetune.GemConfig` extends it for PEFT."""
+
+    density: float = field(
+        default=1e-3,
+        metadata={"help": "Fraction of the budget base that is trainable, in (0, 1]. Paper: 1e-3 (0.1%)."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Linear layers to mask: a list of names (exact or '.'-suffix match) or one regex (full match). "
+                "None: the paper's q/v projections ('q_proj','v_proj', or 'query','value' for BERT-style models)."
+            )
+        },
+    )
+    budget_base: str = field(
+        default="all_params",
+        metadata={
+            "help": (
+                "What the density is a fraction of: 'all_params' (every model parameter, embeddings and head "
+                "included; the paper) or 'target_params' (only the target layers' weights)."
+            )
+        },
+    )
+    allocation: str = field(
+        default="norm_x_entropy",
+        metadata={
+            "help": (
+                "How the budget is split over layers: 'norm_x_entropy' (paper: proportional to ||R||_F * H), "
+                "'proportional' (to layer size) or 'uniform' (equal counts)."
+            )
+        },
+    )
+    score: str = field(
+        default="grad_over_weight",
+        metadata={
+            "help": (
+                "Entry score: 'grad_over_weight' (paper: |G|/(|W|+eps)), 'gradient' (ablation: |G|, used for the "
+                "allocation too) or 'random' (ablation: GEM's per-layer counts, random entries from random_seed)."
+            )
+        },
+    )
+    init: str = field(
+        default="zeros",
+        metadata={
+            "help": (
+                "Initial sparse delta: 'zeros' (identity at step 0) or 'copy' (official code: delta = W[idx], so "
+                "the selected weights are doubled at step 0)."
+            )
+        },
+    )
+    eps: float = field(default=1e-8, metadata={"help": "Guard in |W| + eps and in log(p + eps). Paper: 1e-8."})
+    grad_accumulation: str = field(
+        default="signed_sum",
+        metadata={
+            "help": (
+                "How batch gradients are combined: 'signed_sum' (paper: sum of signed minibatch gradients) or "
+                "'abs_sum' (sum of per-batch |gradient|)."
+            )
+        },
+    )
+    random_seed: int = field(default=0, metadata={"help": "Seed of the random-mask ablation (score='random')."})
+    score_train_mode: bool = field(
+        default=True,
+        metadata={"help": "Run the gradient pass in train mode (dropout on), as the official code does."},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate_gem()
+
+    def validate_gem(self) -> None:
+        """Raise :class:`ConfigError` naming the field, its value and the accepted range."""
+        name = type(self).__name__
+        if not isinstance(self.density, (int, float)) or not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"{name}.density={self.density!r} is invalid; accepted: a float in (0, 1]")
+        for fname, choices in (
+            ("budget_base", BUDGET_BASES),
+            ("allocation", ALLOCATIONS),
+            ("score", SCORES),
+            ("grad_accumulation", GRAD_ACCUMULATIONS),
+            ("init", INITS),
+        ):
+            value = getattr(self, fname)
+            if value not in choices:
+                raise ConfigError(f"{name}.{fname}={value!r} is invalid; accepted: one of {', '.join(choices)}")
+        if not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ConfigError(f"{name}.eps={self.eps!r} is invalid; accepted: a float > 0")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+
+
+@dataclass
+class GemMaskResult:
+    """Per-layer GEM masks: sorted int32 flat indices into each target weight, and how they were allocated."""
+
+    indices: dict[str, torch.Tensor]  # name -> (n_l,) int32, sorted
+    counts: dict[str, int]  # name -> n_l
+    scores: dict[str, float]  # name -> s_l (allocation weight); nan/inf for skipped layers
+    budget: int  # N_total
+    budget_base_params: int  # P the density was applied to
+    skipped: list[str] = field(default_factory=list)  # layers with a non-finite score (no budget)
+
+    def mask(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """Dense bool mask of layer ``name`` with the weight's ``shape``."""
+        mask = torch.zeros(math.prod(shape), dtype=torch.bool)
+        mask[self.indices[name].long()] = True
+        return mask.view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Target selection
+
+
+def match_target(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches a name exactly or as a '.'-suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_linears(model: nn.Module, targets: list[str] | str | None) -> dict[str, nn.Linear]:
+    """Target Linear layers by name; raises :class:`LeantrainError` listing the model's Linear names if none match."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    candidates = [targets] if targets is not None else [list(t) for t in DEFAULT_TARGETS]
+    for cand in candidates:
+        found = {n: m for n, m in linears.items() if match_target(n, cand)}
+        if found:
+            return found
+    shown = ", ".join(list(linears)[:40]) + (" ..." if len(linears) > 40 else "")
+    raise LeantrainError(
+        f"GEM target_modules={targets!r} matched no nn.Linear in {type(model).__name__}; set target_modules to "
+        f"some of its Linear layers: [{shown}]"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient pass
+
+
+def default_gem_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``out.loss`` when the model returns one, else cross-entropy of the logits against ``batch['labels']``."""
+    out = model(batch["x"]) if "x" in batch else model(**batch)
+    loss = getattr(out, "loss", None)
+    if loss is not None:
+        return loss
+    logits = getattr(out, "logits", out)
+    labels = batch["labels"]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    dataloader: Iterable[dict[str, torch.Tensor]],
+    targets: dict[str, nn.Linear],
+    loss_fn: LossFn,
+    absolute: bool = False,
+    train_mode: bool = True,
+) -> dict[str, torch.Tensor]:
+    """One pass over ``dataloader``; returns per-target fp32 sums of weight gradients. The model is left as found."""
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    target_weights = {id(m.weight) for m in targets.values()}
+    G = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in targets.items()}
+    batches = 0
+    try:
+        # Only the target weights need gradients; freezing the rest saves work and leaves their .grad untouched.
+        for p in params:
+            p.requires_grad_(id(p) in target_weights)
+            p.grad = None
+        model.train(train_mode)
+        for batch in dataloader:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise LeantrainError(f"GEM gradient pass: non-finite loss {loss.item()} at batch {batches}")
+            loss.backward()
+            for n, m in targets.items():
+                if m.weight.grad is not None:
+                    g = m.weight.grad.detach().float()
+                    G[n] += g.abs() if absolute else g
+                    m.weight.grad = None
+            batches += 1
+    finally:
+        for p, flag, grad in zip(params, saved_flags, saved_grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    if batches == 0:
+        raise LeantrainError("GEM gradient pass: the dataloader yielded no batches")
+    for n, g in G.items():
+        if not bool(g.any()):
+            raise LeantrainError(
+                f"GEM target layer {n!r} received no gradient from the loss (None or all zero); it does not "
+                "influence the loss on these batches. Remove it from target_modules."
+            )
+    return G
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores, allocation, selection
+
+
+def layer_score(R: torch.Tensor, eps: float) -> float:
+    """s = ||R||_F * H(p), p = R / sum R, H = -sum p log(p + eps) (natural log); float64 sums."""
+    r = R.double().flatten()
+    p = r / r.sum()
+    entropy = -(p * torch.log(p + eps)).sum()
+    return float(torch.linalg.vector_norm(r) * entropy)
+
+
+def allocate_budget(budget: int, weights: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
+    """n_l = floor(budget * w_l / sum w) over finite weights (official ``int(N * b_l)``), capped at layer size."""
+    finite = {n: w for n, w in weights.items() if math.isfinite(w)}
+    total = sum(finite.values())
+    if not finite or not total > 0:
+        raise LeantrainError(f"GEM allocation: no layer has a finite positive score ({weights})")
+    return {n: min(int(budget * (finite[n] / total)), sizes[n]) if n in finite else 0 for n in weights}
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted int32 flat positions of exactly ``k`` largest entries (ties broken by torch.topk)."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int32, device=scores.device)
+    idx = torch.topk(scores.flatten(), k, sorted=False).indices
+    return torch.sort(idx).values.to(torch.int32)
+
+
+def compute_gem_masks(
+    model: nn.Module,
+    dataloader: Iterable[dict[str, torch.Tensor]],
+    config: Any = None,
+    loss_fn: LossFn | None = None,
+) -> GemMaskResult:
+    """GEM masks for the target Linear layers of ``model`` from one gradient pass over ``dataloader``.
+
+    ``config`` is a :class:`GemMaskConfig` (or the PEFT ``GemConfig``, which extends it); ``loss_fn(model, batch)``
+    defaults to :func:`default_gem_loss`. The model's weights, requires_grad flags, grads and mode are unchanged.
+    """
+    config = config if config is not None else GemMaskConfig()
+    targets = find_target_linears(model, config.target_modules)
+    # fp32 snapshot: in half precision many small weights round to 0 and would dominate R.
+    W0 = {n: m.weight.detach().float().clone() for n, m in targets.items()}
+    G = accumulate_gradients(
+        model,
+        dataloader,
+        targets,
+        loss_fn or default_gem_loss,
+        absolute=config.grad_accumulation == "abs_sum",
+        train_mode=config.score_train_mode,
+    )
+    if config.budget_base == "all_params":
+        base_params = sum(p.numel() for p in model.parameters())
+    else:
+        base_params = sum(w.numel() for w in W0.values())
+    budget = int(config.density * base_params)
+
+    if config.score == "gradient":
+        R = {n: G[n].abs() for n in W0}
+    else:
+        R = {n: G[n].abs() / (W0[n].abs() + config.eps) for n in W0}
+    scores = {n: layer_score(r, config.eps) for n, r in R.items()}
+    sizes = {n: w.numel() for n, w in W0.items()}
+    skipped = [n for n, s in scores.items() if not math.isfinite(s)]
+    if config.allocation == "norm_x_entropy":
+        weights = scores
+    elif config.allocation == "proportional":
+        weights = {n: float(sizes[n]) if n not in skipped else math.nan for n in sizes}
+    else:
+        weights = {n: 1.0 if n not in skipped else math.nan for n in sizes}
+    counts = allocate_budget(budget, weights, sizes)
+    if sum(counts.values()) == 0:
+        raise LeantrainError(
+            f"GEM density={config.density} gives a budget of {budget} entries, too few for any target layer; "
+            "raise the density"
+        )
+
+    if config.score == "random":
+        gen = torch.Generator().manual_seed(int(config.random_seed))
+        indices = {
+            n: torch.sort(torch.randperm(sizes[n], generator=gen)[: counts[n]]).values.to(torch.int32) for n in sizes
+        }
+    else:
+        indices = {n: top_k_indices(r, counts[n]).cpu() for n, r in R.items()}
+    return GemMaskResult(indices, counts, scores, budget, base_params, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparse delta on a Linear
+
+
+def scatter_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """W + delta, delta zero except ``values`` at flat ``indices``; out of place, differentiable in ``values``."""
+    flat = weight.reshape(-1).index_add(0, indices.long(), values.to(weight.dtype))  # (out*in,)
+    return flat.view_as(weight)
+
+
+def init_values(weight: torch.Tensor, indices: torch.Tensor, init: str) -> torch.Tensor:
+    """fp32 starting delta: zeros, or W[idx] (the official code's copy init)."""
+    if init == "copy":
+        return weight.detach().reshape(-1)[indices.long()].float().clone()
+    return torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
+
+
+class GemLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable sparse delta at fixed flat positions: y = x (W + S(values))^T + b."""
+
+    def __init__(self, base: nn.Linear, indices: torch.Tensor, init: str = "zeros") -> None:
+        super().__init__()
+        if init not in INITS:
+            raise ConfigError(f"GemLinear init={init!r} is invalid; accepted: one of {', '.join(INITS)}")
+        self.base = base
+        base.requires_grad_(False)
+        self.register_buffer("gem_indices", indices.to(device=base.weight.device, dtype=torch.int32))
+        self.gem_values = nn.Parameter(init_values(base.weight, self.gem_indices, init))
+        self.merged = False
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """Dense (out, in) delta, zero outside the mask."""
+        return scatter_delta(torch.zeros_like(self.base.weight), self.gem_indices, self.gem_values)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta into the base weight (forward then uses the base layer alone)."""
+        if not self.merged:
+            self.base.weight.view(-1).index_add_(0, self.gem_indices.long(), self.gem_values.to(self.base.weight))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta from the base weight again."""
+        if self.merged:
+            self.base.weight.view(-1).index_add_(0, self.gem_indices.long(), -self.gem_values.to(self.base.weight))
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        return F.linear(x, scatter_delta(self.base.weight, self.gem_indices, self.gem_values), self.base.bias)
+
+    def extra_repr(self) -> str:
+        return f"trainable={self.gem_indices.numel()} of {self.base.weight.numel()}"
+
+
+def apply_gem_masks(model: nn.Module, masks: GemMaskResult, init: str = "zeros") -> nn.Module:
+    """Replace each masked Linear of ``model`` by a :class:`GemLinear` in place; freeze everything else."""
+    model.requires_grad_(False)
+    for name, idx in masks.indices.items():
+        if idx.numel() == 0:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, GemLinear(getattr(parent, child), idx, init=init))
+    return model

@@ -1,0 +1,281 @@
+"""PaCA (Partial Connection Adaptation, arXiv 2503.01905) as an out-of-tree Hugging Face PEFT tuner.
+
+Each targeted ``nn.Linear`` trains ``r`` random input columns through a zero-initialised ``paca_delta`` (out x r);
+``paca_indices`` (sorted int64, a persistent buffer) records which columns, and is written to the adapter
+safetensors, so ``PeftModel.from_pretrained`` restores the exact columns from the file, not from the RNG. The math
+(one GEMM per forward/backward, only x[..., S] saved) lives in :mod:`leantrain.finetune.paca`; this module adapts it
+to PEFT's config / layer / model layout, mirroring the PaCA tuner of the unmerged upstream PEFT port so that the
+configs stay compatible if it lands. Import this module before ``PeftModel.from_pretrained`` on a PaCA adapter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+
+from leantrain.errors import ConfigError
+from leantrain.finetune.paca import _delta_dtype, paca_linear, select_paca_indices, validate_paca_args
+from leantrain.finetune.peft_tuners.registration import add_peft_type, register_tuner
+
+__all__ = ["PacaConfig", "PacaLayer", "PacaLinearLayer", "PacaModel"]
+
+# Default targets when `target_modules` is None (the README example: every projection of the decoder block).
+PACA_DEFAULT_TARGETS = {
+    "bert": ["query", "key", "value"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class PacaConfig(PeftConfig):
+    """Configuration of a :class:`PacaModel` (defaults: the official README example, r=8, paca_alpha=16)."""
+
+    r: int = field(
+        default=8, metadata={"help": "Number of input columns trained per targeted Linear (1..in_features)."}
+    )
+    paca_alpha: float = field(
+        default=16.0,
+        metadata={"help": "Scale numerator: the column update is (paca_alpha / r) * paca_delta. Must be > 0."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Names (suffix match) or a regex of the nn.Linear modules to adapt, e.g. ['query', 'value'], or "
+            "'all-linear'. None uses the per-architecture default when one is known."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names or a regex of modules never to adapt."}
+    )
+    random_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed for the column draw; each layer uses (random_seed + crc32(module name)) mod 2**63. "
+            "None draws from the global torch RNG (as the official code does). Saved indices always win at load time."
+        },
+    )
+    bias: Literal["none", "all", "paca_only"] = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all', or 'paca_only' (targeted layers)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules (e.g. a new classifier head) trained in full and saved."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "Zero-initialise paca_delta (identity adapter). False draws random values (tests only)."},
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Only adapt these layer indices (as in LoRA); None adapts all."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layer'."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = add_peft_type("paca")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"PacaConfig.r={self.r!r}; accepted: an int >= 1 (and <= each layer's in_features)")
+        if not isinstance(self.paca_alpha, (int, float)) or not self.paca_alpha > 0:
+            raise ConfigError(f"PacaConfig.paca_alpha={self.paca_alpha!r}; accepted: a number > 0")
+        if self.bias not in ("none", "all", "paca_only"):
+            raise ConfigError(f"PacaConfig.bias={self.bias!r}; accepted: 'none', 'all', 'paca_only'")
+        if self.random_seed is not None and not isinstance(self.random_seed, int):
+            raise ConfigError(f"PacaConfig.random_seed={self.random_seed!r}; accepted: an int or None")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layer
+
+
+class PacaLayer(BaseTunerLayer):
+    """Per-adapter PaCA state on a wrapped ``nn.Linear``: ``paca_delta`` (trainable) and ``paca_indices`` (saved)."""
+
+    adapter_layer_names = ("paca_delta",)
+    other_param_names = ("paca_indices", "paca_r", "paca_alpha", "paca_scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.paca_delta = nn.ParameterDict({})
+        self.paca_indices = BufferDict({}, persistent=True)
+        self.paca_r: dict[str, int] = {}
+        self.paca_alpha: dict[str, float] = {}
+        self.paca_scaling: dict[str, float] = {}
+        # original columns captured at merge time, so unmerge restores the base weight bit-exactly
+        self._paca_merged_columns: dict[str, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: PacaConfig, module_name: str = "") -> None:
+        base = self.get_base_layer()
+        validate_paca_args(base, config.r, config.paca_alpha, module_name)
+        weight = base.weight
+        indices = select_paca_indices(self.in_features, config.r, seed=config.random_seed, name=module_name)
+        self.paca_indices[adapter_name] = indices.to(weight.device)
+        dtype = _delta_dtype(weight.dtype)
+        delta = torch.zeros(self.out_features, config.r, dtype=dtype, device=weight.device)
+        if not config.init_weights:
+            delta.normal_(0.0, 0.02)
+        self.paca_delta[adapter_name] = nn.Parameter(delta)
+        self.paca_r[adapter_name] = config.r
+        self.paca_alpha[adapter_name] = float(config.paca_alpha)
+        self.paca_scaling[adapter_name] = float(config.paca_alpha) / config.r
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+
+class PacaLinearLayer(nn.Module, PacaLayer):
+    """PaCA on a ``torch.nn.Linear`` base layer."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PacaConfig, module_name: str = "") -> None:
+        super().__init__()
+        PacaLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def _scaled(self, adapter: str, dtype: torch.dtype) -> torch.Tensor:
+        return (self.paca_scaling[adapter] * self.paca_delta[adapter]).to(dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense (out, in) update: ``scaling * paca_delta`` in the columns ``paca_indices``, zero elsewhere."""
+        weight = self.get_base_layer().weight
+        delta = torch.zeros_like(weight)
+        return delta.index_copy(1, self.paca_indices[adapter_name], self._scaled(adapter_name, weight.dtype))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.paca_delta:
+                continue
+            idx = self.paca_indices[name]
+            columns = weight.index_select(1, idx)  # (out, r) before this adapter
+            new = columns + self._scaled(name, weight.dtype)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"NaNs or infs in the merged weights; the adapter {name!r} seems to be broken")
+            weight.index_copy_(1, idx, new)
+            self._paca_merged_columns[name] = columns
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.paca_delta:
+                continue
+            original = self._paca_merged_columns.pop(name, None)
+            idx = self.paca_indices[name]
+            if original is None:  # merged state loaded from elsewhere: best-effort inverse
+                original = weight.index_select(1, idx) - self._scaled(name, weight.dtype)
+            weight.index_copy_(1, idx, original)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.paca_delta]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if any((base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)):
+            warnings.warn(
+                "PaCA calls its own GEMM, so hooks on the wrapped base layer are bypassed; hook the PaCA layer",
+                stacklevel=2,
+            )
+        x = self._cast_input_dtype(x, base.weight.dtype)
+        adapters = [(self.paca_indices[a], self.paca_scaling[a], self.paca_delta[a]) for a in active]
+        return paca_linear(x, base.weight, base.bias, adapters)
+
+    @torch.no_grad()
+    def to_lora(self, adapter_name: str = "default") -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Exact rank-r LoRA factors ``(A one-hot (r, in), B = scaling * delta (out, r), 1.0)``; see PacaLinear."""
+        r, idx = self.paca_r[adapter_name], self.paca_indices[adapter_name]
+        delta = self.paca_delta[adapter_name]
+        a = torch.zeros(r, self.in_features, dtype=delta.dtype, device=delta.device)
+        a[torch.arange(r, device=a.device), idx] = 1.0
+        return a, (self.paca_scaling[adapter_name] * delta).clone(), 1.0
+
+    def __repr__(self) -> str:
+        return "paca." + super().__repr__()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class PacaModel(BaseTuner):
+    """Wrap every targeted ``nn.Linear`` of ``model`` in a :class:`PacaLinearLayer` (use via ``get_peft_model``).
+
+    Example::
+
+        import leantrain.finetune.peft_tuners.paca  # registers PeftType.PACA
+        from peft import get_peft_model
+        model = get_peft_model(base, PacaConfig(r=8, paca_alpha=16, target_modules=["query", "value"]))
+    """
+
+    prefix: str = "paca_"
+    tuner_layer_cls = PacaLayer
+    target_module_mapping = PACA_DEFAULT_TARGETS
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            shown = ", ".join(linear[:30]) + (f", ... ({len(linear)} in all)" if len(linear) > 30 else "")
+            raise ConfigError(
+                f"PacaConfig.target_modules={self.peft_config[adapter_name].target_modules!r} matched no module. "
+                f"Linear layer names (suffixes): {leaves}; full names: {shown}"
+            ) from err
+
+    @staticmethod
+    def _create_new_module(config: PacaConfig, adapter_name: str, target: nn.Module, module_name: str = ""):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(
+                f"PaCA supports nn.Linear only; target {module_name!r} is {type(base).__name__}. "
+                "Remove it from PacaConfig.target_modules."
+            )
+        return PacaLinearLayer(target, adapter_name, config, module_name)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        if isinstance(target, PacaLinearLayer):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added (non-active) adapter is not trainable
+        self._replace_module(parent, target_name, new_module, target)
+
+
+register_tuner("paca", PacaConfig, PacaModel, prefix="paca_")
