@@ -12,8 +12,15 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-slow bench lint install system-data clean
 
+# The main job: full fine-tuning, LoRA, GEM and PaCA on MiniLM + tweet sentiment, same data and steps
+# (1,600 tweets, 100 steps each), then one table of the four runs.
+DEMO_OUT := runs/demo
+DEMO_ARGS := data.train_subset=1600 data.eval_subset=600 train.log_every=25 output_dir=$(DEMO_OUT)
+
 demo: install system-data
-	$(BIN)/leantrain run quickstart
+	rm -rf $(DEMO_OUT)
+	for method in full lora gem paca; do $(BIN)/leantrain run $$method-minilm-tweets $(DEMO_ARGS) || exit 1; done
+	$(BIN)/leantrain report $(DEMO_OUT)/*
 
 test: install system-data lint
 	$(BIN)/python -m pytest -q
