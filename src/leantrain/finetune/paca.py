@@ -81,16 +81,19 @@ class Int8WeightOnly(nn.Module):
     """A frozen weight stored as int8 with one fp32 scale per output row (symmetric, absmax / 127).
 
     ``keep_columns`` (int64 indices) are additionally kept in full precision and written back on dequantization, so
-    the columns PaCA trains start from the exact pretrained values.
+    the columns PaCA trains start from the exact pretrained values. ``qweight`` and ``scale`` depend on ``weight``
+    only (not on ``keep_columns``), so re-quantizing the same weight gives them back bit-exactly. With
+    ``save_quantized=False`` they are non-persistent buffers, left out of ``state_dict`` (the PEFT tuner re-quantizes
+    from the base weight at load time and saves only ``keep_columns`` and ``kept``).
     """
 
-    def __init__(self, weight: torch.Tensor, keep_columns: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, keep_columns: torch.Tensor | None = None, save_quantized: bool = True):
         super().__init__()
         w = weight.detach()
         scale = w.abs().amax(dim=1).float().clamp_min(1e-12) / 127.0  # (out,)
         q = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale)
+        self.register_buffer("qweight", q, persistent=save_quantized)
+        self.register_buffer("scale", scale, persistent=save_quantized)
         if keep_columns is None:
             keep_columns = torch.zeros(0, dtype=torch.int64, device=w.device)
         self.register_buffer("keep_columns", keep_columns.to(torch.int64))

@@ -6,6 +6,12 @@ safetensors, so ``PeftModel.from_pretrained`` restores the exact columns from th
 (one GEMM per forward/backward, only x[..., S] saved) lives in :mod:`leantrain.finetune.paca`; this module adapts it
 to PEFT's config / layer / model layout, mirroring the PaCA tuner of the unmerged upstream PEFT port so that the
 configs stay compatible if it lands. Import this module before ``PeftModel.from_pretrained`` on a PaCA adapter.
+
+QPaCA (``PacaConfig(quantize="int8")``): each targeted layer's frozen weight becomes the core's
+:class:`~leantrain.finetune.paca.Int8WeightOnly` (``paca_int8``: int8 rows + fp32 scales, the ``r`` selected columns
+kept in full precision) and the dense ``base_layer.weight`` is released (set to ``None``). The adapter file stores
+``paca_int8.keep_columns`` and ``paca_int8.kept`` (the original columns) but not the int8 weight or scales: those
+are re-quantized from the fresh base weight at load time, which is deterministic, so a reload is exact.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from leantrain.errors import ConfigError
-from leantrain.finetune.paca import _delta_dtype, paca_linear, select_paca_indices, validate_paca_args
+from leantrain.finetune.paca import (
+    Int8WeightOnly,
+    _delta_dtype,
+    paca_linear,
+    select_paca_indices,
+    validate_paca_args,
+)
 from leantrain.finetune.peft_tuners.registration import add_peft_type, register_tuner
 
 __all__ = ["PacaConfig", "PacaLayer", "PacaLinearLayer", "PacaModel"]
@@ -84,6 +96,14 @@ class PacaConfig(PeftConfig):
     layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform, e.g. 'layer'."}
     )
+    quantize: Literal["int8"] | None = field(
+        default=None,
+        metadata={
+            "help": "QPaCA: 'int8' stores each targeted layer's frozen weight as per-output-row symmetric int8 + fp32 "
+            "scales (the r trained columns kept in full precision) and releases the dense weight; None keeps it "
+            "dense. The int8 weight is not saved: it is re-quantized from the base weight at load time."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,6 +120,8 @@ class PacaConfig(PeftConfig):
             raise ConfigError(f"PacaConfig.bias={self.bias!r}; accepted: 'none', 'all', 'paca_only'")
         if self.random_seed is not None and not isinstance(self.random_seed, int):
             raise ConfigError(f"PacaConfig.random_seed={self.random_seed!r}; accepted: an int or None")
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"PacaConfig.quantize={self.quantize!r}; accepted: None or 'int8'")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -107,7 +129,11 @@ class PacaConfig(PeftConfig):
 
 
 class PacaLayer(BaseTunerLayer):
-    """Per-adapter PaCA state on a wrapped ``nn.Linear``: ``paca_delta`` (trainable) and ``paca_indices`` (saved)."""
+    """Per-adapter PaCA state on a wrapped ``nn.Linear``: ``paca_delta`` (trainable) and ``paca_indices`` (saved).
+
+    With ``quantize="int8"`` the layer also owns ``paca_int8`` (the quantized frozen weight, shared by the layer, not
+    keyed by adapter) and ``base_layer.weight`` is ``None`` except while an adapter is merged.
+    """
 
     adapter_layer_names = ("paca_delta",)
     other_param_names = ("paca_indices", "paca_r", "paca_alpha", "paca_scaling")
@@ -116,6 +142,7 @@ class PacaLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.paca_delta = nn.ParameterDict({})
         self.paca_indices = BufferDict({}, persistent=True)
+        self.paca_int8: Int8WeightOnly | None = None
         self.paca_r: dict[str, int] = {}
         self.paca_alpha: dict[str, float] = {}
         self.paca_scaling: dict[str, float] = {}
@@ -126,9 +153,18 @@ class PacaLayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.in_features, self.out_features = base.in_features, base.out_features
 
+    def _check_quantize(self, adapter_name: str, config: PacaConfig) -> None:
+        if self.paca_int8 is not None or (config.quantize is not None and len(self.paca_delta)):
+            raise ConfigError(
+                f"PacaConfig.quantize={config.quantize!r} for adapter {adapter_name!r}: a QPaCA (quantize='int8') "
+                "layer holds exactly one adapter, because the dense weight needed to keep a second adapter's columns "
+                "in full precision has been released. Use one adapter, or quantize=None for all adapters."
+            )
+
     def update_layer(self, adapter_name: str, config: PacaConfig, module_name: str = "") -> None:
         base = self.get_base_layer()
         validate_paca_args(base, config.r, config.paca_alpha, module_name)
+        self._check_quantize(adapter_name, config)
         weight = base.weight
         indices = select_paca_indices(self.in_features, config.r, seed=config.random_seed, name=module_name)
         self.paca_indices[adapter_name] = indices.to(weight.device)
@@ -141,7 +177,22 @@ class PacaLayer(BaseTunerLayer):
         self.paca_alpha[adapter_name] = float(config.paca_alpha)
         self.paca_scaling[adapter_name] = float(config.paca_alpha) / config.r
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if config.quantize == "int8":  # PacaModel releases the dense weight once the layer is in place
+            self.paca_int8 = Int8WeightOnly(weight, self.paca_indices[adapter_name].clone(), save_quantized=False)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _release_dense_weight(self) -> None:
+        """QPaCA: drop the dense base weight; only int8 + scales + the kept columns remain."""
+        if self.paca_int8 is not None:
+            self.get_base_layer().weight = None
+
+    def _frozen_weight(self) -> torch.Tensor | Int8WeightOnly:
+        """What the GEMM uses as W: the dense base weight, or the int8 one when quantized and not merged."""
+        weight = self.get_base_layer().weight
+        return weight if weight is not None else self.paca_int8
+
+    def _frozen_dtype(self) -> torch.dtype:
+        return self.paca_int8.dtype if self.paca_int8 is not None else self.get_base_layer().weight.dtype
 
 
 class PacaLinearLayer(nn.Module, PacaLayer):
@@ -158,13 +209,22 @@ class PacaLinearLayer(nn.Module, PacaLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense (out, in) update: ``scaling * paca_delta`` in the columns ``paca_indices``, zero elsewhere."""
-        weight = self.get_base_layer().weight
-        delta = torch.zeros_like(weight)
-        return delta.index_copy(1, self.paca_indices[adapter_name], self._scaled(adapter_name, weight.dtype))
+        idx, dtype = self.paca_indices[adapter_name], self._frozen_dtype()
+        delta = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=idx.device)
+        return delta.index_copy(1, idx, self._scaled(adapter_name, dtype))
+
+    @torch.no_grad()
+    def _materialize(self) -> None:
+        """QPaCA: give the base layer a dense weight = dequantized int8 with the kept original columns."""
+        base = self.get_base_layer()
+        if base.weight is None:
+            base.weight = nn.Parameter(self.paca_int8.dequantize(), requires_grad=False)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.paca_int8 is not None and adapter_names:
+            self._materialize()  # merging needs a dense weight; unmerge releases it again
         weight = self.get_base_layer().weight
         for name in adapter_names:
             if name not in self.paca_delta:
@@ -183,6 +243,11 @@ class PacaLinearLayer(nn.Module, PacaLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        if self.paca_int8 is not None:  # the int8 weight was never touched: drop the dense copy
+            self.merged_adapters.clear()
+            self._paca_merged_columns.clear()
+            self._release_dense_weight()
+            return
         weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -194,30 +259,49 @@ class PacaLinearLayer(nn.Module, PacaLayer):
                 original = weight.index_select(1, idx) - self._scaled(name, weight.dtype)
             weight.index_copy_(1, idx, original)
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Called by ``merge_and_unload`` / ``unload``: the base ``nn.Linear``, with a dense weight under QPaCA."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        if self.paca_int8 is not None:
+            self._materialize()  # unload() without merge gives the quantized base, dequantized
+        return self.get_base_layer()
+
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        weight = self._frozen_weight()
+        if isinstance(weight, torch.Tensor):
+            return self.base_layer(x, *args, **kwargs)
+        return paca_linear(self._cast_input_dtype(x, weight.dtype), weight, self.get_base_layer().bias, ())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.paca_delta]
         if self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         base = self.get_base_layer()
         if any((base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)):
             warnings.warn(
                 "PaCA calls its own GEMM, so hooks on the wrapped base layer are bypassed; hook the PaCA layer",
                 stacklevel=2,
             )
-        x = self._cast_input_dtype(x, base.weight.dtype)
+        x = self._cast_input_dtype(x, self._frozen_dtype())
         adapters = [(self.paca_indices[a], self.paca_scaling[a], self.paca_delta[a]) for a in active]
-        return paca_linear(x, base.weight, base.bias, adapters)
+        return paca_linear(x, self._frozen_weight(), base.bias, adapters)
 
     @torch.no_grad()
     def to_lora(self, adapter_name: str = "default") -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Exact rank-r LoRA factors ``(A one-hot (r, in), B = scaling * delta (out, r), 1.0)``; see PacaLinear."""
+        """Exact rank-r LoRA factors ``(A one-hot (r, in), B = scaling * delta (out, r), 1.0)``; see PacaLinear.
+
+        Under QPaCA they are exact relative to the quantized base (the dequantized weight), not the fp32 one.
+        """
         r, idx = self.paca_r[adapter_name], self.paca_indices[adapter_name]
         delta = self.paca_delta[adapter_name]
         a = torch.zeros(r, self.in_features, dtype=delta.dtype, device=delta.device)
@@ -275,7 +359,8 @@ class PacaModel(BaseTuner):
         new_module = self._create_new_module(config, adapter_name, target, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added (non-active) adapter is not trainable
-        self._replace_module(parent, target_name, new_module, target)
+        self._replace_module(parent, target_name, new_module, target)  # reads target.weight: release after it
+        new_module._release_dense_weight()
 
 
 register_tuner("paca", PacaConfig, PacaModel, prefix="paca_")
