@@ -36,7 +36,7 @@ def test_recipe_from_a_yaml_path(tmp_path):
         (["lr=-1"], "optim.lr = -1.0 is out of range (must be > 0.0)"),
         (["lr=fast"], "optim.lr must be a number, got 'fast'"),
         (["val_fraction=1.5"], "data.val_fraction = 1.5 is out of range (must be >= 0.0 and < 1.0)"),
-        (["optim.name=lion"], "optim.name must be one of sgd, adamw, adam; got 'lion'"),
+        (["optim.name=lion"], "optim.name must be one of sgd, adamw, adam, sam; got 'lion'"),
         (["data.dataset=cifar10"], "unknown dataset 'cifar10'; valid names: digits, mnist5k"),
         (["model.name=vgg"], "unknown model 'vgg'; valid models: cnn"),
         (["model.hidden=0"], "CNNConfig.hidden=0 is invalid; accepted: integers >= 1"),
@@ -86,3 +86,10 @@ def test_unknown_recipe_and_section_keys():
         from_dict({"model": {"name": "cnn", "widthh": 3}})
     with pytest.raises(ConfigError, match="unknown config key 'optimizer'"):
         from_dict({"optimizer": {"lr": 3}})
+
+
+def test_sam_settings_validate():
+    cfg = resolve("sam-resnet20-fashion-mnist", ["rho=0.1", "adaptive=true"])
+    assert (cfg.optim.name, cfg.optim.base, cfg.optim.rho, cfg.optim.adaptive) == ("sam", "sgd", 0.1, True)
+    with pytest.raises(ConfigError, match=r"optim.rho = 0.0 is out of range \(must be > 0.0\)"):
+        resolve("sam-resnet20-fashion-mnist", ["rho=0"])

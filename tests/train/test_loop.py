@@ -194,3 +194,27 @@ def test_max_steps_overrides_epochs_and_crosses_epoch_boundaries():
                       epochs=1, max_steps=20)  # fmt: skip
     state = trainer.fit()
     assert (state.step, state.epoch, state.batch_in_epoch) == (20, 2, 4)
+
+
+def test_closure_reevaluations_leave_batchnorm_stats_to_the_first_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    seen = {}
+
+    class TwoPass(torch.optim.SGD):
+        requires_closure = True
+
+        def step(self, closure):
+            closure()
+            seen["after_first"] = model[1].running_mean.clone(), int(model[1].num_batches_tracked)
+            with torch.no_grad():  # a perturbation, as SAM makes, so the second pass sees other statistics
+                model[0].weight.add_(1.0)
+            closure()
+            with torch.no_grad():
+                model[0].weight.sub_(1.0)
+            return super().step()
+
+    x, y = _data(8)
+    Trainer(model, TwoPass(model.parameters(), lr=0.0), ClassificationTask(), _Batches(x, y, batch_size=8)).fit()
+    assert torch.equal(model[1].running_mean, seen["after_first"][0])
+    assert int(model[1].num_batches_tracked) == seen["after_first"][1] == 1

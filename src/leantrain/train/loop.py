@@ -3,7 +3,8 @@
 Hooks later methods need:
 
 - ``optimizer.step(closure)`` for optimizers that set ``requires_closure = True`` (SAM-style two-pass
-  steps); others get the usual ``backward(); step()``.
+  steps); others get the usual ``backward(); step()``. Only the closure's first call in a step updates
+  BatchNorm running statistics.
 - ``grad_transforms``: callables ``fn(model)`` run after every backward pass and before clipping (masking
   gradients, adding a regularizer's gradient, ...).
 - ``callbacks``: objects with any of ``on_train_begin(trainer)``, ``on_step_end(trainer, metrics)``,
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from leantrain.errors import NonFiniteLossError
+from leantrain.optim import bn_stats_frozen
 from leantrain.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from leantrain.train.progress import NoProgress
 from leantrain.train.tasks import Task
@@ -109,12 +111,16 @@ class Trainer:
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            loss, stats = self.task.loss(self.model, batch)
-            if not counts:
-                counts.update(stats)
-                if not math.isfinite(stats["loss_sum"]):
-                    raise NonFiniteLossError(f"loss became {loss.item()} at step {self.state.step + 1}")
-            loss.backward()
+            # Re-evaluations within one step (SAM's perturbed pass, line searches) must not move BatchNorm's
+            # running statistics a second time: only the first, unperturbed pass updates them.
+            # (The restore happens after backward: autograd saved the statistics' tensors for it.)
+            with bn_stats_frozen(self.model) if counts else contextlib.nullcontext():
+                loss, stats = self.task.loss(self.model, batch)
+                if not counts:
+                    counts.update(stats)
+                    if not math.isfinite(stats["loss_sum"]):
+                        raise NonFiniteLossError(f"loss became {loss.item()} at step {self.state.step + 1}")
+                loss.backward()
             for transform in self.grad_transforms:
                 transform(self.model)
             if self.grad_clip is not None:

@@ -78,6 +78,7 @@ def run(cfg: RunConfig) -> RunResult:
         keep_checkpoints=cfg.train.keep_checkpoints, logger=logger, progress=progress,
     )  # fmt: skip
     summary = {"name": cfg.name, "run_dir": str(run_dir), "task": data.task, "metric_name": task.metric_name}
+    summary["optimizer"] = type(optimizer).__name__
     summary.update(_param_counts(model))
     try:
         trainer.fit(resume_from=resume_from)
@@ -235,15 +236,25 @@ def build_run_model(cfg: RunConfig, data_fields: dict) -> nn.Module:
     return build_model(cfg.model.name, **kwargs)
 
 
+BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters (SAM wraps ``optim.base``)."""
+    from leantrain.optim import SAM
+
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LeantrainError("the model has no trainable parameters")
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    base = o.base if o.name == "sam" else o.name
+    if base == "sgd":
+        kwargs = {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay}
+    else:
+        kwargs = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
+    if o.name == "sam":
+        return SAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, adaptive=o.adaptive, **kwargs)
+    return BASE_OPTIMIZERS[base](params, **kwargs)
 
 
 def _param_counts(model: nn.Module) -> dict:
