@@ -127,8 +127,13 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step; ``closure`` must zero the grads, compute the loss, backward and return the loss.
 
-        It runs twice: at w (the returned loss) and at the perturbed weights.
+        It runs twice: at w (the returned loss) and at the perturbed weights. Without a closure, ``step()``
+        after ``first_step()`` is ``second_step()``: trainers that own the backward pass and then call
+        ``optimizer.step()`` (the Hugging Face ``Trainer`` with :class:`SharpnessAwareTrainer`) work as is.
         """
+        if closure is None and self._perturbed:
+            self.second_step()
+            return None  # type: ignore[return-value]
         if closure is None:
             raise LeantrainError(
                 "SAM.step needs a closure that zeroes grads, computes the loss, calls backward and returns "

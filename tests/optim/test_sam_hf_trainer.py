@@ -1,0 +1,81 @@
+"""SAM under the Hugging Face Trainer (SharpnessAwareTrainer) takes exactly the step SAM.step(closure) takes."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from leantrain.errors import ConfigError  # noqa: E402
+from leantrain.optim import SAM  # noqa: E402
+from leantrain.optim.hf_trainer import SharpnessAwareTrainer  # noqa: E402
+
+N = 8
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 50, (N, 10), generator=g)
+        self.labels = (self.ids[:, 0] > 25).long()
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)  # fmt: skip
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _args(tmp_path, **kw):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=N, learning_rate=0.1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, max_grad_norm=0.0, lr_scheduler_type="constant", **kw,
+    )  # fmt: skip
+
+
+def test_one_trainer_step_equals_sam_step(tmp_path):
+    model = _bert()
+    sam = SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.5, lr=0.1)
+    SharpnessAwareTrainer(model=model, args=_args(tmp_path), train_dataset=_Tokens(), optimizers=(sam, None)).train()
+
+    reference = _bert()
+    ref_opt = SAM(reference.parameters(), base_optimizer=torch.optim.SGD, rho=0.5, lr=0.1)
+    data = _Tokens()
+    batch = {"input_ids": data.ids, "labels": data.labels}
+
+    def closure():
+        ref_opt.zero_grad()
+        loss = reference(**batch).loss
+        loss.backward()
+        return loss
+
+    reference.train()
+    ref_opt.step(closure)
+    moved = 0
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        moved += int(not torch.equal(p, _bert().get_parameter(name)))
+    assert moved > 0
+
+
+def test_refuses_a_plain_optimizer_and_gradient_accumulation(tmp_path):
+    model = _bert()
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SharpnessAwareTrainer(
+        model=model, args=_args(tmp_path), train_dataset=_Tokens(), optimizers=(plain, None)
+    )
+    with pytest.raises(ConfigError, match="needs a leantrain SAM optimizer"):
+        trainer.train()
+    sam = SAM(model.parameters(), rho=0.05, lr=0.1)
+    args = _args(tmp_path, gradient_accumulation_steps=2)
+    trainer = SharpnessAwareTrainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(sam, None))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 only"):
+        trainer.train()
