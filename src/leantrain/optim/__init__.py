@@ -1,7 +1,8 @@
-"""Optimizers that plug into leantrain's training loop: SAM / ASAM, layer-wise SAM and mL-BFGS."""
+"""Optimizers that plug into leantrain's training loop: SAM / ASAM, layer-wise SAM, AsyncSAM and mL-BFGS."""
 
+from leantrain.optim.async_sam import AsyncSAM
 from leantrain.optim.lwsam import LayerwiseSAM
 from leantrain.optim.mlbfgs import MLBFGS, damp_curvature_pair
 from leantrain.optim.sam import SAM, bn_stats_frozen
 
-__all__ = ["MLBFGS", "SAM", "LayerwiseSAM", "bn_stats_frozen", "damp_curvature_pair"]
+__all__ = ["MLBFGS", "SAM", "AsyncSAM", "LayerwiseSAM", "bn_stats_frozen", "damp_curvature_pair"]

@@ -240,8 +240,8 @@ BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": t
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters (SAM and LW-SAM wrap ``optim.base``; mL-BFGS)."""
-    from leantrain.optim import MLBFGS, SAM, LayerwiseSAM
+    """The recipe's optimizer over the trainable parameters (the SAM family wraps ``optim.base``; mL-BFGS)."""
+    from leantrain.optim import MLBFGS, SAM, AsyncSAM, LayerwiseSAM
 
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,13 +249,16 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1) 
         raise LeantrainError("the model has no trainable parameters")
     if o.name == "mlbfgs":
         return MLBFGS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    base = o.base if o.name in ("sam", "lwsam") else o.name
+    base = o.base if o.name in ("sam", "lwsam", "asyncsam") else o.name
     if base == "sgd":
         kwargs = {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay}
     else:
         kwargs = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
     if o.name == "sam":
         return SAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, adaptive=o.adaptive, **kwargs)
+    if o.name == "asyncsam":
+        return AsyncSAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, staleness=o.staleness,
+                        adaptive=o.adaptive, **kwargs)  # fmt: skip
     if o.name == "lwsam":
         every = o.reselect_every or steps_per_epoch
         return LayerwiseSAM(model, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, num_layers=o.num_layers,
