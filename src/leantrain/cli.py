@@ -73,7 +73,7 @@ def plot(
     typer.echo(f"wrote {plot_runs(run_dirs, metric, out, split=split)}")
 
 
-BENCH_AREAS = {"finetune": "leantrain.bench.finetune"}
+BENCH_AREAS = {"finetune": "leantrain.bench.finetune", "optim": "leantrain.bench.optim"}
 
 
 @app.command()
@@ -82,7 +82,9 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="a reduced run (minutes) for spot checks")] = False,
     out: Annotated[Path, typer.Option(help="folder for <area>.json")] = Path("bench-results"),
     seeds: Annotated[int | None, typer.Option(help="seeds for accuracy rows (default 3, quick 1)")] = None,
-    part: Annotated[list[str] | None, typer.Option(help="only these parts (finetune: accuracy, cost)")] = None,
+    part: Annotated[
+        list[str] | None, typer.Option(help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy)")
+    ] = None,
 ) -> None:
     """Compare an area's methods with their anchors in one run; write <out>/<area>.json and print a table."""
     import importlib
@@ -90,7 +92,7 @@ def bench(
     if area not in BENCH_AREAS:
         raise LeantrainError(f"unknown benchmark area {area!r}; choose from: {', '.join(BENCH_AREAS)}")
     module = importlib.import_module(BENCH_AREAS[area])
-    module.run_bench(quick, out, seeds=seeds, parts=tuple(part) if part else ("accuracy", "cost"))
+    module.run_bench(quick, out, seeds=seeds, **({"parts": tuple(part)} if part else {}))
 
 
 def main() -> None:
