@@ -166,3 +166,13 @@ def test_quickstart_end_to_end_reduced(capsys, tmp_path):
     assert summary["trainable_params"] == summary["total_params"] > 22_000_000
     assert 0.0 <= summary["final"]["test_accuracy"] <= 1.0
     assert "test_accuracy" in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("optim.betas=[1.5, 0.9]", "error: optim: Invalid beta parameter"), ("nesterov=true", "error: optim: Nesterov")],
+)
+def test_optimizer_argument_errors_are_one_line(capsys, recipe, tmp_path, override, message):
+    extra = ["optim.name=sgd", "momentum=0"] if "nesterov" in override else []
+    code, _, err = _leantrain(capsys, "run", str(recipe), f"output_dir={tmp_path}", override, *extra)
+    assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1

@@ -22,6 +22,8 @@ def _register() -> None:
         import leantrain.finetune.peft_tuners  # noqa: F401  (registers on import)
     except LeantrainError as err:
         warnings.warn(f"leantrain's PEFT tuners are not registered: {err}", stacklevel=2)
+    except Exception as err:  # an unsupported PEFT whose classes changed: never break `import peft` itself
+        warnings.warn(f"leantrain's PEFT tuners are not registered ({type(err).__name__}: {err})", stacklevel=2)
 
 
 class _Loader(importlib.abc.Loader):

@@ -66,3 +66,12 @@ def test_keeps_only_recent_and_ignores_incomplete(tmp_path):
     (tmp_path / ".tmp-step-00000009").mkdir()  # an interrupted write
     (tmp_path / "step-00000010").mkdir()  # no state.json: incomplete
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
+    from leantrain.train.metric_loggers import JsonlLogger, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"split": "train", "step": 5}\n{"split": "train", "step": 10}\n{"split": "tr')  # killed mid-write
+    JsonlLogger(path, drop_after_step=5).close()
+    assert read_jsonl(path) == [{"split": "train", "step": 5}]

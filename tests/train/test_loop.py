@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 
@@ -218,3 +219,21 @@ def test_closure_reevaluations_leave_batchnorm_stats_to_the_first_pass():
     Trainer(model, TwoPass(model.parameters(), lr=0.0), ClassificationTask(), _Batches(x, y, batch_size=8)).fit()
     assert torch.equal(model[1].running_mean, seen["after_first"][0])
     assert int(model[1].num_batches_tracked) == seen["after_first"][1] == 1
+
+
+def test_epoch_end_after_resume_rewrites_a_same_step_checkpoint(tmp_path):
+    """Ctrl-C on an epoch's last batch checkpoints before the epoch ends; the resumed epoch end must re-save it."""
+
+    class Interrupt:
+        def on_step_end(self, trainer, counts):
+            if trainer.state.step == 8:  # the last of 8 batches in epoch 0
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        _trainer(_model(0), tmp_path, callbacks=[Interrupt()]).fit()
+    first = list_checkpoints(tmp_path)[-1]
+    assert first.name == "step-00000008" and json.loads((first / "state.json").read_text())["epoch"] == 0
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _trainer(_model(1), tmp_path, callbacks=[_CrashAt(9)]).fit(resume_from=first)
+    saved = json.loads((tmp_path / "step-00000008" / "state.json").read_text())
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0)

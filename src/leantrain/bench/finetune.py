@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from leantrain.bench.report import markdown_table, mean_std, write_results
+from leantrain.errors import LeantrainError
 
 SMOLLM_TARGETS = ["q_proj", "v_proj"]
 COST_METHODS = {
@@ -77,8 +78,9 @@ def cost_rows(repeats: int, steps: int, log) -> list[dict]:
         for method in COST_METHODS:  # interleaved: lora, paca, full, lora, paca, full, ...
             cmd = [sys.executable, "-m", "leantrain.bench.finetune_cost", "--method", method, "--steps", str(steps)]
             done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"cost worker for {method} failed:\n{done.stderr[-2000:]}")
+            if done.returncode != 0 or not done.stdout.strip():
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise LeantrainError(f"cost worker for {method} failed: {last}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             samples[method].append(result)
             log(f"  {method:<5} repeat {rep}: median step {statistics.median(result['step_times_s']):.3f} s")

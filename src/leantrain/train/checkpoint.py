@@ -81,11 +81,26 @@ def save_checkpoint(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    _fsync_tree(tmp)  # the data is on disk before the name says the checkpoint is complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync_tree(directory, files=False)
     for old in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_tree(folder: Path, files: bool = True) -> None:
+    """fsync the files in ``folder`` (optionally) and the folder itself, so a rename after it is durable."""
+    if files:
+        for path in folder.iterdir():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

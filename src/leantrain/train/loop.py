@@ -19,6 +19,7 @@ step so the last checkpoint on disk stays the last good state.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -234,8 +235,10 @@ class Trainer:
             return None
         existing = list_checkpoints(self.checkpoint_dir)
         if existing and existing[-1].name == f"step-{self.state.step:08d}":
-            self.last_checkpoint = existing[-1]  # nothing changed since it was written
-            return self.last_checkpoint
+            saved = json.loads((existing[-1] / "state.json").read_text())
+            if all(saved.get(k) == v for k, v in asdict(self.state).items()):
+                self.last_checkpoint = existing[-1]  # nothing changed since it was written
+                return self.last_checkpoint
         self.last_checkpoint = save_checkpoint(
             self.checkpoint_dir, self.model, self.optimizer, asdict(self.state), keep=self.keep
         )

@@ -24,10 +24,8 @@ class JsonlLogger:
     def __init__(self, path: Path, *, drop_after_step: int | None = None):
         # A resumed run first forgets records past its checkpoint, so the log reads like one clean run.
         if drop_after_step is not None and path.exists():
-            kept = [
-                ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= drop_after_step
-            ]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in _parsed_lines(path) if r["step"] <= drop_after_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.path = path
         self._file = path.open("a")
 
@@ -40,8 +38,18 @@ class JsonlLogger:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """All records of a metrics.jsonl file (a line torn by a crash mid-write is skipped)."""
+    return _parsed_lines(path)
+
+
+def _parsed_lines(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only the last line can be torn: the process died while writing it
+    return records
 
 
 class CsvLogger:

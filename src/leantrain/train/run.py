@@ -241,12 +241,19 @@ BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": t
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:
     """The recipe's optimizer over the trainable parameters (the SAM family wraps ``optim.base``; mL-BFGS)."""
-    from leantrain.optim import MLBFGS, SAM, AsyncSAM, LayerwiseSAM
-
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LeantrainError("the model has no trainable parameters")
+    try:
+        return _make_optimizer(o, model, params, steps_per_epoch)
+    except ValueError as err:  # torch's own argument checks (betas, nesterov without momentum, ...)
+        raise ConfigError(f"optim: {err}") from None
+
+
+def _make_optimizer(o, model: nn.Module, params: list, steps_per_epoch: int) -> torch.optim.Optimizer:
+    from leantrain.optim import MLBFGS, SAM, AsyncSAM, LayerwiseSAM
+
     if o.name == "mlbfgs":
         return MLBFGS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     base = o.base if o.name in ("sam", "lwsam", "asyncsam") else o.name
