@@ -8,8 +8,6 @@ from leantrain.errors import ConfigError, LeantrainError
 from leantrain.optim.lwsam import LayerwiseSAM
 from leantrain.optim.sam import SAM
 
-torch.set_num_threads(1)
-
 
 def _mlp(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)

@@ -8,8 +8,6 @@ from torch import nn
 from leantrain.errors import ConfigError
 from leantrain.optim.mlbfgs import MLBFGS, damp_curvature_pair
 
-torch.set_num_threads(1)
-
 # momentum 0, no EMA, no double momentum, a pair every step, no damping: textbook L-BFGS with a fixed step
 _PLAIN_LBFGS = dict(
     momentum=0.0, beta_param=0.0, beta_grad=0.0, beta_pair=0.0, update_freq=1,

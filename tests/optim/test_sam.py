@@ -10,8 +10,6 @@ from leantrain.optim import SAM, bn_stats_frozen
 from leantrain.train import ClassificationTask, Trainer
 from leantrain.train.checkpoint import pack_state, unpack_state
 
-torch.set_num_threads(1)
-
 
 def _quadratic(n=5, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from leantrain.bench.report import markdown_table, mean_std, write_results
+from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
 from leantrain.errors import LeantrainError
 
 SMOLLM_TARGETS = ["q_proj", "v_proj"]
@@ -125,9 +125,6 @@ def targets(acc: list[dict], cost: list[dict]) -> dict[str, bool | None]:
 
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("accuracy", "cost")):
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
     acc, cost = [], []
     if "accuracy" in parts:
@@ -147,6 +144,5 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
             r["saved_in_layers_mb"] = r["extra"]["saved_in_adapted_layers_mb"]
         cols = ["method", "trainable_params", "step_time_s_median", "peak_mem_mb", "saved_activation_mb"]
         print("Cost (SmolLM2-135M, 4x64 tokens, 1 thread)\n" + markdown_table(cost, [*cols, "saved_in_layers_mb"]))
-    print("\nTargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
-    print(f"wrote {path}")
+    print_targets(met, path)
     return path

@@ -15,14 +15,13 @@ docs/mlbfgs.md). Targets from the issue are evaluated and printed, never tuned f
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from leantrain.bench.report import markdown_table, mean_std, write_results
+from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
 
 OPTIMIZERS = ("sgd", "sam", "lwsam", "asyncsam")
 QUICK = ["data.train_subset=6000", "data.eval_subset=2000", "train.epochs=1", "train.warmup_steps=10"]
@@ -154,9 +153,6 @@ def targets(step: list[dict], acc: list[dict]) -> dict[str, bool]:
 
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("steptime", "accuracy")):
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
     step, acc = [], []
     if "steptime" in parts:
@@ -180,6 +176,5 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
             r.update(grad_norm=r["extra"]["grad_norm_median"], wall_s=r["extra"]["wall_time_s_median"])
         cols = ["method", "metric", "metric_std", "seeds", "wall_s", "grad_norm"]
         print("\nAccuracy (ResNet-20, Fashion-MNIST)\n" + markdown_table(acc, cols))
-    print("\nTargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
-    print(f"wrote {path}")
+    print_targets(met, path)
     return path

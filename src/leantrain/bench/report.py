@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -48,3 +49,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def log(msg: str) -> None:
+    """Progress of a benchmark, on stderr (stdout carries the tables)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def print_targets(met: dict[str, bool | None], path: Path) -> None:
+    """The issue's targets as evaluated on the measured rows, then where the JSON went."""
+    print("\nTargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
+    print(f"wrote {path}")
