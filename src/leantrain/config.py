@@ -74,6 +74,15 @@ class OptimConfig:
     num_layers: int = _f(3, "lwsam: how many critical layers are perturbed", ge=1)
     staleness: int = _f(1, "asyncsam: age in steps of the gradient the perturbation comes from (0: SAM)", ge=0)
     reselect_every: int | None = _f(None, "lwsam: re-choose the critical layers every N steps; None: each epoch", ge=1)
+    mode: Literal["sequential", "two_process"] = _f(
+        "sequential", "asyncsam: sequential (one process) or two_process (the ascent on a second process and core)"
+    )
+    ascent_batch_size: int | None = _f(
+        None, "asyncsam: ascent batch b'; None: sequential reuses the descent batch, two_process sizes it", ge=1
+    )
+    on_miss: Literal["wait", "reuse"] = _f("wait", "asyncsam two_process: wait for a late ascent or reuse the last")
+    slowdown: int = _f(1, "asyncsam two_process: emulate an s-times slower ascent device (real compute)", ge=1)
+    worker_cpu: int | None = _f(None, "asyncsam two_process: pin the ascent process to this CPU core", ge=0)
     lr: float = _f(1e-3, "peak learning rate", gt=0.0)
     momentum: float = _f(0.9, "SGD momentum", ge=0.0, lt=1.0)
     nesterov: bool = _f(False, "SGD Nesterov momentum")

@@ -1,6 +1,7 @@
 """AsyncSAM (single-process mode): staleness 0 is SAM, staleness 1 perturbs with the previous step's ascent."""
 
 import copy
+import time
 
 import pytest
 import torch
@@ -115,3 +116,171 @@ def test_trains_in_the_leantrain_loop():
     before = trainer.evaluate(batches)["loss"]
     trainer.fit()
     assert trainer.evaluate(batches)["loss"] < 0.5 * before
+
+
+# ---------------------------------------------------------------- a separate ascent batch; the two-process mode
+
+
+def _rows(n=96):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 5, generator=g)
+    return {"x": x, "labels": (x[:, 0] > 0).long() + (x[:, 1] > 0).long()}
+
+
+def _dropout_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 3))
+
+
+def _train(model, opt, rows, steps=5, batch=16):
+    from leantrain.train import ClassificationTask
+
+    losses = []
+    for i in range(steps):
+        b = {k: v[i * batch : (i + 1) * batch] for k, v in rows.items()}
+
+        def closure(b=b):
+            opt.zero_grad()
+            loss = ClassificationTask().loss(model, b)[0]
+            loss.backward()
+            return loss
+
+        torch.manual_seed(100 + i)  # the descent's dropout masks
+        losses.append(opt.step(closure).item())
+    return losses
+
+
+def _ascent(rows, batch_size=12):
+    from leantrain.optim import Ascent
+    from leantrain.train import ClassificationTask
+
+    return Ascent(ClassificationTask().loss, rows, batch_size=batch_size, seed=7)
+
+
+def test_sequential_ascent_batch_step_by_hand():
+    """With an Ascent, step t perturbs with ρ·g'/‖g'‖ where g' is taken at w_{t−1} on the ascent batch of t−1."""
+    from leantrain.train import ClassificationTask
+
+    rows, rho, lr = _rows(), 0.2, 0.1
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    ref = copy.deepcopy(model)
+    ascent = _ascent(rows)
+    _train(model, AsyncSAM(model.parameters(), rho=rho, lr=lr, model=model, ascent=ascent), rows, steps=2)
+
+    task = ClassificationTask()
+
+    def grads(m, batch):
+        m.zero_grad()
+        task.loss(m, batch)[0].backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    b0, b1 = ({k: v[i * 16 : (i + 1) * 16] for k, v in rows.items()} for i in range(2))
+    ga = grads(ref, ascent.batch(0, 12))  # the ascent at w0 on the ascent batch of version 0
+    g0 = grads(ref, b0)  # step 0: no perturbation yet
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), g0, strict=True):
+            p.sub_(lr * g)
+        w1 = [p.clone() for p in ref.parameters()]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ga]))
+        for p, g in zip(ref.parameters(), ga, strict=True):
+            p.add_(rho * g / norm)
+    g1 = grads(ref, b1)
+    with torch.no_grad():
+        for p, w, g in zip(ref.parameters(), w1, g1, strict=True):
+            p.copy_(w - lr * g)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_ascent_pass_leaves_bn_statistics_and_rng_alone():
+    rows = {"x": torch.randn(64, 4), "labels": torch.randint(0, 2, (64,))}
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    opt = AsyncSAM(model.parameters(), lr=0.1, model=model, ascent=_ascent(rows, 8))
+    bn = model[1]
+    before = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
+    torch.manual_seed(5)
+    opt._ascent_in_process()
+    after_rng = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(after_rng, torch.rand(1))
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.num_batches_tracked, before[1])
+
+
+def test_two_process_wait_matches_sequential_exactly():
+    rows = _rows()
+    a, b = _dropout_model(), _dropout_model()
+    kw = {"rho": 0.1, "lr": 0.1, "momentum": 0.9}
+    la = _train(a, AsyncSAM(a.parameters(), model=a, ascent=_ascent(rows), **kw), rows)
+    with AsyncSAM(b.parameters(), model=b, ascent=_ascent(rows), mode="two_process", **kw) as opt:
+        lb = _train(b, opt, rows)
+        stats = opt.async_stats
+    assert la == lb
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert stats["misses"] == 0 and stats["staleness"] == {1: 4} and stats["ascent_batch_size"] == {12: 4}
+    assert opt._worker.process is None  # closed
+
+
+def test_two_process_reuse_never_waits_for_a_slow_worker_and_counts_misses():
+    rows = _rows(512)
+    model = _dropout_model()
+    with AsyncSAM(model.parameters(), lr=0.05, model=model, ascent=_ascent(rows, 512), mode="two_process",
+                  on_miss="reuse", slowdown=50) as opt:  # fmt: skip
+        _train(model, opt, rows, steps=20, batch=16)
+        misses = opt.async_stats["misses"]
+        deadline = time.monotonic() + 60
+        while opt._worker.shared.ascent_version.value < 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # let the slow worker publish its first ascent, then use it
+        _train(model, opt, rows, steps=2, batch=16)
+        stats = opt.async_stats
+    assert stats["steps"] == 22
+    assert misses >= 1  # the 50x-slowed worker could not keep up; the steps went on without waiting
+    assert any(age > 1 for age in stats["staleness"])  # and the late ascent was used, older than one step
+
+
+def test_two_process_auto_batch_size_and_worker_failure():
+    from leantrain.optim.ascent_worker import BatchSizeRule
+
+    rule = BatchSizeRule(max_batch_size=64)
+    assert rule.needs_profile(0.1) == 8
+    for c, t in ((8, 0.01), (12, 0.015), (16, 0.02), (24, 0.03), (32, 0.04), (48, 0.06), (64, 0.2)):
+        rule.observe(c, t)
+    assert rule.needs_profile(0.1) is None
+    assert rule.choose(0.1) == 48  # 0.06 <= 0.9 * 0.1 < 0.2
+    assert rule.choose(0.001) == 8  # nothing fits: the smallest candidate
+    assert rule.estimate(96) is None or rule.estimate(96) > 0
+
+    def bad_loss(model, batch):  # not picklable is fine under fork; it fails inside the worker
+        raise RuntimeError("boom in the ascent")
+
+    from leantrain.optim import Ascent
+
+    rows = _rows()
+    model = _dropout_model()
+    opt = AsyncSAM(model.parameters(), lr=0.1, model=model, ascent=Ascent(bad_loss, rows, batch_size=8),
+                   mode="two_process")  # fmt: skip
+    with pytest.raises(LeantrainError, match="boom in the ascent"):
+        _train(model, opt, rows, steps=3)
+    assert opt._worker.process is None
+
+
+def test_two_process_bad_input():
+    rows = _rows()
+    model = _model()
+    with pytest.raises(ConfigError, match="needs ascent"):
+        AsyncSAM(model.parameters(), lr=0.1, model=model, mode="two_process")
+    with pytest.raises(ConfigError, match="staleness 1"):
+        AsyncSAM(model.parameters(), lr=0.1, model=model, ascent=_ascent(rows), mode="two_process", staleness=2)
+    with pytest.raises(ConfigError, match="needs model"):
+        AsyncSAM(model.parameters(), lr=0.1, ascent=_ascent(rows))
+    with pytest.raises(ConfigError, match="'auto'"):
+        AsyncSAM(model.parameters(), lr=0.1, model=model, ascent=_ascent(rows, "auto"))
+    with pytest.raises(ConfigError, match="on_miss"):
+        AsyncSAM(model.parameters(), lr=0.1, on_miss="skip")
+    with pytest.raises(ConfigError, match="not parameters of the given model"):
+        AsyncSAM(_model().parameters(), lr=0.1, model=model, ascent=_ascent(rows), mode="two_process")
+    from leantrain.optim import Ascent
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        Ascent(lambda m, b: 0, rows, batch_size=0)
+    with pytest.raises(ConfigError, match="first dimension"):
+        Ascent(lambda m, b: 0, {"x": torch.zeros(3), "labels": torch.zeros(4)})

@@ -304,3 +304,58 @@ def test_training_reduces_the_loss():
     for _ in range(60):
         last = opt.step(_closure(model, opt, x, y)).item()
     assert last < 0.5 * first
+
+
+# ------------------------------------------------------------ mixed precision
+
+
+def _scaled_step(model, opt, x, y, scaler, inf_in_pass=None):
+    for pass_ in (1, 2):
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if inf_in_pass == pass_:
+            with_grad = [p for p in model.parameters() if p.grad is not None]  # pass 2: the chosen layer only
+            with_grad[0].grad.view(-1)[0] = float("inf")
+        if pass_ == 1:
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+
+
+def test_grad_scaler_step_equals_unscaled_step():
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    o1 = LayerwiseSAM(m1, lr=0.1, momentum=0.9, num_layers=1, alpha=0.5)
+    o2 = LayerwiseSAM(m2, lr=0.1, momentum=0.9, num_layers=1, alpha=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(3):
+        o1.step(_closure(m1, o1, x, y))
+        _scaled_step(m2, o2, x, y, scaler)  # the kept g is unscaled once, the perturbed gradient once
+        assert not o2.last_step_skipped and o2.selection == o1.selection
+        assert o2.layer_norms == o1.layer_norms  # selection saw the unscaled gradient
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("inf_in_pass", [1, 2])
+def test_overflow_skips_the_step_and_restores_everything(inf_in_pass):
+    x, y = _data()
+    model = _mlp()
+    opt = LayerwiseSAM(model, lr=0.1, momentum=0.9, num_layers=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    _scaled_step(model, opt, x, y, scaler)
+    weights = [p.detach().clone() for p in model.parameters()]
+    base = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
+    selection, step_count = opt.selection, opt.step_count
+    _scaled_step(model, opt, x, y, scaler, inf_in_pass=inf_in_pass)
+    assert opt.last_step_skipped
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("g" in opt.state[p] for p in model.parameters())  # no kept gradient left behind
+    now = opt.base_optimizer.state_dict()["state"]
+    assert all(torch.equal(now[i]["momentum_buffer"], s["momentum_buffer"]) for i, s in base.items())
+    assert scaler.get_scale() == 2.0**11
+    # a first-pass overflow selects nothing; a second-pass one had a finite first pass and counts as a step
+    assert opt.step_count == step_count + (inf_in_pass == 2)
+    if inf_in_pass == 1:
+        assert opt.selection == selection
+    _scaled_step(model, opt, x, y, scaler)
+    assert not opt.last_step_skipped

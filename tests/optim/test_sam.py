@@ -277,3 +277,185 @@ def test_trainer_with_sam_reduces_the_loss():
     after = trainer.evaluate(batches)["loss"]
     assert trainer.state.step == 64
     assert after < 0.5 * before
+
+
+# ------------------------------------------------------------ mixed precision
+
+
+def _scaler(scale=2.0**10, growth_interval=2000):
+    return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=growth_interval)
+
+
+def _overflow(model):
+    model[0].weight.grad[0, 0] = float("inf")  # what an fp16 overflow leaves in a gradient
+
+
+def _scaled_sam_step(model, opt, x, y, scaler, inf_in_pass=None):
+    """The F-SAM recipe: scale + backward, first_step (unscales), scale + backward, second_step (unscales, steps)."""
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if inf_in_pass == 1:
+        _overflow(model)
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if inf_in_pass == 2:
+        _overflow(model)
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+
+
+def _snapshot(model, opt):
+    weights = [p.detach().clone() for p in model.parameters()]
+    base = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.base_optimizer.state_dict()["state"].items()}
+    return weights, base
+
+
+def _assert_unchanged(model, opt, snapshot):
+    weights, base = snapshot
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    now = opt.base_optimizer.state_dict()["state"]
+    assert now.keys() == base.keys()
+    assert all(torch.equal(now[i][k], v) for i, s in base.items() for k, v in s.items())
+
+
+def test_grad_scaler_step_equals_unscaled_step_and_grows_the_scale():
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    o1, o2 = _make(m1), _make(m2)
+    scaler = _scaler(growth_interval=1)  # every clean step doubles the scale
+    for step in range(3):
+        _model_closure(m1, o1, x, y)()
+        o1.first_step(zero_grad=True)
+        _model_closure(m1, o1, x, y)()
+        o1.second_step(zero_grad=True)
+        _scaled_sam_step(m2, o2, x, y, scaler)  # no "unscale_() has already been called" on any step
+        assert not o2.last_step_skipped
+        assert scaler.get_scale() == 2.0 ** (11 + step)  # update() saw both passes finite
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p1, p2)  # power-of-two scaling is exact
+
+
+@pytest.mark.parametrize("inf_in_pass", [1, 2])
+def test_overflow_in_either_pass_skips_the_whole_step(inf_in_pass):
+    x, y = _data()
+    model = _mlp()
+    opt = _make(model)
+    scaler = _scaler()
+    _scaled_sam_step(model, opt, x, y, scaler)  # momentum buffers now exist
+    before = _snapshot(model, opt)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if inf_in_pass == 1:
+        _overflow(model)
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    perturbed = not all(torch.equal(p, w) for p, w in zip(model.parameters(), before[0], strict=True))
+    assert perturbed == (inf_in_pass == 2)  # an overflowed ascent gradient moves nothing
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    if inf_in_pass == 2:
+        _overflow(model)
+    opt.second_step(zero_grad=True, grad_scaler=scaler)
+    assert opt.last_step_skipped
+    _assert_unchanged(model, opt, before)  # weights bit-exact, momentum untouched
+    assert scaler.get_scale() == 2.0**9  # backed off
+    _scaled_sam_step(model, opt, x, y, scaler)  # the next step runs normally
+    assert not opt.last_step_skipped
+    assert not torch.equal(model[0].weight, before[0][0])
+
+
+def test_caller_may_unscale_and_clip_the_descent_gradient():
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    o1, o2 = _make(m1), _make(m2)
+    scaler = _scaler()
+    _model_closure(m1, o1, x, y)()
+    o1.first_step(zero_grad=True)
+    _model_closure(m1, o1, x, y)()
+    nn.utils.clip_grad_norm_(m1.parameters(), 0.1)
+    o1.second_step(zero_grad=True)
+
+    scaler.scale(nn.functional.cross_entropy(m2(x), y)).backward()
+    o2.first_step(zero_grad=True, grad_scaler=scaler)
+    scaler.scale(nn.functional.cross_entropy(m2(x), y)).backward()
+    scaler.unscale_(o2.base_optimizer)  # second_step then must not unscale again
+    nn.utils.clip_grad_norm_(m2.parameters(), 0.1)
+    o2.second_step(zero_grad=True, grad_scaler=scaler)
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-7)
+
+
+def test_disabled_scaler_is_the_default_path():
+    x, y = _data()
+    m1, m2 = _mlp(), _mlp()
+    o1, o2 = _make(m1), _make(m2)
+    _model_closure(m1, o1, x, y)()
+    o1.first_step(zero_grad=True)
+    _model_closure(m1, o1, x, y)()
+    o1.second_step(zero_grad=True)
+    _scaled_sam_step(m2, o2, x, y, torch.amp.GradScaler("cpu", enabled=False))
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+
+
+def test_grad_scaler_in_one_step_only_raises():
+    x, y = _data()
+    model = _mlp()
+    opt = _make(model)
+    scaler = _scaler()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    opt.first_step(zero_grad=True, grad_scaler=scaler)
+    with pytest.raises(LeantrainError, match="same grad_scaler"):
+        opt.second_step(zero_grad=True)
+
+
+def test_bf16_autocast_step_matches_hand_computed_sam():
+    x, y = _data()
+    model = _mlp()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    lr, rho = 0.1, 0.05
+
+    def bf16_loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.cross_entropy(model(x), y)
+
+    g1 = torch.autograd.grad(bf16_loss(), list(model.parameters()))
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in g1]))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), g1, strict=True):
+            p.add_(g * (rho / (norm + 1e-12)))
+    g2 = torch.autograd.grad(bf16_loss(), list(model.parameters()))
+    expected = [w - lr * g for w, g in zip(w0, g2, strict=True)]
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), w0, strict=True):
+            p.copy_(w)
+
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr)
+    bf16_loss().backward()
+    opt.first_step(zero_grad=True)
+    bf16_loss().backward()
+    opt.second_step(zero_grad=True)
+    assert g1[0].dtype == torch.float32  # bf16 compute, fp32 weights and gradients: no scaler needed
+    for p, e in zip(model.parameters(), expected, strict=True):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+    assert not torch.equal(model[0].weight, w0[0])
+
+
+def test_fp16_autocast_overflow_backs_off_until_a_step_is_taken():
+    x, y = _data()
+    model = _mlp()
+    opt = _make(model)
+    scaler = _scaler(scale=2.0**40)  # fp16 activation gradients overflow at this scale
+    before = [p.detach().clone() for p in model.parameters()]
+    skipped = 0
+    for _ in range(30):
+        for _pass in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            if _pass == 0:
+                opt.first_step(zero_grad=True, grad_scaler=scaler)
+        opt.second_step(zero_grad=True, grad_scaler=scaler)
+        if not opt.last_step_skipped:
+            break
+        skipped += 1
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert skipped >= 1 and not opt.last_step_skipped
+    assert scaler.get_scale() == 2.0 ** (40 - skipped)
+    assert not torch.equal(model[0].weight, before[0])

@@ -1,39 +1,64 @@
 """AsyncSAM (Asynchronous Sharpness-Aware Minimization, arXiv 2503.11147): SAM with a stale perturbation.
 
 SAM's ascent (the perturbation ε = ρ·g/‖g‖) and descent (the gradient at w + ε) are sequential. AsyncSAM builds
-ε from a gradient ``staleness`` steps old, w_{t+1} = w_t − η·∇L_{B_t}(w_t + ρ·ĝ_{t−τ}), so in the paper the
-ascent runs concurrently on an otherwise idle slower device and the step costs about what SGD's does. τ = 1 in
-the paper; τ = 0 is SAM.
+ε from a gradient ``staleness`` steps old, w_{t+1} = w_t − η·∇L_{B_t}(w_t + ρ·ĝ_{t−τ}), so the ascent can run
+concurrently on an otherwise idle, slower device and a step costs about what SGD's does. τ = 1 in the paper;
+τ = 0 is SAM.
 
-This module is the paper's math in one process (the spec's ``async_mode=False``): each ``step(closure)`` computes
-the gradient at w_t (the ascent for a later step, and the returned loss), queues its ε, takes the ε computed
-``staleness`` steps earlier, evaluates the closure at w_t + ε and lets the base optimizer step with that gradient.
-While the queue is still filling (the first ``staleness`` steps) the step is a plain base-optimizer step on the
-gradient at w_t.
+Three ways to run it, the same math:
+
+- ``mode="sequential"`` without ``ascent``: each ``step(closure)`` computes the gradient at w_t with the closure
+  (the returned loss; queued as the ascent of step t + τ), perturbs with the ascent queued τ steps earlier,
+  evaluates the closure there and steps. Two passes per step: AsyncSAM's accuracy semantics, not its speed.
+- ``mode="sequential"`` with an :class:`~leantrain.optim.ascent_worker.Ascent`: the ascent of step t is computed
+  in-process at w_t on its own batch of b' rows (the paper's separate, smaller ascent batch), then the closure
+  runs once at w_t + ε_t. The deterministic reference for the two-process mode.
+- ``mode="two_process"`` (the paper's system): a second process on its own core computes the ascent at w_t while
+  this process takes its descent step at w_t + ε_t (:class:`~leantrain.optim.ascent_worker.AscentWorker`);
+  b' follows the system-aware rule with ``batch_size="auto"``. ``on_miss="wait"`` blocks until the ascent of
+  the previous step is there (staleness exactly 1; same trajectory as the sequential mode with the same
+  ``Ascent``); ``on_miss="reuse"`` never waits and perturbs with the newest ascent available (staleness ≥ 1,
+  counted in :attr:`AsyncSAM.async_stats`). ``slowdown=s`` emulates an s-times slower ascent device with real
+  compute. The first step, and the first step after ``load_state_dict``, is a plain base-optimizer step.
 
 Deliberate departures and choices:
 
-- The ascent batch is the descent batch of the step it was computed in (B' = B_{t−τ}); the paper draws a
-  separate, smaller ascent batch sized to the slow device, which needs the two-device mode (not built yet).
-- In this single-process mode a step costs two forward/backward passes, like SAM: it reproduces AsyncSAM's
-  accuracy semantics, not its speed. The speed claim needs the two-process mode.
-- The queued perturbations are part of ``state_dict()``, so a resumed run is identical to an uninterrupted one
-  (the spec allows restarting with ε = 0; keeping them is exact and costs ``staleness`` weight copies).
+- ε is ρ·v/(‖T_w g‖ + 1e-12) with ρ read from the param group when ε is *applied*, so ρ schedules act at once.
+- In the sequential mode the queued ascents are part of ``state_dict()``, so a resumed run is identical to an
+  uninterrupted one (the spec allows restarting with ε = 0; keeping them is exact). The two-process mode restarts
+  with one unperturbed step, as the spec says; its transient state is not saved.
+- In the modes with an ``Ascent`` the closure only ever runs at the perturbed weights, so the returned loss (and
+  the BatchNorm running statistics it updates) are the perturbed pass's, as in the paper's system.
+- Close the two-process optimizer with ``close()`` (or use it as a context manager); the worker is a daemon
+  process, so it also ends with the training process.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
-from leantrain.optim.sam import _EPS, SAM
+from leantrain.optim.ascent_worker import Ascent, AscentWorker, ascent_vectors
+from leantrain.optim.sam import _EPS, SAM, bn_stats_frozen
+
+_MODES = ("sequential", "two_process")
+_ON_MISS = ("wait", "reuse")
 
 
 class AsyncSAM(SAM):
-    """SAM whose perturbation comes from the gradient ``staleness`` steps earlier (single-process mode)."""
+    """SAM whose perturbation comes from the gradient ``staleness`` steps earlier (see the module docstring).
+
+    ``model`` is needed with ``ascent`` (the ascent pass runs the model); ``worker_cpu`` pins the ascent process to
+    a core (Linux), ``worker_threads`` is its torch thread count, ``worker_start`` its start method (default: fork on
+    Linux, spawn elsewhere); ``base_kwargs`` go to the base optimizer.
+    """
 
     def __init__(
         self,
@@ -42,38 +67,98 @@ class AsyncSAM(SAM):
         rho: float = 0.05,
         staleness: int = 1,
         adaptive: bool = False,
+        *,
+        model: nn.Module | None = None,
+        ascent: Ascent | None = None,
+        mode: str = "sequential",
+        on_miss: str = "wait",
+        slowdown: int = 1,
+        worker_cpu: int | None = None,
+        worker_threads: int = 1,
+        worker_start: str | None = None,
         **base_kwargs: Any,
     ):
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ConfigError(f"AsyncSAM staleness={staleness!r} is invalid; accepted: an integer >= 0 (paper: 1)")
+        if mode not in _MODES:
+            raise ConfigError(f"AsyncSAM mode={mode!r} is invalid; accepted values: {_MODES}")
+        if on_miss not in _ON_MISS:
+            raise ConfigError(f"AsyncSAM on_miss={on_miss!r} is invalid; accepted values: {_ON_MISS}")
+        for name, value in (("slowdown", slowdown), ("worker_threads", worker_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"AsyncSAM {name}={value!r} is invalid; expected an integer >= 1")
+        if ascent is not None and not isinstance(ascent, Ascent):
+            raise ConfigError(f"AsyncSAM ascent={ascent!r} is invalid; pass leantrain.optim.Ascent(loss_fn, data)")
+        if ascent is not None and model is None:
+            raise ConfigError("AsyncSAM with an ascent batch needs model=: the ascent pass runs the model")
+        if mode == "two_process":
+            if ascent is None:
+                raise ConfigError("AsyncSAM mode='two_process' needs ascent=Ascent(loss_fn, data, batch_size=...)")
+            if staleness != 1:
+                raise ConfigError(f"AsyncSAM mode='two_process' runs with staleness 1 (got {staleness})")
+        elif ascent is not None and ascent.batch_size == "auto":
+            raise ConfigError("Ascent batch_size='auto' is the two-process rule; give an integer in sequential mode")
         super().__init__(params, base_optimizer=base_optimizer, rho=rho, adaptive=adaptive, **base_kwargs)
-        self.staleness = staleness
-        self._pending: list[list[torch.Tensor | None]] = []  # queued ε, one entry per parameter (flat order)
+        self.staleness, self.mode, self.on_miss = staleness, mode, on_miss
+        self.model, self.ascent = model, ascent
+        self._pending: list[tuple[list[torch.Tensor | None], torch.Tensor]] = []  # queued (vectors, norm)
+        self._version = 0  # steps taken by this object: the version of the weights it publishes
+        self._fresh = True  # the next two-process step has no ascent to use (first step, or after a resume)
+        self.async_stats: dict[str, Any] = {
+            "steps": 0, "misses": 0, "wait_s": 0.0, "staleness": Counter(), "ascent_batch_size": Counter(),
+        }  # fmt: skip
+        self._worker: AscentWorker | None = None
+        if mode == "two_process":
+            adaptive_flags = [g["adaptive"] for g in self.param_groups for _ in g["params"]]
+            self._worker = AscentWorker(model, self._params(), adaptive_flags, ascent, slowdown=slowdown,
+                                        cpu=worker_cpu, threads=worker_threads, start_method=worker_start)  # fmt: skip
+            weakref.finalize(self, self._worker.close)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    @torch.no_grad()
-    def _ascent(self) -> list[torch.Tensor | None]:
-        """ε = ρ·T_w²g/‖T_w g‖ from the gradients now in ``.grad`` (None where a parameter has none)."""
-        grad_norm = self._grad_norm()
-        out: list[torch.Tensor | None] = []
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + _EPS)
-            for p in group["params"]:
-                if p.grad is None:
-                    out.append(None)
-                else:
-                    out.append((p * p * p.grad if group["adaptive"] else p.grad) * scale.to(p.device))
-        return out
+    def _groups(self) -> list[tuple[list[torch.Tensor], bool]]:
+        return [(list(g["params"]), g["adaptive"]) for g in self.param_groups]
 
     @torch.no_grad()
-    def _perturb(self, eps: list[torch.Tensor | None]) -> None:
-        for p, e_w in zip(self._params(), eps, strict=True):
-            if e_w is not None:
-                self.state[p]["old_p"] = p.detach().clone()
-                p.add_(e_w)
+    def _perturb(self, vectors: list[torch.Tensor | None], norm: torch.Tensor) -> None:
+        """w ← w + ρ·v/(‖T_w g‖ + 1e-12), saving w for the exact restore (the same arithmetic as SAM)."""
+        flat = iter(vectors)
+        for group in self.param_groups:
+            scale = group["rho"] / (norm + _EPS)
+            for p in group["params"]:
+                v = next(flat)
+                if v is not None:
+                    self.state[p]["old_p"] = p.detach().clone()
+                    p.add_(v * scale.to(p.device))
         self._perturbed = True
+
+    def _descend(self, closure: Callable[[], torch.Tensor], ascent) -> torch.Tensor:
+        """Evaluate the closure at w + ε (or at w when ``ascent`` is None) and let the base optimizer step."""
+        if ascent is None:
+            with torch.enable_grad():
+                loss = closure()
+            self.base_optimizer.step()
+            return loss
+        self._perturb(*ascent)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self._restore()
+            raise
+        self.second_step()
+        return loss
+
+    def _ascent_in_process(self) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """The ascent of this step at w_t on its own batch, leaving grads, BN statistics and RNG untouched."""
+        saved = [p.grad for p in self._params()]
+        with torch.enable_grad(), bn_stats_frozen(self.model):
+            self.ascent.gradient(self.model, self._version, self.ascent.batch_size)
+            result = ascent_vectors(self._groups())
+        for p, g in zip(self._params(), saved, strict=True):
+            p.grad = g
+        return result
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One AsyncSAM step; ``closure`` zeroes grads, computes the loss, backward, returns the loss."""
@@ -81,25 +166,65 @@ class AsyncSAM(SAM):
             raise LeantrainError(
                 "AsyncSAM.step needs a closure that zeroes grads, computes the loss, calls backward and returns it"
             )
-        with torch.enable_grad():
-            loss = closure()  # gradient at w_t: the ascent of step t + staleness
-        self._pending.append(self._ascent())
-        if len(self._pending) <= self.staleness:
-            self.base_optimizer.step()  # no perturbation computed yet: a plain step on the gradient at w_t
-            return loss
-        self._perturb(self._pending.pop(0))
-        try:
+        if self.mode == "two_process":
+            return self._step_two_process(closure)
+        loss = None
+        if self.ascent is None:
             with torch.enable_grad():
-                closure()  # gradient at w_t + ε_{t−τ}: the descent
-        except BaseException:
-            self._restore()
-            raise
-        self.second_step()
+                loss = closure()  # gradient at w_t: the ascent of step t + staleness
+            self._pending.append(ascent_vectors(self._groups()))
+        else:
+            self._pending.append(self._ascent_in_process())
+        ascent = self._pending.pop(0) if len(self._pending) > self.staleness else None
+        if ascent is None and loss is not None:  # no perturbation yet; the gradient at w_t is already in .grad
+            self.base_optimizer.step()
+        else:
+            second = self._descend(closure, ascent)
+            loss = second if loss is None else loss
+        self._version += 1
         return loss
+
+    def _step_two_process(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        worker, stats = self._worker, self.async_stats
+        if worker.process is None:
+            worker.start()
+        ascent = None
+        if not self._fresh:
+            start = time.perf_counter()
+            result = worker.take(self._version - 1, wait=self.on_miss == "wait")
+            stats["wait_s"] += time.perf_counter() - start
+            if result is None or result.version < self._version - 1:
+                stats["misses"] += 1
+            if result is not None:
+                ascent = (result.vectors, result.norm)
+                stats["staleness"][self._version - result.version] += 1
+                stats["ascent_batch_size"][result.batch_size] += 1
+        worker.publish(self._version)  # the worker computes the ascent at w_t while this process descends
+        start = time.perf_counter()
+        loss = self._descend(closure, ascent)
+        worker.report_descent(time.perf_counter() - start)
+        self._version += 1
+        self._fresh = False
+        stats["steps"] += 1
+        return loss
+
+    def close(self) -> None:
+        """Stop the ascent process of the two-process mode (a no-op otherwise)."""
+        if self._worker is not None:
+            self._worker.close()
+
+    def __enter__(self) -> AsyncSAM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["asyncsam_pending"] = [[None if e is None else e.clone() for e in eps] for eps in self._pending]
+        state["asyncsam_pending"] = [
+            {"vectors": [None if v is None else v.clone() for v in vecs], "norm": norm.clone()}
+            for vecs, norm in self._pending
+        ]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -108,6 +233,10 @@ class AsyncSAM(SAM):
         super().load_state_dict(state_dict)
         params = self._params()
         self._pending = [
-            [None if e is None else e.to(p.device, p.dtype) for p, e in zip(params, eps, strict=True)]
-            for eps in pending
+            (
+                [None if v is None else v.to(p.device, p.dtype) for p, v in zip(params, e["vectors"], strict=True)],
+                e["norm"].to(params[0].device),
+            )
+            for e in pending
         ]
+        self._fresh = True

@@ -27,8 +27,15 @@ Deliberate departures and choices (the paper's defaults for r, α, k and R could
   the spec's "truncated" mode (re-running only the sub-network after a cached activation) is not implemented.
 - ``first_step`` always takes the first gradient out of ``.grad`` (it is kept internally and handed back to the
   layers that are not chosen), so the second backward starts from empty gradients whatever ``zero_grad`` says.
-- DDP is not handled specially: the non-chosen layers use the first pass's gradient, so with per-replica (no_sync)
-  first passes those gradients are not all-reduced. Run the first pass with sync under DDP.
+- DDP: the non-chosen layers step with the first pass's gradient, so that pass must be all-reduced; per-replica
+  (``no_sync``) first passes would let the replicas drift apart. Run the first pass with sync;
+  :func:`~leantrain.optim.sam_step.sam_training_step` refuses ``ddp_no_sync=True`` for this optimizer
+  (``applies_first_gradient``).
+- Mixed precision: ``first_step`` / ``second_step`` take ``grad_scaler=`` with SAM's semantics. The perturbed
+  gradients are unscaled inside ``second_step`` before the kept (already unscaled) g is mixed back, so callers
+  must not call ``grad_scaler.unscale_`` in between. On a skipped step (overflow in either pass) the weights,
+  ``requires_grad`` and the base optimizer end as they were; a first-pass overflow also leaves the selection
+  and the step counter alone.
 - BatchNorm statistics are not frozen automatically; wrap the perturbed pass in
   :func:`~leantrain.optim.sam.bn_stats_frozen`, as with SAM.
 - ``state_dict()`` is the base optimizer's plus an ``"lwsam"`` entry holding the step counter, the current
@@ -45,7 +52,7 @@ import torch
 from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
-from leantrain.optim.sam import SAM
+from leantrain.optim.sam import SAM, _enabled
 
 _SELECTIONS = ("grad_norm",)
 
@@ -84,6 +91,7 @@ class LayerwiseSAM(SAM):
     """
 
     requires_closure = True
+    applies_first_gradient = True  # non-chosen layers step with g: under DDP the first pass must be all-reduced
 
     def __init__(
         self,
@@ -139,24 +147,31 @@ class LayerwiseSAM(SAM):
     # ------------------------------------------------------------ the two passes
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """Maybe re-choose w', perturb only w', keep g and switch off ``requires_grad`` outside w'.
 
-        Needs the gradient at w in ``.grad``; leaves ``.grad`` empty for the perturbed forward/backward.
+        Needs the gradient at w in ``.grad``; leaves ``.grad`` empty for the perturbed forward/backward. With
+        ``grad_scaler`` the gradient is unscaled first (selection sees true norms); if it overflowed, nothing is
+        chosen, perturbed or masked, the step counter does not advance and :meth:`second_step` skips the step.
         """
         if self._perturbed:
             raise LeantrainError("LayerwiseSAM.first_step was called twice without second_step in between")
+        grad_scaler = _enabled(grad_scaler)
+        params = [p for layer in self.layers for p in layer]
+        if grad_scaler is not None and not self._unscale_ascent(grad_scaler):
+            for p in params:
+                p.grad = None  # as on a normal step, the second backward starts from empty gradients
+            return
         if not self.selection or self.step_count % self.reselect_every == 0:
             self.select_layers()
         chosen = {id(p) for i in self.selection for p in self.layers[i]}
-        params = [p for layer in self.layers for p in layer]
         for p in params:
             state = self.state[p]
             state["g"] = p.grad  # moved out, so a zero_grad(set_to_none=False) in the closure cannot touch it
             if id(p) not in chosen:
                 p.grad = None  # SAM.first_step perturbs only params with a gradient, normalizing over those
                 state.pop("e_w", None)
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False)  # unscaled already (and _scaled set): SAM must not unscale again
         for p in params:
             p.grad = None
             if id(p) not in chosen and p.requires_grad:
@@ -165,19 +180,30 @@ class LayerwiseSAM(SAM):
         self.step_count += 1
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w and ``requires_grad``, set G (mixed on w', g elsewhere) and let the base optimizer step."""
+    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore w and ``requires_grad``, set G (mixed on w', g elsewhere) and let the base optimizer step.
+
+        With ``grad_scaler`` (the one given to :meth:`first_step`) the perturbed gradients are unscaled before g
+        is mixed back in, and an overflow in either pass skips the step as in :meth:`SAM.second_step`. Do not
+        call ``grad_scaler.unscale_`` yourself in between: this method does it.
+        """
         if not self._perturbed:
             raise LeantrainError("LayerwiseSAM.second_step was called without first_step; call first_step first")
+        grad_scaler = _enabled(grad_scaler)
+        self._check_same_scaler(grad_scaler)
+        if grad_scaler is not None and not self.last_step_skipped:
+            grad_scaler.unscale_(self.base_optimizer)  # only the chosen layers have a gradient now; g is unscaled
         chosen = {id(p) for i in self.selection for p in self.layers[i]}
         for layer in self.layers:
             for p in layer:
-                g = self.state[p].pop("g", None)
+                if "g" not in self.state.get(p, {}):
+                    continue  # a skipped first_step kept no g
+                g = self.state[p].pop("g")
                 if id(p) not in chosen or p.grad is None:
                     p.grad = g
                 elif self.alpha != 1.0 and g is not None:
                     p.grad.mul_(self.alpha).add_(g, alpha=1.0 - self.alpha)
-        super().second_step(zero_grad=zero_grad)
+        super().second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
 
     @torch.no_grad()
     def _restore(self) -> None:

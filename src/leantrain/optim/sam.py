@@ -25,6 +25,14 @@ Deliberate departures and choices:
 - BatchNorm: the perturbed pass would update running statistics a second time; the paper's JAX code keeps
   the first pass's statistics. :func:`bn_stats_frozen` restores them exactly (buffers and
   ``num_batches_tracked``), which also works for ``momentum=None``, unlike setting momentum to 0.
+- Mixed precision (the F-SAM recipe): ``first_step(grad_scaler=s)`` / ``second_step(grad_scaler=s)`` unscale
+  each pass's gradient through the scaler's own bookkeeping, under two different optimizer objects that share
+  the param groups: the ascent gradient as ``s.unscale_(sam)``, the descent gradient as
+  ``s.step(sam.base_optimizer)``. So there is no "unscale_() has already been called", and ``s.update()``
+  sees both passes' inf/NaN checks. An overflow in either pass skips the whole step (weights restored
+  bit-exactly, base optimizer untouched) and the scale backs off. ``step(closure)`` takes no scaler (AsyncSAM
+  shares its signature); AMP users call the two passes themselves or use
+  :func:`~leantrain.optim.sam_step.sam_training_step`.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class SAM(torch.optim.Optimizer):
     """
 
     requires_closure = True  # leantrain's Trainer then calls step(closure) instead of backward(); step()
+    applies_first_gradient = False  # only the perturbed gradient reaches the base optimizer (see sam_step)
 
     def __init__(
         self,
@@ -76,7 +85,9 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups  # one list of groups for SAM, base and schedules
         self.defaults.update(self.base_optimizer.defaults)
-        self._perturbed = False
+        self._perturbed = False  # between first_step and second_step (the weights are at w + ε unless skipped)
+        self._scaled = False  # first_step got a GradScaler; second_step must get one too
+        self.last_step_skipped = False  # a GradScaler found inf/NaN gradients in either pass of the last step
 
     # ------------------------------------------------------------ the two passes
 
@@ -95,10 +106,21 @@ class SAM(torch.optim.Optimizer):
         return torch.linalg.vector_norm(torch.stack(norms), ord=2)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient to w + ε and remember w; needs the gradient at w in ``.grad``."""
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Move every parameter with a gradient to w + ε and remember w; needs the gradient at w in ``.grad``.
+
+        With ``grad_scaler`` the gradient is the scaled one (``grad_scaler.scale(loss).backward()``); it is
+        unscaled here and, if it holds inf/NaN, the weights are not moved and :meth:`second_step` skips the step.
+        """
         if self._perturbed:
             raise LeantrainError("SAM.first_step was called twice without second_step in between")
+        grad_scaler = _enabled(grad_scaler)
+        if grad_scaler is None:
+            self.last_step_skipped = False
+        elif not self._unscale_ascent(grad_scaler):
+            if zero_grad:
+                self.zero_grad()
+            return
         grad_norm = self._grad_norm()
         for group in self.param_groups:
             scale = group["rho"] / (grad_norm + _EPS)
@@ -115,14 +137,49 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the exact weights saved by ``first_step``, then let the base optimizer step with ``.grad``."""
+    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore the exact weights saved by ``first_step``, then let the base optimizer step with ``.grad``.
+
+        Pass the ``grad_scaler`` given to :meth:`first_step`: the descent gradient is unscaled and checked, the
+        base optimizer steps only if neither pass overflowed, and ``grad_scaler.update()`` is called.
+        """
         if not self._perturbed:
             raise LeantrainError("SAM.second_step was called without first_step; call first_step first")
+        grad_scaler = _enabled(grad_scaler)
+        self._check_same_scaler(grad_scaler)
         self._restore()
-        self.base_optimizer.step()
+        if grad_scaler is None:
+            self.base_optimizer.step()
+        else:
+            if not self.last_step_skipped:
+                # unscales the descent gradient (unless the caller already did, to clip it) and steps only if finite
+                grad_scaler.step(self.base_optimizer)
+                self.last_step_skipped = not _grads_finite(self.param_groups)
+            grad_scaler.update()  # backs off when either recorded check (ascent under self, descent) found inf/NaN
         if zero_grad:
             self.zero_grad()
+
+    def _check_same_scaler(self, grad_scaler: torch.amp.GradScaler | None) -> None:
+        if (grad_scaler is not None) != self._scaled:
+            raise LeantrainError(
+                f"{type(self).__name__}.first_step and second_step must both get the same grad_scaler, or neither; "
+                f"first_step got {'a' if self._scaled else 'no'} grad_scaler, second_step "
+                f"{'a' if grad_scaler is not None else 'none'}"
+            )
+
+    @torch.no_grad()
+    def _unscale_ascent(self, grad_scaler: torch.amp.GradScaler) -> bool:
+        """Unscale the first-pass gradient in place; False (step skipped, nothing perturbed) if it overflowed.
+
+        Recorded by the scaler under ``self``, not the base optimizer, so ``second_step`` can still unscale the
+        descent gradient under the base optimizer and ``update()`` sees both checks.
+        """
+        grad_scaler.unscale_(self)
+        self.last_step_skipped = not _grads_finite(self.param_groups)
+        self._scaled = True
+        if self.last_step_skipped:
+            self._perturbed = True  # second_step restores nothing, skips the base step and updates the scale
+        return not self.last_step_skipped
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step; ``closure`` must zero the grads, compute the loss, backward and return the loss.
@@ -160,6 +217,7 @@ class SAM(torch.optim.Optimizer):
                 if state and "old_p" in state:
                     p.copy_(state.pop("old_p"))
         self._perturbed = False
+        self._scaled = False
 
     # ------------------------------------------------------------ checkpoints
 
@@ -181,6 +239,21 @@ class SAM(torch.optim.Optimizer):
             _check_rho(group["rho"], f"param_groups[{i}].")
         self.state.clear()
         self._perturbed = False
+        self._scaled = False
+        self.last_step_skipped = False
+
+
+def _enabled(grad_scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    """The scaler, or None when it is disabled (``GradScaler(enabled=False)`` then behaves exactly like none)."""
+    return grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+
+
+def _grads_finite(param_groups: list[dict[str, Any]]) -> bool:
+    """True when no gradient holds inf/NaN: the same elementwise check the GradScaler makes."""
+    checks = [torch.isfinite(p.grad).all() for group in param_groups for p in group["params"] if p.grad is not None]
+    if not checks:
+        return True
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())  # one host sync per pass
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ def run(cfg: RunConfig) -> RunResult:
         score_batches=_first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
         loss_fn=lambda m, batch: task.loss(m, batch)[0],
     )  # fmt: skip
-    optimizer = build_optimizer(cfg, model, steps_per_epoch=len(data.train))
+    optimizer = build_optimizer(cfg, model, steps_per_epoch=len(data.train), train=data.train, task=task)
     total = total_steps(len(data.train), cfg.train.epochs, cfg.train.max_steps)
     progress = make_progress(cfg.progress, total)
     logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_step(resume_from))
@@ -93,6 +93,8 @@ def run(cfg: RunConfig) -> RunResult:
         _finish(run_dir, summary, trainer, "interrupted", started, logger, progress)
         raise LeantrainError(f"interrupted at step {trainer.state.step}; checkpoint {err.checkpoint}. "
                              f"Continue with: leantrain run {cfg.name} resume={run_dir}") from None  # fmt: skip
+    finally:
+        _close(optimizer, summary)
     fresh = trainer.last_val is not None and trainer.last_val[0] == trainer.state.step
     val = trainer.last_val[1] if fresh else trainer.evaluate(data.val)
     summary["final"] = {
@@ -101,6 +103,16 @@ def run(cfg: RunConfig) -> RunResult:
     }
     _finish(run_dir, summary, trainer, "completed", started, logger, progress)
     return RunResult(run_dir, summary)
+
+
+def _close(optimizer, summary: dict) -> None:
+    """Stop what an optimizer runs beside training (AsyncSAM's ascent process); keep its statistics."""
+    close = getattr(optimizer, "close", None)
+    if callable(close):
+        close()
+    stats = getattr(optimizer, "async_stats", None)
+    if stats and stats["steps"]:
+        summary["asyncsam"] = {k: dict(v) if isinstance(v, dict) else v for k, v in stats.items()}
 
 
 def _finish(run_dir: Path, summary: dict, trainer: Trainer, status: str, started: float, logger, progress) -> None:
@@ -239,19 +251,36 @@ def build_run_model(cfg: RunConfig, data_fields: dict) -> nn.Module:
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable parameters (the SAM family wraps ``optim.base``; mL-BFGS)."""
+def build_optimizer(
+    cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1, train=None, task=None
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters (the SAM family wraps ``optim.base``; mL-BFGS).
+
+    AsyncSAM with an ascent batch (``optim.ascent_batch_size`` or ``optim.mode=two_process``) samples it from the
+    training rows (``train.tensors``) and uses ``task.loss``.
+    """
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LeantrainError("the model has no trainable parameters")
     try:
-        return _make_optimizer(o, model, params, steps_per_epoch)
+        return _make_optimizer(o, model, params, steps_per_epoch, _ascent(cfg, train, task))
     except ValueError as err:  # torch's own argument checks (betas, nesterov without momentum, ...)
         raise ConfigError(f"optim: {err}") from None
 
 
-def _make_optimizer(o, model: nn.Module, params: list, steps_per_epoch: int) -> torch.optim.Optimizer:
+def _ascent(cfg: RunConfig, train, task):
+    o = cfg.optim
+    if o.name != "asyncsam" or (o.mode == "sequential" and o.ascent_batch_size is None):
+        return None
+    from leantrain.optim import Ascent
+
+    if train is None or task is None or not hasattr(train, "tensors"):
+        raise ConfigError("optim: AsyncSAM with an ascent batch needs the training rows and task (run through `run`)")
+    return Ascent(task.loss, train.tensors, batch_size=o.ascent_batch_size or "auto", seed=cfg.seed)
+
+
+def _make_optimizer(o, model: nn.Module, params: list, steps_per_epoch: int, ascent) -> torch.optim.Optimizer:
     from leantrain.optim import MLBFGS, SAM, AsyncSAM, LayerwiseSAM
 
     if o.name == "mlbfgs":
@@ -265,7 +294,8 @@ def _make_optimizer(o, model: nn.Module, params: list, steps_per_epoch: int) -> 
         return SAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, adaptive=o.adaptive, **kwargs)
     if o.name == "asyncsam":
         return AsyncSAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, staleness=o.staleness,
-                        adaptive=o.adaptive, **kwargs)  # fmt: skip
+                        adaptive=o.adaptive, model=model, ascent=ascent, mode=o.mode, on_miss=o.on_miss,
+                        slowdown=o.slowdown, worker_cpu=o.worker_cpu, **kwargs)  # fmt: skip
     if o.name == "lwsam":
         every = o.reselect_every or steps_per_epoch
         return LayerwiseSAM(model, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, num_layers=o.num_layers,
