@@ -83,7 +83,8 @@ def bench(
     out: Annotated[Path, typer.Option(help="folder for <area>.json")] = Path("bench-results"),
     seeds: Annotated[int | None, typer.Option(help="seeds for accuracy rows (default 3, quick 1)")] = None,
     part: Annotated[
-        list[str] | None, typer.Option(help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy)")
+        list[str] | None,
+        typer.Option(help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy, async, mlbfgs)"),
     ] = None,
 ) -> None:
     """Compare an area's methods with their anchors in one run; write <out>/<area>.json and print a table."""

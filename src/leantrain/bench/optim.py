@@ -9,8 +9,12 @@ Parts (``--part``):
   test accuracy mean ± std, wall-clock to the recipe's epochs, and the full-model gradient norm at the end
   (on the first 1,024 training images, model in eval mode) -- the suppression LW-SAM claims.
 
-Not measured yet: AsyncSAM's two-process mode and mL-BFGS on an ill-conditioned task (see docs/async_sam.md and
-docs/mlbfgs.md). Targets from the issue are evaluated and printed, never tuned for.
+- ``async``: AsyncSAM's two-process mode against SGD and SAM on one core and on two threads
+  (:mod:`leantrain.bench.optim_async`).
+- ``mlbfgs``: mL-BFGS on an ill-conditioned task against SGD, Adam and plain stochastic L-BFGS, and its step time
+  (:mod:`leantrain.bench.optim_quasi_newton`).
+
+Targets from the issue are evaluated and printed, never tuned for.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "sam", "lwsam", "asyncsam")
 QUICK = ["data.train_subset=6000", "data.eval_subset=2000", "train.epochs=1", "train.warmup_steps=10"]
@@ -32,19 +37,23 @@ QUICK = ["data.train_subset=6000", "data.eval_subset=2000", "train.epochs=1", "t
 STANDARD = ["data.train_subset=12000", "train.epochs=3", "train.warmup_steps=30"]
 
 
-def _setup(name: str, threads: int):
+def setup(name: str, overrides: list[str]):
+    """(model, optimizer, training batches, task) of ``<name>-resnet20-fashion-mnist`` with ``overrides``."""
     from leantrain.config import resolve
-    from leantrain.train.run import build_optimizer, build_run_model, prepare_data
-    from leantrain.train.tasks import ClassificationTask
+    from leantrain.train.run import TASKS, build_optimizer, build_run_model, prepare_data
 
-    cfg = resolve(f"{name}-resnet20-fashion-mnist", ["data.train_subset=1280", f"threads={threads}"])
+    cfg = resolve(f"{name}-resnet20-fashion-mnist", ["data.train_subset=1280", *overrides])
     torch.manual_seed(0)
     data = prepare_data(cfg)
     model = build_run_model(cfg, data.model_fields)
-    return model, build_optimizer(cfg, model, steps_per_epoch=len(data.train)), data.train, ClassificationTask()
+    task = TASKS[data.task]()
+    opt = build_optimizer(cfg, model, steps_per_epoch=len(data.train), train=data.train, task=task)
+    data.train.set_epoch(0)
+    return model, opt, list(data.train), task
 
 
-def _one_step(model, opt, task, batch) -> float:
+def one_step(model, opt, task, batch) -> float:
+    """Wall time of one optimizer step (forward, backward(s), update) on ``batch``."""
     start = time.perf_counter()
 
     def closure():
@@ -68,14 +77,14 @@ def _cycle(batches):
 
 def steptime_rows(repeats: int, steps: int, log) -> list[dict]:
     torch.set_num_threads(1)
-    setups = {name: _setup(name, threads=1) for name in OPTIMIZERS}
+    setups = {name: setup(name, ["threads=1"]) for name in OPTIMIZERS}
     batches = {name: _cycle(s[2]) for name, s in setups.items()}
     times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
     for rep in range(repeats):
         for name, (model, opt, _, task) in setups.items():
             model.train()
             for i in range(steps + 2):
-                t = _one_step(model, opt, task, next(batches[name]))
+                t = one_step(model, opt, task, next(batches[name]))
                 if i >= 2:  # warm-up
                     times[name].append(t)
             log(f"  {name:<9} repeat {rep}: median {statistics.median(times[name][-steps:]):.3f} s")
@@ -159,18 +168,37 @@ def targets(step: list[dict], acc: list[dict]) -> dict[str, bool]:
     return out
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("steptime", "accuracy")):
+PARTS = ("steptime", "accuracy", "async", "mlbfgs")
+
+
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS):
+    from leantrain.bench import optim_async, optim_quasi_newton
+
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ConfigError(f"bench optim: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
-    step, acc = [], []
+    step, acc, two, curve, qn_step = [], [], [], [], []
     if "steptime" in parts:
         log("step time: ResNet-20, batch 128, 1 thread, interleaved")
         step = steptime_rows(repeats=2 if quick else 5, steps=5 if quick else 10, log=log)
+    if "async" in parts:
+        log("AsyncSAM two-process mode: ResNet-20, batch 128, a fresh process per setting, interleaved")
+        two = optim_async.async_rows(repeats=1 if quick else 3, steps=8 if quick else 30, warmup=6, log=log)
+    if "mlbfgs" in parts:
+        log("mL-BFGS: ill-conditioned digits (loss curves), then step time on the mlbfgs-cnn recipe")
+        curve = optim_quasi_newton.curve_rows(seeds or (2 if quick else 5), quick, log)
+        qn_step = optim_quasi_newton.steptime_rows(repeats=2 if quick else 5, steps=5 if quick else 20, log=log)
     if "accuracy" in parts:
         log("accuracy: ResNet-20 on Fashion-MNIST through the shipped recipes")
         acc = accuracy_rows(seeds or (1 if quick else 3), quick, threads=1, log=log)
     met = targets(step, acc)
+    met.update(optim_async.targets(two))
+    if curve or qn_step:
+        met.update(optim_quasi_newton.targets(curve, qn_step))
     extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)}
-    path = write_results("optim", step + acc, out_dir, threads=1, quick=quick, extra=extra)
+    area = "optim" if set(parts) == set(PARTS) else "optim-" + "-".join(p for p in PARTS if p in parts)
+    path = write_results(area, step + two + curve + qn_step + acc, out_dir, threads=1, quick=quick, extra=extra)
     if step:
         for r in step:
             r["ratio_to_sgd"] = r["extra"]["ratio_to_sgd"]
@@ -178,6 +206,22 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
             "Step time (ResNet-20, batch 128, 1 thread)\n"
             + markdown_table(step, ["method", "step_time_s_median", "ratio_to_sgd"])
         )
+    if two:
+        shown = ["ratio_to_sgd_1core", "start_cost_s", "epoch_s_projected", "epoch_ratio_to_sgd_1core",
+                 "ascent_batch_mean", "misses"]  # fmt: skip
+        for r in two:
+            r.update({k: r["extra"].get(k) for k in shown})
+        cols = ["method", "step_time_s_median", *shown]
+        print("\nAsyncSAM two-process (ResNet-20, batch 128; fast process on core 0, ascent on core 1)\n"
+              + markdown_table(two, cols))  # fmt: skip
+    if curve or qn_step:
+        if curve:
+            optim_quasi_newton.plot_curves(curve, out_dir / "mlbfgs-curves.png")
+        print("\nmL-BFGS (ill-conditioned digits; step time on the mlbfgs-cnn recipe)")
+        for rows in (curve, qn_step):
+            if rows:
+                cols = sorted({k for r in rows for k in r if k not in ("extra", "anchor")})
+                print(markdown_table(rows, cols))
     if acc:
         for r in acc:
             r.update(grad_norm=r["extra"]["grad_norm_median"], wall_s=r["extra"]["wall_time_s_median"])

@@ -93,11 +93,11 @@ class Ascent:
         batch = self.batch(version, batch_size)
         for _ in range(repeats):
             model.zero_grad(set_to_none=True)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 torch.manual_seed(self.seed * 1_000_003 + version)
                 out = self.loss_fn(model, batch)
-            loss = out[0] if isinstance(out, tuple | list) else out
-            loss.backward()
+                loss = out[0] if isinstance(out, tuple | list) else out
+                loss.backward()
 
 
 def ascent_vectors(groups: list[tuple[list[torch.Tensor], bool]]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
@@ -183,6 +183,7 @@ def _worker_main(replica, index: list[int], adaptive: list[bool], shared: _Share
         if cpu is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {cpu})
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(True)  # a forked worker inherits the grad mode of the moment it was started
         all_params = list(replica.parameters())
         params = [all_params[i] for i in index]
         groups = [([p], a) for p, a in zip(params, adaptive, strict=True)]
@@ -323,7 +324,8 @@ class AscentWorker:
                 self._check()
                 if time.monotonic() > deadline:
                     raise LeantrainError(
-                        f"AsyncSAM waited {self.timeout_s:.0f} s for the ascent on the weights of step {version} and gave up"
+                        f"AsyncSAM waited {self.timeout_s:.0f} s for the ascent on the weights of step {version}; "
+                        "gave up"
                     )
                 shared.cond.wait(timeout=1.0)
             self._check()

@@ -108,6 +108,8 @@ class AsyncSAM(SAM):
             "steps": 0, "misses": 0, "wait_s": 0.0, "staleness": Counter(), "ascent_batch_size": Counter(),
         }  # fmt: skip
         self._worker: AscentWorker | None = None
+        self._plain_grads: list[torch.Tensor | None] | None = None  # first_step without an ε yet: the grad at w_t
+        self._descent_started: float | None = None
         if mode == "two_process":
             adaptive_flags = [g["adaptive"] for g in self.param_groups for _ in g["params"]]
             self._worker = AscentWorker(model, self._params(), adaptive_flags, ascent, slowdown=slowdown,
@@ -133,23 +135,6 @@ class AsyncSAM(SAM):
                     p.add_(v * scale.to(p.device))
         self._perturbed = True
 
-    def _descend(self, closure: Callable[[], torch.Tensor], ascent) -> torch.Tensor:
-        """Evaluate the closure at w + ε (or at w when ``ascent`` is None) and let the base optimizer step."""
-        if ascent is None:
-            with torch.enable_grad():
-                loss = closure()
-            self.base_optimizer.step()
-            return loss
-        self._perturb(*ascent)
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self._restore()
-            raise
-        self.second_step()
-        return loss
-
     def _ascent_in_process(self) -> tuple[list[torch.Tensor | None], torch.Tensor]:
         """The ascent of this step at w_t on its own batch, leaving grads, BN statistics and RNG untouched."""
         saved = [p.grad for p in self._params()]
@@ -160,31 +145,8 @@ class AsyncSAM(SAM):
             p.grad = g
         return result
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One AsyncSAM step; ``closure`` zeroes grads, computes the loss, backward, returns the loss."""
-        if closure is None:
-            raise LeantrainError(
-                "AsyncSAM.step needs a closure that zeroes grads, computes the loss, calls backward and returns it"
-            )
-        if self.mode == "two_process":
-            return self._step_two_process(closure)
-        loss = None
-        if self.ascent is None:
-            with torch.enable_grad():
-                loss = closure()  # gradient at w_t: the ascent of step t + staleness
-            self._pending.append(ascent_vectors(self._groups()))
-        else:
-            self._pending.append(self._ascent_in_process())
-        ascent = self._pending.pop(0) if len(self._pending) > self.staleness else None
-        if ascent is None and loss is not None:  # no perturbation yet; the gradient at w_t is already in .grad
-            self.base_optimizer.step()
-        else:
-            second = self._descend(closure, ascent)
-            loss = second if loss is None else loss
-        self._version += 1
-        return loss
-
-    def _step_two_process(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _take_and_publish(self) -> tuple[list[torch.Tensor | None], torch.Tensor] | None:
+        """Two-process mode: the ascent to use now (None on a fresh start), then hand w_t to the worker."""
         worker, stats = self._worker, self.async_stats
         if worker.process is None:
             worker.start()
@@ -200,13 +162,125 @@ class AsyncSAM(SAM):
                 stats["staleness"][self._version - result.version] += 1
                 stats["ascent_batch_size"][result.batch_size] += 1
         worker.publish(self._version)  # the worker computes the ascent at w_t while this process descends
-        start = time.perf_counter()
-        loss = self._descend(closure, ascent)
-        worker.report_descent(time.perf_counter() - start)
+        return ascent
+
+    # ------------------------------------------------------------ the explicit (two-call) form
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        """Modes with an ``Ascent``: move to w_t + ε_t before this step's forward pass; then backward, second_step.
+
+        ε_t is the ascent computed at w_{t−τ}; while there is none yet (the first steps) the weights stay at w_t.
+        """
+        if self.ascent is None:
+            raise LeantrainError(
+                "AsyncSAM.perturb() is for the modes with an Ascent; without one the perturbation comes from the "
+                "gradient at w: backward, first_step(), backward at the perturbed weights, second_step()"
+            )
+        if self._perturbed:
+            raise LeantrainError("AsyncSAM.perturb() was called twice without second_step in between")
+        if self.mode == "two_process":
+            ascent = self._take_and_publish()
+        else:
+            self._pending.append(self._ascent_in_process())
+            ascent = self._pending.pop(0) if len(self._pending) > self.staleness else None
+        if ascent is not None:
+            self._perturb(*ascent)
+        self._perturbed = True
+        self._descent_started = time.perf_counter()
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Sequential mode without an ``Ascent``: queue the gradient at w_t now in ``.grad`` as a later step's
+        ascent and move to w_t + ε_{t−τ}; run the backward there, then ``second_step``.
+
+        While the queue is filling, the weights stay at w_t and ``second_step`` steps with the gradient kept here.
+        """
+        if self.ascent is not None:
+            raise LeantrainError("AsyncSAM with an Ascent: call perturb() before the forward pass, not first_step()")
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            raise ConfigError(
+                "AsyncSAM takes a grad_scaler only in the modes with an Ascent (one backward per step); "
+                "use bf16 autocast here"
+            )
+        if self._perturbed:
+            raise LeantrainError("AsyncSAM.first_step was called twice without second_step in between")
+        self._pending.append(ascent_vectors(self._groups()))
+        ascent = self._pending.pop(0) if len(self._pending) > self.staleness else None
+        if ascent is None:
+            self._plain_grads = [p.grad for p in self._params()]  # the gradient at w_t: second_step uses it
+        else:
+            self._perturb(*ascent)
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+        """Restore w_t exactly and let the base optimizer step with the gradient in ``.grad``.
+
+        With a ``grad_scaler`` (modes with an Ascent; the loss was ``grad_scaler.scale(loss).backward()``), the
+        step goes through ``grad_scaler.step`` (skipped on inf/NaN, weights restored all the same) and
+        ``grad_scaler.update()``.
+        """
+        if not self._perturbed:
+            raise LeantrainError("AsyncSAM.second_step was called without perturb() or first_step()")
+        scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        if scaler is not None and self.ascent is None:
+            raise ConfigError("AsyncSAM takes a grad_scaler only in the modes with an Ascent")
+        self._restore()
+        if self._plain_grads is not None:
+            for p, g in zip(self._params(), self._plain_grads, strict=True):
+                p.grad = g
+            self._plain_grads = None
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            scaler.step(self.base_optimizer)
+            scaler.update()
+        if self._worker is not None and self._descent_started is not None:
+            self._worker.report_descent(time.perf_counter() - self._descent_started)
+            self.async_stats["steps"] += 1
+        self._descent_started = None
         self._version += 1
         self._fresh = False
-        stats["steps"] += 1
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One AsyncSAM step; ``closure`` zeroes grads, computes the loss, backward, returns the loss.
+
+        Without a closure, ``step()`` after ``perturb()`` or ``first_step()`` is ``second_step()`` (trainers that
+        own the backward pass, such as the Hugging Face ``Trainer`` with ``SharpnessAwareTrainer``).
+        """
+        if closure is None and self._perturbed:
+            self.second_step()
+            return None  # type: ignore[return-value]
+        if closure is None:
+            raise LeantrainError(
+                "AsyncSAM.step needs a closure that zeroes grads, computes the loss, calls backward and returns it"
+            )
+        if self.ascent is None:
+            with torch.enable_grad():
+                loss = closure()  # the gradient at w_t: the ascent of step t + staleness
+            self.first_step()
+            if self._plain_grads is None:  # perturbed: the descent gradient at w_t + ε
+                self._closure_at_perturbed(closure)
+            self.second_step()
+            return loss
+        self.perturb()
+        loss = self._closure_at_perturbed(closure)
+        self.second_step()
         return loss
+
+    def _closure_at_perturbed(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self._restore()  # never leave the model at w + ε
+            self._plain_grads = self._descent_started = None
+            raise
 
     def close(self) -> None:
         """Stop the ascent process of the two-process mode (a no-op otherwise)."""

@@ -5,6 +5,9 @@ optimizer passed through ``Trainer(optimizers=(sam, scheduler))`` needs the seco
 :class:`SharpnessAwareTrainer` does it: gradient at w (the usual step), ``first_step()``, gradient at the
 perturbed weights with BatchNorm statistics frozen, and the Trainer's own ``optimizer.step()`` then restores
 w and applies the base optimizer (``SAM.step()`` without a closure after ``first_step()`` is ``second_step()``).
+
+AsyncSAM with an ``Ascent`` (a separate ascent batch, or the two-process mode) needs one pass per step:
+``perturb()`` moves to w + ε_{t−1} and the Trainer's own forward/backward and ``optimizer.step()`` do the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class SharpnessAwareTrainer(Trainer):
             raise ConfigError("SharpnessAwareTrainer needs a leantrain SAM optimizer: Trainer(optimizers=(sam, None))")
         if self.args.gradient_accumulation_steps != 1:
             raise ConfigError("SharpnessAwareTrainer supports gradient_accumulation_steps=1 only")
+        if getattr(sam, "ascent", None) is not None:  # AsyncSAM with its own ascent: one pass, at w + ε
+            sam.perturb()
+            return super().training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)  # gradient at w
         sam.first_step(zero_grad=True)
         with bn_stats_frozen(model):
