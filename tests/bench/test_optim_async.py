@@ -19,3 +19,11 @@ def test_async_rows_measure_sgd_and_the_two_process_mode():
     assert 8 <= two["ascent_batch_mean"] <= 256
     assert two["epoch_s_projected"] > 0 and two["ratio_to_sgd_1core"] > 0
     assert set(optim_async.targets(rows)) == {"asyncsam-2proc-s2_epoch<=1.15x_sgd_1core"}
+
+
+def test_unknown_bench_part_is_a_config_error(tmp_path):
+    from leantrain.bench.optim import run_bench
+    from leantrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown part.*mlbfgs"):
+        run_bench(True, tmp_path, parts=("nope",))

@@ -284,3 +284,69 @@ def test_two_process_bad_input():
         Ascent(lambda m, b: 0, rows, batch_size=0)
     with pytest.raises(ConfigError, match="first dimension"):
         Ascent(lambda m, b: 0, {"x": torch.zeros(3), "labels": torch.zeros(4)})
+
+
+# ---------------------------------------------------------------- the explicit (two-call) form
+
+
+def test_explicit_first_second_step_equals_closure_step():
+    """Without an Ascent: backward at w, first_step, backward at w + ε, second_step == step(closure)."""
+    kw = {"rho": 0.2, "staleness": 1, "lr": 0.05, "momentum": 0.9}
+    batches = _batches(5)
+    a, b = _model(), _model()
+    _run(a, AsyncSAM(a.parameters(), **kw), batches)
+    opt = AsyncSAM(b.parameters(), **kw)
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(b(x), y).backward()
+        opt.first_step(zero_grad=True)
+        nn.functional.cross_entropy(b(x), y).backward()
+        opt.second_step(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_explicit_perturb_form_equals_closure_step_with_an_ascent():
+    from leantrain.train import ClassificationTask
+
+    rows = _rows()
+    a, b = _dropout_model(), _dropout_model()
+    kw = {"rho": 0.1, "lr": 0.1, "momentum": 0.9}
+    _train(a, AsyncSAM(a.parameters(), model=a, ascent=_ascent(rows), **kw), rows)
+    opt = AsyncSAM(b.parameters(), model=b, ascent=_ascent(rows), **kw)
+    for i in range(5):
+        batch = {k: v[i * 16 : (i + 1) * 16] for k, v in rows.items()}
+        torch.manual_seed(100 + i)
+        opt.perturb()
+        opt.zero_grad()
+        ClassificationTask().loss(b, batch)[0].backward()
+        opt.step()  # no closure after perturb(): the second step
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(LeantrainError, match="perturb"):
+        opt.first_step()
+    with pytest.raises(LeantrainError, match="without perturb"):
+        opt.second_step()
+
+
+def test_grad_scaler_in_the_one_pass_mode_skips_overflow_and_restores_weights():
+    from leantrain.train import ClassificationTask
+
+    rows = _rows()
+    model = _dropout_model().eval()
+    opt = AsyncSAM(model.parameters(), lr=0.1, momentum=0.9, model=model, ascent=_ascent(rows), staleness=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batch = {k: v[:16] for k, v in rows.items()}
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.perturb()
+    opt.zero_grad()
+    scaler.scale(ClassificationTask().loss(model, batch)[0]).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")  # an overflow in the only backward
+    opt.second_step(grad_scaler=scaler)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # skipped, restored
+    assert scaler.get_scale() == 2.0**9
+    opt.perturb()
+    opt.zero_grad()
+    scaler.scale(ClassificationTask().loss(model, batch)[0]).backward()
+    opt.second_step(grad_scaler=scaler)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # stepped
+    with pytest.raises(ConfigError, match="grad_scaler"):
+        AsyncSAM(model.parameters(), lr=0.1).first_step(grad_scaler=scaler)

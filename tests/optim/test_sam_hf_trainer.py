@@ -79,3 +79,38 @@ def test_refuses_a_plain_optimizer_and_gradient_accumulation(tmp_path):
     trainer = SharpnessAwareTrainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(sam, None))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 only"):
         trainer.train()
+
+
+def test_asyncsam_with_an_ascent_takes_one_pass_per_trainer_step(tmp_path):
+    """Under SharpnessAwareTrainer, AsyncSAM with an Ascent equals its own step(closure): one pass at w + ε."""
+    from leantrain.optim import Ascent, AsyncSAM
+
+    data = _Tokens()
+    rows = {"input_ids": data.ids, "labels": data.labels}
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    def make():
+        model = _bert()
+        return model, AsyncSAM(model.parameters(), rho=0.5, lr=0.1, model=model, staleness=0,
+                               ascent=Ascent(loss_fn, rows, batch_size=4, seed=1))  # fmt: skip
+
+    model, opt = make()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    SharpnessAwareTrainer(model=model, args=_args(tmp_path), train_dataset=data, optimizers=(opt, None)).train()
+
+    reference, ref_opt = make()
+    reference.train()
+
+    def closure():
+        ref_opt.zero_grad()
+        loss = reference(**rows).loss
+        loss.backward()
+        return loss
+
+    ref_opt.step(closure)
+    assert len(calls) == 2  # the in-process ascent (b' = 4) and the one descent pass
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
