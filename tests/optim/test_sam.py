@@ -459,3 +459,34 @@ def test_fp16_autocast_overflow_backs_off_until_a_step_is_taken():
     assert skipped >= 1 and not opt.last_step_skipped
     assert scaler.get_scale() == 2.0 ** (40 - skipped)
     assert not torch.equal(model[0].weight, before[0])
+
+
+def test_two_call_form_under_torch_compile_matches_eager_without_recompiling():
+    """The compile-friendly path: a compiled model, first_step/second_step outside any compiled region."""
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    eager, compiled = make(), make()
+    torch._dynamo.reset()
+    forward = torch.compile(compiled, backend=counting_backend)
+    opts = [SAM(m.parameters(), rho=0.1, lr=0.1, momentum=0.9) for m in (eager, compiled)]
+    for step in range(3):
+        for f, opt in ((eager, opts[0]), (forward, opts[1])):
+            nn.functional.cross_entropy(f(x), y).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.cross_entropy(f(x), y).backward()
+            opt.second_step(zero_grad=True)
+        if step == 0:
+            after_first = len(compiles)
+    assert after_first >= 1 and len(compiles) == after_first  # the perturbation never forces a recompile
+    assert all(torch.equal(p, q) for p, q in zip(eager.parameters(), compiled.parameters(), strict=True))
+    torch._dynamo.reset()

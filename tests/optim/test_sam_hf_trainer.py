@@ -114,3 +114,27 @@ def test_asyncsam_with_an_ascent_takes_one_pass_per_trainer_step(tmp_path):
     assert len(calls) == 2  # the in-process ascent (b' = 4) and the one descent pass
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_mlbfgs_is_a_plain_optimizer_for_the_trainer(tmp_path):
+    """MLBFGS needs no adapter: the stock Trainer's steps equal a hand loop of backward + step()."""
+    from leantrain.optim import MLBFGS
+
+    data = _Tokens()
+    kw = {"lr": 0.05, "momentum": 0.9, "update_freq": 1, "history_size": 3}
+    model = _bert()
+    opt = MLBFGS(model.parameters(), **kw)
+    args = _args(tmp_path)
+    args.max_steps = 4
+    transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
+    assert any(st.get("hist_s") is not None and len(st["hist_s"]) for st in opt.state.values())  # pairs were built
+
+    reference = _bert()
+    ref_opt = MLBFGS(reference.parameters(), **kw)
+    reference.train()
+    for _ in range(4):
+        ref_opt.zero_grad()
+        reference(input_ids=data.ids, labels=data.labels).loss.backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
