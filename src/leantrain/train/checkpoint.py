@@ -90,6 +90,34 @@ def save_checkpoint(
     return final
 
 
+def save_state_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write a nested state (JSON + tensors, via :func:`pack_state`) to ``directory/step-XXXXXXXX`` atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:08d}"
+    tmp = directory / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {"step": step, "state": pack_state(state, tensors)}
+    save_file(tensors, str(tmp / "tensors.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_tree(directory, files=False)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state_checkpoint(path: Path) -> tuple[int, dict]:
+    """(step, state) written by :func:`save_state_checkpoint`."""
+    if not (path / "state.json").is_file() or not (path / "tensors.safetensors").is_file():
+        raise LeantrainError(f"{path} is not a leantrain state checkpoint (no state.json / tensors.safetensors)")
+    meta = json.loads((path / "state.json").read_text())
+    return meta["step"], unpack_state(meta["state"], load_file(str(path / "tensors.safetensors")))
+
+
 def _fsync_tree(folder: Path, files: bool = True) -> None:
     """fsync the files in ``folder`` (optionally) and the folder itself, so a rename after it is durable."""
     if files:

@@ -1,0 +1,176 @@
+"""The algorithm interface both runtimes drive (leantrain's simulator and Flower), and aggregation helpers.
+
+One round, as the runtime runs it:
+
+1. ``cohort = algorithm.sample(round, k, rng, available)`` (uniform without replacement by default);
+2. ``instructions = algorithm.configure(round, cohort)``: per client, the tensors sent down and a small config;
+3. on each client: ``reply = algorithm.client_update(ctx, instruction)`` (local training; the tensors sent up);
+4. the runtime checks each reply against ``algorithm.expected_upload(round, cid, instruction)`` (names, shapes,
+   dtypes, finiteness) and rejects malformed ones without touching the server state;
+5. ``algorithm.accumulate(round, cid, reply)`` for every accepted reply (streaming: nothing per client is kept),
+   then ``algorithm.aggregate(round)``.
+
+Instructions and replies are what a Flower Message carries (an ArrayRecord of tensors and a ConfigRecord /
+MetricRecord of scalars). Client state that must persist between rounds (stateful algorithms) lives in
+``ctx.state``, which the simulator stores per client and Flower keeps in ``context.state``.
+
+"Layer" follows the papers' code (project spec, federated §0.1): one trainable tensor; only tensors with more than
+one dimension (conv and linear weights, "kernels") are candidates for layer-wise treatment; biases, norm affine
+parameters and norm running statistics are averaged every round. Integer buffers (``num_batches_tracked``) are
+never communicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leantrain.errors import ConfigError
+from leantrain.federated.client import LocalTraining
+from leantrain.federated.clock import DeviceProfile
+
+WEIGHTINGS = ("samples", "uniform")
+
+
+@dataclass
+class Instruction:
+    """What the server sends one client: tensors (counted in the ledger) and a JSON-able config."""
+
+    arrays: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """What one client sends back: tensors and metrics (``samples`` and ``loss`` at least)."""
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClientContext:
+    """Everything ``client_update`` may use on a client."""
+
+    cid: int
+    round: int
+    model: nn.Module  # the working model; the algorithm loads what it needs into it
+    batches: Iterator[dict[str, torch.Tensor]]
+    num_samples: int
+    local: LocalTraining
+    loss_fn: Any
+    device: DeviceProfile
+    state: dict[str, torch.Tensor]  # persistent per-client state (empty unless the algorithm stores something)
+
+
+def communicated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point entries of a state dict: what travels (integer buffers never do)."""
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def kernel_names(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Candidate "layers": trainable tensors with more than one dimension, in model order."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return [k for k, v in state.items() if k in trainable and v.ndim > 1]
+
+
+def load_arrays(model: nn.Module, arrays: dict[str, torch.Tensor]) -> None:
+    """Copy the named tensors into the model's parameters/buffers (others keep their values)."""
+    own = model.state_dict()
+    unknown = sorted(set(arrays) - set(own))
+    if unknown:
+        raise ConfigError(f"tensors {unknown[:5]} are not in the model")
+    with torch.no_grad():
+        for name, t in arrays.items():
+            own[name].copy_(t)
+
+
+class WeightedMean:
+    """Streaming Σ wᵢxᵢ / Σ wᵢ per tensor name, accumulated in float64 (order-robust, exact for one client)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, weight: float) -> None:
+        t = tensor.detach().to(torch.float64)
+        if name in self.sums:
+            self.sums[name].add_(t, alpha=weight)
+            self.weights[name] += weight
+        else:
+            self.sums[name] = t * weight
+            self.weights[name] = weight
+
+    def mean(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return (self.sums[name] / self.weights[name]).to(like.dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums and self.weights[name] > 0
+
+
+class Algorithm:
+    """Base class: FedAvg's sampling and bookkeeping; subclasses define what is sent, trained and aggregated.
+
+    ``weighting="samples"`` weighs clients by their number of samples (the papers' p_i = n_i/n);
+    ``"uniform"`` by 1 (the official TF codes' unweighted mean).
+    """
+
+    name = "algorithm"
+
+    def __init__(self, weighting: str = "samples"):
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"{type(self).__name__} weighting={weighting!r} is invalid; accepted: {WEIGHTINGS}")
+        self.weighting = weighting
+        self.global_state: dict[str, torch.Tensor] = {}
+
+    # -------------------------------------------------------------- setup and sampling
+
+    def setup(self, model: nn.Module, num_clients: int, devices: list[DeviceProfile]) -> None:
+        """Take the initial global model (its state dict) and the client population."""
+        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.num_clients = num_clients
+        self.devices = devices
+        self.kernels = kernel_names(self.global_state, model)
+
+    def sample(self, round_idx: int, k: int, rng: np.random.Generator, available: list[int]) -> list[int]:
+        """The round's cohort: ``k`` clients uniformly without replacement (sorted)."""
+        return sorted(int(c) for c in rng.choice(available, size=min(k, len(available)), replace=False))
+
+    def weight(self, reply: Reply) -> float:
+        return float(reply.metrics.get("samples", 1)) if self.weighting == "samples" else 1.0
+
+    # -------------------------------------------------------------- one round (override)
+
+    def configure(self, round_idx: int, cohort: list[int]) -> dict[int, Instruction]:
+        raise NotImplementedError
+
+    def client_update(self, ctx: ClientContext, instruction: Instruction) -> Reply:
+        raise NotImplementedError
+
+    def expected_upload(self, round_idx: int, cid: int, instruction: Instruction) -> dict[str, tuple]:
+        """name -> (shape, dtype) of the tensors a well-formed reply carries."""
+        raise NotImplementedError
+
+    def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
+        raise NotImplementedError
+
+    def aggregate(self, round_idx: int) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- evaluation and checkpoints
+
+    def eval_state(self) -> dict[str, torch.Tensor]:
+        """The model the runtime evaluates after a round (the global model by default)."""
+        return self.global_state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server state to checkpoint (tensors and JSON-able values)."""
+        return {"global_state": dict(self.global_state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_state = {k: v.clone() for k, v in state["global_state"].items()}

@@ -1,0 +1,56 @@
+"""FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS
+2017, arXiv 1602.05629): every sampled client trains the full model for τ local SGD steps from the global model
+and sends it back; the server averages (weighted by samples, or uniformly).
+
+The baseline every other algorithm here is measured against. Sent down: every floating-point tensor of the global
+model; sent up: the same set (the new local values; an update Δ would cost the same bytes).
+"""
+
+from __future__ import annotations
+
+from leantrain.federated.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    Instruction,
+    Reply,
+    WeightedMean,
+    communicated,
+    load_arrays,
+)
+from leantrain.federated.client import local_sgd
+
+
+class FedAvg(Algorithm):
+    """Federated averaging of the full model."""
+
+    name = "fedavg"
+
+    def configure(self, round_idx: int, cohort: list[int]) -> dict[int, Instruction]:
+        down = communicated(self.global_state)
+        return {cid: Instruction(down) for cid in cohort}
+
+    def client_update(self, ctx: ClientContext, instruction: Instruction) -> Reply:
+        load_arrays(ctx.model, instruction.arrays)
+        metrics = local_sgd(ctx.model, ctx.loss_fn, ctx.batches, ctx.local.steps, ctx.local.lr,
+                            ctx.local.momentum, ctx.local.weight_decay)  # fmt: skip
+        state = ctx.model.state_dict()
+        return Reply({k: state[k].detach().clone() for k in instruction.arrays}, metrics)
+
+    def expected_upload(self, round_idx: int, cid: int, instruction: Instruction) -> dict[str, tuple]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in instruction.arrays.items()}
+
+    def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
+        if not hasattr(self, "_mean") or self._mean_round != round_idx:
+            self._mean, self._mean_round = WeightedMean(), round_idx
+        w = self.weight(reply)
+        for k, v in reply.arrays.items():
+            self._mean.add(k, v, w)
+
+    def aggregate(self, round_idx: int) -> None:
+        mean = getattr(self, "_mean", None)
+        if mean is None or self._mean_round != round_idx:
+            return  # no accepted reply this round: the global model stays
+        for k in list(self.global_state):
+            if k in mean:
+                self.global_state[k] = mean.mean(k, self.global_state[k])
+        self._mean = None

@@ -1,0 +1,117 @@
+"""Client-side pieces shared by every algorithm: a client's data shard and local SGD on the working model.
+
+Clients do not own copies of the data: :class:`ClientData` keeps one set of training tensors and, per client, an
+index array, so 1,000 clients cost 1,000 index arrays. Each client's batch order is a seeded function of
+(seed, round, client), so a run, and a resumed run, sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from leantrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How a client trains each round: ``steps`` local SGD iterations (the papers' τ) on batches of ``batch_size``."""
+
+    steps: int = 10
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"LocalTraining {name}={v!r} is invalid; expected an integer >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"LocalTraining lr={self.lr!r} is invalid; expected > 0")
+        if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
+            raise ConfigError("LocalTraining momentum must be in [0, 1) and weight_decay >= 0")
+
+
+class ClientData:
+    """The training rows (a dict of tensors) and each client's indices into them."""
+
+    def __init__(self, arrays: dict[str, torch.Tensor], parts: list[np.ndarray]):
+        sizes = {k: len(v) for k, v in arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise ConfigError(f"client data arrays must share their first dimension; got {sizes}")
+        n = next(iter(sizes.values()))
+        for cid, part in enumerate(parts):
+            if len(part) == 0:
+                raise ConfigError(f"client {cid} has no training samples; use a partition with min_size >= 1")
+            if part.min() < 0 or part.max() >= n:
+                raise ConfigError(f"client {cid}'s indices fall outside the {n} training rows")
+        self.arrays = arrays
+        self.parts = [torch.as_tensor(p, dtype=torch.int64) for p in parts]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.parts)
+
+    def num_samples(self, cid: int) -> int:
+        return len(self.parts[cid])
+
+    def batches(self, cid: int, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches of client ``cid``: reshuffled every pass by a generator seeded with ``seed``."""
+        idx = self.parts[cid]
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            order = idx[torch.randperm(len(idx), generator=gen)]
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                yield {k: v[rows] for k, v in self.arrays.items()}
+
+
+@contextmanager
+def trainable_only(model: nn.Module, names: set[str] | None):
+    """Within the block only parameters named in ``names`` (None: all) get gradients; restored afterwards."""
+    if names is None:
+        yield
+        return
+    frozen = [p for n, p in model.named_parameters() if n not in names and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def local_sgd(model: nn.Module, loss_fn, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
+              momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """``steps`` SGD steps (a fresh optimizer: no state leaks between clients) on the parameters that require grad.
+
+    ``loss_fn(model, batch)`` returns the loss (or a tuple whose first item is the loss). Returns the mean loss
+    and the number of samples processed.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("local_sgd: the model has no trainable parameters")
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    total, samples = 0.0, 0
+    for _ in range(steps):
+        batch = next(batches)
+        opt.zero_grad(set_to_none=True)
+        out = loss_fn(model, batch)
+        loss = out[0] if isinstance(out, tuple | list) else out
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"local loss is {loss.item()}")
+        loss.backward()
+        opt.step()
+        n = len(next(iter(batch.values())))
+        total += loss.item() * n
+        samples += n
+    return {"loss": total / max(samples, 1), "samples": samples}

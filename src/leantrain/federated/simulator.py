@@ -1,0 +1,361 @@
+"""The embedded federated simulator: many clients, one working model, a byte ledger and a simulated clock.
+
+Design after FedML Parrot (Tang et al., "FedML Parrot: A Scalable Federated Learning System via
+Heterogeneity-aware Scheduling on Sequential and Hierarchical Training", arXiv 2303.01778): the sampled clients of a
+round are trained one after another on a single working model, the server aggregates their replies as they arrive
+(streaming, nothing per client is kept), and per-client state of stateful algorithms is stored per client id and
+restored when that client runs again. Memory therefore does not grow with the number of clients beyond their data
+indices and whatever state the algorithm keeps.
+
+Determinism: the cohort of round r is drawn by a generator seeded with (seed, r), so every algorithm sees the same
+cohorts; a client's batch order, its dropout masks and the injected faults are seeded with (seed, r, client). A
+run resumed from its round checkpoint therefore produces the same history as an uninterrupted one.
+
+Faults: ``dropout`` is the probability a sampled client vanishes after receiving the model (its downlink is
+counted, it never replies); ``failure`` the probability it crashes mid-training (after a random number of local
+steps); ``fault_hook(round, cid, reply) -> reply`` may tamper with replies (tests use it to send wrong shapes,
+NaN/inf or wrong dtypes). Every reply is checked against what the algorithm expects; a malformed one is counted
+(its bytes did travel), logged in the round's ``events`` and dropped without touching the server state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from leantrain.errors import ConfigError, LeantrainError
+from leantrain.federated.algorithms.base import Algorithm, ClientContext, Reply
+from leantrain.federated.client import ClientData, LocalTraining
+from leantrain.federated.clock import SimulatedClock, assign_profiles, profile
+from leantrain.federated.comm import ByteLedger
+
+
+class ClientFailure(RuntimeError):
+    """An injected mid-round client crash."""
+
+
+@dataclass
+class FederatedData:
+    """Training rows, test rows and the per-client partition of the training rows."""
+
+    train: dict[str, torch.Tensor]
+    test: dict[str, torch.Tensor]
+    parts: list[np.ndarray]
+    num_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+def federated_data(dataset: Any, partition: Any, num_clients: int, seed: int = 0, train_subset: int | None = None,
+                   **partition_options: Any) -> FederatedData:  # fmt: skip
+    """Build the simulator's data from a dataset name (or a leantrain ``Dataset``) and a partition.
+
+    ``partition`` is "iid", "dirichlet" (``alpha=...``), "shards", or an explicit list of index arrays.
+    """
+    from leantrain.data import load_dataset
+    from leantrain.data.partition import partition as split
+
+    ds = load_dataset(dataset, seed=seed, train_subset=train_subset) if isinstance(dataset, str) else dataset
+    if ds.train.y is None:
+        raise ConfigError(f"dataset {ds.name!r} has no labels; the federated simulator needs a classification set")
+    train = {"x": torch.as_tensor(ds.train.x), "labels": torch.as_tensor(ds.train.y)}
+    test = {"x": torch.as_tensor(ds.test.x), "labels": torch.as_tensor(ds.test.y)}
+    if isinstance(partition, str):
+        if partition == "dirichlet":
+            partition_options.setdefault("min_size", 1)
+        parts = split(partition, ds.train.y, num_clients, seed=seed, **partition_options)
+    else:
+        parts = [np.asarray(p, dtype=np.int64) for p in partition]
+        if len(parts) != num_clients:
+            raise ConfigError(f"the partition has {len(parts)} clients but num_clients={num_clients}")
+    return FederatedData(train, test, parts, ds.num_classes, ds.input_shape)
+
+
+@dataclass
+class History:
+    """Per-round records and the run's totals."""
+
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def last(self, key: str) -> Any:
+        """The most recent value of ``key`` (e.g. "test_accuracy"), or None."""
+        for row in reversed(self.rounds):
+            if row.get(key) is not None:
+                return row[key]
+        return None
+
+
+def check_reply(reply: Reply, expected: dict[str, tuple]) -> str | None:
+    """Why ``reply`` is malformed against ``expected`` (name -> (shape, dtype)), or None if it is well formed."""
+    if not isinstance(reply, Reply) or not isinstance(reply.arrays, dict):
+        return f"not a Reply ({type(reply).__name__})"
+    got, want = set(reply.arrays), set(expected)
+    if got != want:
+        extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
+        return f"tensors differ from the expected ones (unexpected {extra}, missing {missing})"
+    for name, (shape, dtype) in expected.items():
+        t = reply.arrays[name]
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is a {type(t).__name__}, not a tensor"
+        if tuple(t.shape) != tuple(shape):
+            return f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+        if t.dtype != dtype:
+            return f"{name} has dtype {t.dtype}, expected {dtype}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"{name} holds NaN or inf"
+    samples = reply.metrics.get("samples", 1)
+    if not isinstance(samples, int | float) or not samples > 0 or not np.isfinite(samples):
+        return f"metrics.samples={samples!r} is not a positive number"
+    return None
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+class _FailingBatches:
+    """Yields ``ok`` batches, then raises :class:`ClientFailure` (an injected mid-round crash)."""
+
+    def __init__(self, batches, ok: int):
+        self.batches, self.ok = batches, ok
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.ok <= 0:
+            raise ClientFailure("injected client failure mid-round")
+        self.ok -= 1
+        return next(self.batches)
+
+
+class Simulator:
+    """Run ``algorithm`` for ``rounds`` rounds over ``num_clients`` clients, ``clients_per_round`` at a time.
+
+    ``model_fn()`` builds the model (called once under ``torch.manual_seed(seed)``); ``dataset`` is a dataset name,
+    a leantrain ``Dataset`` or a :class:`FederatedData`; ``partition`` "iid" / "dirichlet" / "shards" / index
+    arrays (options in ``partition_options``). ``local_steps`` is τ; ``devices`` maps profile name -> share of
+    clients (e.g. ``{"weak": 0.5, "moderate": 0.25}``; the rest are strong). ``checkpoint_dir``: the server state
+    is saved after every round and ``run(resume=True)`` continues from the latest one.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        model_fn: Callable[[], nn.Module],
+        dataset: Any,
+        partition: Any = "iid",
+        num_clients: int = 100,
+        clients_per_round: int = 10,
+        rounds: int = 50,
+        local_steps: int = 10,
+        batch_size: int = 32,
+        lr: float = 0.05,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        partition_options: dict[str, Any] | None = None,
+        train_subset: int | None = None,
+        devices: dict[str, float] | None = None,
+        dropout: float = 0.0,
+        failure: float = 0.0,
+        fault_hook: Callable[[int, int, Reply], Reply] | None = None,
+        eval_every: int = 1,
+        eval_batch_size: int = 1000,
+        sample_time_s: float = 1e-3,
+        seed: int = 0,
+        checkpoint_dir: str | Path | None = None,
+        log: Callable[[str], None] | None = None,
+        log_every: int = 1,
+    ):
+        if not isinstance(algorithm, Algorithm):
+            raise ConfigError(f"algorithm={algorithm!r} is not a leantrain federated Algorithm")
+        counts = {"num_clients": num_clients, "clients_per_round": clients_per_round, "rounds": rounds,
+                  "eval_every": eval_every, "log_every": log_every}  # fmt: skip
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Simulator {name}={value!r} is invalid; expected an integer >= 1")
+        if clients_per_round > num_clients:
+            raise ConfigError(f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}")
+        for name, p in (("dropout", dropout), ("failure", failure)):
+            if not isinstance(p, int | float) or isinstance(p, bool) or not 0 <= p < 1:
+                raise ConfigError(f"Simulator {name}={p!r} is invalid; expected a probability in [0, 1)")
+        self.algorithm = algorithm
+        self.local = LocalTraining(local_steps, batch_size, lr, momentum, weight_decay)
+        self.num_clients, self.clients_per_round, self.rounds = num_clients, clients_per_round, rounds
+        self.dropout, self.failure, self.fault_hook = float(dropout), float(failure), fault_hook
+        self.eval_every, self.eval_batch_size, self.seed = eval_every, eval_batch_size, seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.log, self.log_every = log, log_every
+        if isinstance(dataset, FederatedData):
+            self.data = dataset
+            if len(dataset.parts) != num_clients:
+                raise ConfigError(f"the data has {len(dataset.parts)} client parts but num_clients={num_clients}")
+        else:
+            self.data = federated_data(dataset, partition, num_clients, seed, train_subset,
+                                       **(partition_options or {}))  # fmt: skip
+        self.client_data = ClientData(self.data.train, self.data.parts)
+        torch.manual_seed(seed)
+        self.model = model_fn()  # the one working model every client trains on in turn
+        self.device_names = assign_profiles(num_clients, devices, seed)
+        self.devices = [profile(n) for n in self.device_names]
+        self.clock = SimulatedClock(sample_time_s)
+        self.ledger = ByteLedger()
+        self.history = History()
+        self.client_states: dict[int, dict[str, torch.Tensor]] = {}
+        self.algorithm.setup(self.model, num_clients, self.devices)
+        self.algorithm.seed = seed
+        from leantrain.train.tasks import ClassificationTask
+
+        self.loss_fn = ClassificationTask().loss
+        self.next_round = 0
+
+    # ------------------------------------------------------------------ one round
+
+    def _client(self, r: int, cid: int, instruction) -> tuple[Reply | None, str | None]:
+        """Train client ``cid``; (reply, None) or (None, why it did not reply)."""
+        fault = np.random.default_rng(_seed(self.seed, r, cid, 7))
+        if fault.random() < self.dropout:
+            return None, "dropped out"
+        batches = self.client_data.batches(cid, self.local.batch_size, _seed(self.seed, r, cid))
+        if fault.random() < self.failure:
+            batches = _FailingBatches(batches, int(fault.integers(0, self.local.steps)))
+        ctx = ClientContext(cid, r, self.model, batches, self.client_data.num_samples(cid), self.local, self.loss_fn,
+                            self.devices[cid], dict(self.client_states.get(cid, {})))  # fmt: skip
+        torch.manual_seed(_seed(self.seed, r, cid, 1))
+        try:
+            reply = self.algorithm.client_update(ctx, instruction)
+        except (ClientFailure, FloatingPointError) as err:
+            return None, f"failed: {err}"
+        if self.fault_hook is not None:
+            reply = self.fault_hook(r, cid, reply)
+        if ctx.state:
+            self._pending_state[cid] = ctx.state
+        return reply, None
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        rng = np.random.default_rng(_seed(self.seed, r))
+        cohort = self.algorithm.sample(r, self.clients_per_round, rng, list(range(self.num_clients)))
+        instructions = self.algorithm.configure(r, cohort)
+        events, times, losses, counts = [], [], [], {"responded": 0, "dropped": 0, "failed": 0, "rejected": 0}
+        self._pending_state: dict[int, dict[str, torch.Tensor]] = {}
+        for cid in cohort:
+            ins = instructions[cid]
+            down = self.ledger.record(r, cid, "down", ins.arrays, ins.config)
+            reply, why = self._client(r, cid, ins)
+            if reply is None:
+                counts["dropped" if why == "dropped out" else "failed"] += 1
+                events.append(f"client {cid} {why}")
+                continue
+            up = self.ledger.record(r, cid, "up", reply.arrays if isinstance(reply, Reply) else {})
+            problem = check_reply(reply, self.algorithm.expected_upload(r, cid, ins))
+            if problem is not None:
+                counts["rejected"] += 1
+                events.append(f"client {cid} rejected: {problem}")
+                self._pending_state.pop(cid, None)
+                continue
+            self.algorithm.accumulate(r, cid, reply)
+            if cid in self._pending_state:
+                self.client_states[cid] = self._pending_state[cid]
+            counts["responded"] += 1
+            losses.append(float(reply.metrics.get("loss", float("nan"))))
+            work = float(reply.metrics.get("work", 1.0))
+            times.append(self.clock.client_time(self.devices[cid], int(reply.metrics.get("samples", 0)), work,
+                                                down, up, 2))  # fmt: skip
+        self.algorithm.aggregate(r)
+        duration = self.clock.advance(times)
+        row = {"round": r, "cohort": len(cohort), **counts, **self.ledger.round_totals(r),
+               "train_loss": float(np.nanmean(losses)) if losses else None, "round_time_s": duration,
+               "sim_time_s": self.clock.now, "events": events}  # fmt: skip
+        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
+            row.update({f"test_{k}": v for k, v in self.evaluate().items()})
+        row["wall_s"] = time.perf_counter() - started
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy of the algorithm's evaluation model on the test rows."""
+        from leantrain.federated.algorithms.base import load_arrays
+
+        load_arrays(self.model, {k: v for k, v in self.algorithm.eval_state().items()})
+        self.model.eval()
+        x, y = self.data.test["x"], self.data.test["labels"]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, len(y), self.eval_batch_size):
+            logits = self.model(x[start : start + self.eval_batch_size])
+            target = y[start : start + self.eval_batch_size]
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
+        return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
+
+    # ------------------------------------------------------------------ the run, checkpoints
+
+    def run(self, resume: bool = False) -> History:
+        """Run the remaining rounds (all of them, or from the latest checkpoint with ``resume=True``)."""
+        if resume:
+            self.restore()
+        for r in range(self.next_round, self.rounds):
+            row = self.run_round(r)
+            self.history.rounds.append(row)
+            self.next_round = r + 1
+            if self.checkpoint_dir is not None:
+                self.save()
+            if self.log is not None and ((r + 1) % self.log_every == 0 or r + 1 == self.rounds):
+                self.log(self._progress_line(row))
+        self.history.totals = {**self.ledger.totals(), "sim_time_s": self.clock.now,
+                               "final_test_accuracy": self.history.last("test_accuracy")}  # fmt: skip
+        return self.history
+
+    def _progress_line(self, row: dict[str, Any]) -> str:
+        acc = row.get("test_accuracy")
+        parts = [f"round {row['round'] + 1}/{self.rounds}:"]
+        if acc is not None:
+            parts.append(f"test accuracy {acc:.4f},")
+        parts.append(f"up {row['up_bytes'] / 1e6:.2f} MB, down {row['down_bytes'] / 1e6:.2f} MB,")
+        parts.append(f"simulated {self.clock.now:.1f} s")
+        if row["events"]:
+            parts.append(
+                f"({len(row['events'])} events: {row['events'][0]}{', ...' if len(row['events']) > 1 else ''})"
+            )
+        return " ".join(parts)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "next_round": self.next_round,
+            "algorithm": self.algorithm.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "history": self.history.rounds,
+            "clock": self.clock.now,
+            "client_states": self.client_states,
+        }
+
+    def save(self) -> Path:
+        from leantrain.train.checkpoint import save_state_checkpoint
+
+        return save_state_checkpoint(self.checkpoint_dir, self.next_round, self._state())
+
+    def restore(self) -> bool:
+        """Load the latest round checkpoint from ``checkpoint_dir``; False if there is none."""
+        from leantrain.train.checkpoint import list_checkpoints, load_state_checkpoint
+
+        if self.checkpoint_dir is None:
+            raise LeantrainError("resume needs checkpoint_dir")
+        found = list_checkpoints(self.checkpoint_dir)
+        if not found:
+            return False
+        _, state = load_state_checkpoint(found[-1])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.history.rounds = state["history"]
+        self.clock.now = state["clock"]
+        self.client_states = {int(k): v for k, v in state["client_states"].items()}
+        self.next_round = state["next_round"]
+        return True
