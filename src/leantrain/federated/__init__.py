@@ -1,7 +1,15 @@
 """Federated learning: an in-process simulator (many clients, one working model, byte ledger, simulated clock),
 layer-wise algorithms (FedAvg, FedLAMA, FedLUAR, partial averaging, EmbracingFL) and a Flower runtime for them."""
 
-from leantrain.federated.algorithms import ALGORITHMS, Algorithm, ClientContext, FedAvg, Instruction, Reply
+from leantrain.federated.algorithms import (
+    ALGORITHMS,
+    Algorithm,
+    ClientContext,
+    FedAvg,
+    Instruction,
+    Reply,
+    make_algorithm,
+)
 from leantrain.federated.client import ClientData, LocalTraining, local_sgd
 from leantrain.federated.clock import PROFILES, DeviceProfile, SimulatedClock
 from leantrain.federated.comm import ByteLedger, decode_arrays, encode_arrays, wire_nbytes
@@ -10,5 +18,5 @@ from leantrain.federated.simulator import FederatedData, History, Simulator, che
 __all__ = [
     "ALGORITHMS", "PROFILES", "Algorithm", "ByteLedger", "ClientContext", "ClientData", "DeviceProfile", "FedAvg",
     "FederatedData", "History", "Instruction", "LocalTraining", "Reply", "SimulatedClock", "Simulator", "check_reply",
-    "decode_arrays", "encode_arrays", "federated_data", "local_sgd", "wire_nbytes",
+    "decode_arrays", "encode_arrays", "federated_data", "local_sgd", "make_algorithm", "wire_nbytes",
 ]  # fmt: skip
