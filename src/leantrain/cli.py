@@ -73,7 +73,11 @@ def plot(
     typer.echo(f"wrote {plot_runs(run_dirs, metric, out, split=split)}")
 
 
-BENCH_AREAS = {"finetune": "leantrain.bench.finetune", "optim": "leantrain.bench.optim"}
+BENCH_AREAS = {
+    "finetune": "leantrain.bench.finetune",
+    "optim": "leantrain.bench.optim",
+    "federated": "leantrain.bench.federated",
+}
 
 
 @app.command()
@@ -84,7 +88,10 @@ def bench(
     seeds: Annotated[int | None, typer.Option(help="seeds for accuracy rows (default 3, quick 1)")] = None,
     part: Annotated[
         list[str] | None,
-        typer.Option(help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy, async, mlbfgs)"),
+        typer.Option(
+            help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy, async, mlbfgs; "
+            "federated: accuracy, embracing, throughput, memory)"
+        ),
     ] = None,
 ) -> None:
     """Compare an area's methods with their anchors in one run; write <out>/<area>.json and print a table."""

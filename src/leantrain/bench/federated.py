@@ -1,0 +1,340 @@
+"""``leantrain bench federated``: FedAvg, FedLAMA, FedLUAR and partial averaging; EmbracingFL; simulator speed.
+
+Setting (one for every algorithm): Fashion-MNIST (mnist5k when the Fashion-MNIST package is absent), 100 clients,
+10 sampled per round, a small CNN (conv 16-32, hidden 64, 106k parameters), τ = 10 local SGD steps of batch 32 at
+lr 0.05 with momentum 0.9 (a fresh optimizer per client and round), 50 rounds (``--quick``: 10 rounds, 1 seed,
+Dirichlet only), Dirichlet α = 0.1 and IID partitions, seeds 0..2. Partial averaging runs the same number of local
+iterations: 500 rounds of one step, τ = 10 groups. Algorithm options are the papers' defaults scaled to this CNN
+(FedLUAR δ = 2 of its 4 kernel tensors, the spec's FEMNIST-CNN value; FedLAMA φ = 2).
+
+Parts (``--part``):
+
+- ``accuracy``: final test accuracy (mean ± std over seeds) and total bytes up and down per algorithm and
+  partition, each run in a fresh process, two at a time.
+- ``embracing``: EmbracingFL with 50% weak and 25% moderate clients against all-strong FedAvg and strong-only
+  FedAvg (weak and moderate clients excluded), Dirichlet α = 0.1.
+- ``throughput``: seconds per round of the 100-client FedAvg workload in our simulator, the same local training
+  run as a bare loop (the raw compute), and Flower's simulation engine when flwr is installed.
+- ``memory``: peak RSS of the simulator with 10 and with 1,000 clients (same cohort size), fresh processes.
+
+Targets from the issue are evaluated and printed, never tuned for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.errors import ConfigError, LeantrainError
+from leantrain.federated.algorithms.fedavg import FedAvg
+
+PARTS = ("accuracy", "embracing", "throughput", "memory")
+ALGORITHMS = {
+    "fedavg": {},
+    "fedlama": {"phi": 2},
+    "fedluar": {"recycled_layers": 2},
+    "fedpa": {"groups": 10},
+}
+MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 64}
+BASE = {"num_clients": 100, "clients_per_round": 10, "local_steps": 10, "batch_size": 32, "lr": 0.05,
+        "momentum": 0.9, "eval_every": 5}  # fmt: skip
+
+
+def dataset_name() -> str:
+    """Fashion-MNIST if its package is installed, else the bundled mnist5k."""
+    from leantrain.data import load_dataset
+
+    try:
+        load_dataset("fashion-mnist")
+        return "fashion-mnist"
+    except LeantrainError:
+        return "mnist5k"
+
+
+def run_config(spec: dict) -> dict:
+    """Run one simulation described by ``spec`` in this process; its history summary (JSON-able)."""
+    from leantrain.federated import Simulator, make_algorithm
+    from leantrain.models import build_model
+
+    torch.set_num_threads(1)
+    algorithm = (StrongOnlyFedAvg() if spec["algorithm"] == "strong-only"
+                 else make_algorithm(spec["algorithm"], **spec.get("options", {})))  # fmt: skip
+    model = dict(MODEL)
+    name = model.pop("name")
+    settings = {**BASE, **spec.get("settings", {})}
+    partition = spec["partition"]
+    options = {"alpha": 0.1} if partition == "dirichlet" else {}
+    started = time.perf_counter()
+    sim = Simulator(algorithm, lambda: build_model(name, **model), spec["dataset"], partition,
+                    rounds=spec["rounds"], seed=spec["seed"], partition_options=options,
+                    devices=spec.get("devices"), **settings)  # fmt: skip
+    history = sim.run()
+    return {
+        "final_test_accuracy": history.last("test_accuracy"),
+        **history.totals,
+        "wall_s": time.perf_counter() - started,
+        "curve": [(r["round"], r["test_accuracy"]) for r in history.rounds if r.get("test_accuracy") is not None],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+class StrongOnlyFedAvg(FedAvg):
+    """FedAvg that never samples weak or moderate clients (the EmbracingFL paper's "strong-only" baseline)."""
+
+    name = "strong-only"
+
+    def sample(self, round_idx, k, rng, available):
+        strong = [c for c in available if self.devices[c].name == "strong"]
+        return super().sample(round_idx, k, rng, strong)
+
+
+def _subprocess(spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "leantrain.bench.federated", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise LeantrainError(f"bench federated run {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_all(specs: list[dict], workers: int, log) -> list[dict]:
+    def one(spec):
+        result = _subprocess(spec)
+        log(f"  {spec['algorithm']:<12} {spec['partition']:<9} seed {spec['seed']}: accuracy "
+            f"{result['final_test_accuracy']:.4f}, up {result['up_bytes'] / 1e6:.1f} MB, "
+            f"down {result['down_bytes'] / 1e6:.1f} MB, {result['wall_s']:.0f} s")  # fmt: skip
+        return result
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, specs))
+
+
+def _rows(specs: list[dict], results: list[dict], anchor: str) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for spec, res in zip(specs, results, strict=True):
+        groups.setdefault((spec["label"], spec["partition"]), []).append(res)
+    rows = []
+    for (label, partition), runs in groups.items():
+        mean, std = mean_std([r["final_test_accuracy"] for r in runs])
+        rows.append({
+            "method": label, "anchor": label == anchor, "model": "cnn-16-32", "task": f"{partition}",
+            "metric_name": "accuracy", "metric": mean, "metric_std": std, "seeds": len(runs),
+            "extra": {"up_bytes": statistics.mean(r["up_bytes"] for r in runs),
+                      "down_bytes": statistics.mean(r["down_bytes"] for r in runs),
+                      "up_messages": statistics.mean(r["up_messages"] for r in runs),
+                      "per_seed": [r["final_test_accuracy"] for r in runs],
+                      "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+                      "curve_seed0": runs[0]["curve"]},
+        })  # fmt: skip
+    return rows
+
+
+def accuracy_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
+    rounds = 10 if quick else 50
+    partitions = ("dirichlet",) if quick else ("dirichlet", "iid")
+    specs = []
+    for seed in range(seeds):
+        for partition in partitions:
+            for name, options in ALGORITHMS.items():
+                spec = {"algorithm": name, "label": name, "options": options, "partition": partition, "seed": seed,
+                        "dataset": dataset, "rounds": rounds}  # fmt: skip
+                if name == "fedpa":  # the same local iterations: τ rounds of one step per FedAvg round
+                    groups = options["groups"]
+                    spec.update(rounds=rounds * groups, settings={"local_steps": 1, "eval_every": 5 * groups})
+                specs.append(spec)
+    return specs
+
+
+def embracing_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
+    rounds = 10 if quick else 50
+    mix = {"weak": 0.5, "moderate": 0.25}
+    arms = [("embracingfl", "embracingfl", mix), ("all-strong", "fedavg", None), ("strong-only", "strong-only", mix)]
+    return [
+        {"algorithm": algo, "label": label, "options": {}, "partition": "dirichlet", "seed": seed,
+         "dataset": dataset, "rounds": rounds, "devices": devices}
+        for seed in range(seeds) for label, algo, devices in arms
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- throughput and memory
+
+
+def throughput_rows(rounds: int, log) -> list[dict]:
+    """Seconds per round: our simulator vs the same local training as a bare loop (and Flower when installed)."""
+    from leantrain.federated import Simulator
+    from leantrain.federated.algorithms.base import communicated, load_arrays
+    from leantrain.federated.client import local_sgd
+    from leantrain.federated.simulator import _seed
+    from leantrain.models import build_model
+
+    torch.set_num_threads(1)
+    model = dict(MODEL)
+    name = model.pop("name")
+    dataset = dataset_name()
+    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset, "dirichlet", rounds=rounds,
+                    partition_options={"alpha": 0.1}, **{**BASE, "eval_every": rounds})  # fmt: skip
+    start = time.perf_counter()
+    sim.run()
+    sim_s = (time.perf_counter() - start) / rounds
+    # the raw compute: the same clients, batches and steps, nothing else (no ledger, checks, aggregation)
+    raw = build_model(name, **model)
+    state = communicated(sim.algorithm.global_state)
+    start = time.perf_counter()
+    for r in range(rounds):
+        rng = np.random.default_rng(_seed(sim.seed, r))
+        for cid in sim.algorithm.sample(r, sim.clients_per_round, rng, list(range(sim.num_clients))):
+            load_arrays(raw, state)
+            batches = sim.client_data.batches(cid, BASE["batch_size"], _seed(sim.seed, r, cid))
+            local_sgd(raw, sim.loss_fn, batches, BASE["local_steps"], BASE["lr"], BASE["momentum"])
+    raw_s = (time.perf_counter() - start) / rounds
+    log(f"  simulator {sim_s:.3f} s/round, raw local training {raw_s:.3f} s/round")
+    rows = [
+        {"method": "leantrain-simulator", "anchor": True, "task": "fedavg-100-clients",
+         "step_time_s_median": sim_s, "extra": {"overhead_over_raw": sim_s / raw_s - 1, "rounds": rounds}},
+        {"method": "raw-local-training", "anchor": False, "task": "fedavg-100-clients",
+         "step_time_s_median": raw_s, "extra": {"rounds": rounds}},
+    ]  # fmt: skip
+    flower = flower_round_time(rounds, log)
+    if flower is not None:
+        rows.append({"method": "flower-simulation", "anchor": False, "task": "fedavg-100-clients",
+                     "step_time_s_median": flower, "extra": {"rounds": rounds}})  # fmt: skip
+    return rows
+
+
+def flower_round_time(rounds: int, log) -> float | None:
+    """Seconds per round of the same FedAvg workload in Flower's simulation engine (None without flwr)."""
+    try:
+        from leantrain.federated.flower import simulation_round_time  # type: ignore[attr-defined]
+    except ImportError:
+        log("  flwr (or leantrain.federated.flower) is not available: no Flower throughput row")
+        return None
+    return simulation_round_time(
+        algorithm="fedavg", dataset=dataset_name(), partition="dirichlet", partition_options={"alpha": 0.1},
+        model=MODEL, rounds=rounds, **BASE,
+    )  # fmt: skip
+
+
+def memory_rows(log) -> list[dict]:
+    rows = []
+    for n in (10, 1000):
+        spec = {"memory_probe": n}
+        res = _subprocess(spec)
+        log(f"  {n} clients: peak RSS {res['peak_rss_mb']:.0f} MB")
+        rows.append({"method": f"simulator-{n}-clients", "anchor": n == 10, "task": "peak-rss",
+                     "peak_mem_mb": res["peak_rss_mb"], "extra": res})  # fmt: skip
+    base = rows[0]["peak_mem_mb"]
+    for r in rows:
+        r["extra"]["ratio_to_10_clients"] = r["peak_mem_mb"] / base
+    return rows
+
+
+def memory_probe(num_clients: int) -> dict:
+    """Peak RSS of 3 FedAvg rounds over ``num_clients`` clients (10 per round) in this process."""
+    from leantrain.federated import Simulator
+    from leantrain.models import build_model
+
+    torch.set_num_threads(1)
+    model = dict(MODEL)
+    name = model.pop("name")
+    settings = {**BASE, "num_clients": num_clients, "eval_every": 3}
+    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset_name(), "iid", rounds=3, **settings)
+    sim.run()
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "num_clients": num_clients}
+
+
+# ---------------------------------------------------------------------------- targets and entry point
+
+
+def targets(acc: list[dict], emb: list[dict], thr: list[dict], mem: list[dict]) -> dict[str, bool]:
+    out: dict[str, bool] = {}
+    by = {(r["method"], r["task"]): r for r in acc}
+    for partition in ("dirichlet", "iid"):
+        avg = by.get(("fedavg", partition))
+        if avg is None:
+            continue
+        luar, lama = by.get(("fedluar", partition)), by.get(("fedlama", partition))
+        if luar:
+            out[f"fedluar_uplink<=0.3x_fedavg_{partition}"] = (
+                luar["extra"]["up_bytes"] <= 0.3 * avg["extra"]["up_bytes"]
+            )
+            out[f"fedluar_within_1pt_{partition}"] = luar["metric"] >= avg["metric"] - 0.01
+        if lama:
+            total = lama["extra"]["up_bytes"] + lama["extra"]["down_bytes"]
+            out[f"fedlama_total<=0.7x_fedavg_{partition}"] = total <= 0.7 * (
+                avg["extra"]["up_bytes"] + avg["extra"]["down_bytes"]
+            )
+            out[f"fedlama_within_1pt_{partition}"] = lama["metric"] >= avg["metric"] - 0.01
+    e = {r["method"]: r for r in emb}
+    if {"embracingfl", "all-strong", "strong-only"} <= set(e):
+        out["embracingfl_within_2pt_of_all_strong"] = e["embracingfl"]["metric"] >= e["all-strong"]["metric"] - 0.02
+        out["embracingfl_above_strong_only"] = e["embracingfl"]["metric"] > e["strong-only"]["metric"]
+    t = {r["method"]: r for r in thr}
+    if "leantrain-simulator" in t:
+        out["simulator_overhead<=10pct"] = t["leantrain-simulator"]["extra"]["overhead_over_raw"] <= 0.10
+        if "flower-simulation" in t:
+            ratio = t["flower-simulation"]["step_time_s_median"] / t["leantrain-simulator"]["step_time_s_median"]
+            out["simulator>=20x_flower_throughput"] = ratio >= 20
+    if len(mem) == 2:
+        out["1000_clients_peak_mem<=1.5x_10"] = mem[1]["extra"]["ratio_to_10_clients"] <= 1.5
+    return out
+
+
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ConfigError(f"bench federated: unknown part(s) {unknown}; choose from {list(PARTS)}")
+    started = time.perf_counter()
+    dataset = dataset_name()
+    n_seeds = seeds or (1 if quick else 3)
+    acc, emb, thr, mem = [], [], [], []
+    if "accuracy" in parts:
+        log(f"accuracy and bytes: {dataset}, 100 clients, 10 per round, seeds {n_seeds}, two runs at a time")
+        specs = accuracy_specs(n_seeds, quick, dataset)
+        acc = _rows(specs, _run_all(specs, 2, log), "fedavg")
+    if "embracing" in parts:
+        log("EmbracingFL: 50% weak, 25% moderate vs all-strong and strong-only, Dirichlet 0.1")
+        specs = embracing_specs(n_seeds, quick, dataset)
+        emb = _rows(specs, _run_all(specs, 2, log), "all-strong")
+    if "throughput" in parts:
+        log("throughput: 100-client FedAvg, seconds per round")
+        thr = throughput_rows(3 if quick else 5, log)
+    if "memory" in parts:
+        log("memory: peak RSS with 10 and 1,000 clients")
+        mem = memory_rows(log)
+    met = targets(acc, emb, thr, mem)
+    extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset}
+    area = "federated" if set(parts) == set(PARTS) else "federated-" + "-".join(p for p in PARTS if p in parts)
+    path = write_results(area, acc + emb + thr + mem, out_dir, threads=1, quick=quick, extra=extra)
+    for title, rows in (("Accuracy and bytes", acc), ("EmbracingFL", emb)):
+        if rows:
+            for r in rows:
+                r.update(up_MB=r["extra"]["up_bytes"] / 1e6, down_MB=r["extra"]["down_bytes"] / 1e6)
+            cols = ["method", "task", "metric", "metric_std", "seeds", "up_MB", "down_MB"]
+            print(f"\n{title} ({dataset})\n" + markdown_table(rows, cols))
+    if thr:
+        for r in thr:
+            r["overhead"] = r["extra"].get("overhead_over_raw")
+        print("\nThroughput (s per round)\n" + markdown_table(thr, ["method", "step_time_s_median", "overhead"]))
+    if mem:
+        for r in mem:
+            r["ratio"] = r["extra"]["ratio_to_10_clients"]
+        print("\nMemory\n" + markdown_table(mem, ["method", "peak_mem_mb", "ratio"]))
+    print_targets(met, path)
+    return path
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    result = memory_probe(spec["memory_probe"]) if "memory_probe" in spec else run_config(spec)
+    print(json.dumps(result))
