@@ -5,7 +5,8 @@ Setting (one for every algorithm): Fashion-MNIST (mnist5k when the Fashion-MNIST
 lr 0.05 with momentum 0.9 (a fresh optimizer per client and round), 50 rounds (``--quick``: 10 rounds, 1 seed,
 Dirichlet only), Dirichlet α = 0.1 and IID partitions, seeds 0..2. Partial averaging runs the same number of local
 iterations: 500 rounds of one step, τ = 10 groups. Algorithm options are the papers' defaults scaled to this CNN
-(FedLUAR δ = 2 of its 4 kernel tensors, the spec's FEMNIST-CNN value; FedLAMA φ = 2).
+(FedLUAR δ = 2 of its 4 kernel tensors, the spec's FEMNIST-CNN value, and δ = 1 as a sensitivity row; FedLAMA
+φ = 2).
 
 Parts (``--part``):
 
@@ -44,6 +45,7 @@ ALGORITHMS = {
     "fedavg": {},
     "fedlama": {"phi": 2},
     "fedluar": {"recycled_layers": 2},
+    "fedluar-d1": {"recycled_layers": 1},
     "fedpa": {"groups": 10},
 }
 MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 64}
@@ -147,8 +149,8 @@ def accuracy_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
     for seed in range(seeds):
         for partition in partitions:
             for name, options in ALGORITHMS.items():
-                spec = {"algorithm": name, "label": name, "options": options, "partition": partition, "seed": seed,
-                        "dataset": dataset, "rounds": rounds}  # fmt: skip
+                spec = {"algorithm": name.split("-")[0], "label": name, "options": options, "partition": partition,
+                        "seed": seed, "dataset": dataset, "rounds": rounds}  # fmt: skip
                 if name == "fedpa":  # the same local iterations: τ rounds of one step per FedAvg round
                     groups = options["groups"]
                     spec.update(rounds=rounds * groups, settings={"local_steps": 1, "eval_every": 5 * groups})

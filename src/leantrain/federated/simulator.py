@@ -236,8 +236,7 @@ class Simulator:
             return None, f"failed: {err}"
         if self.fault_hook is not None:
             reply = self.fault_hook(r, cid, reply)
-        if ctx.state:
-            self._pending_state[cid] = ctx.state
+        self._pending_state[cid] = ctx.state  # kept only if the reply is accepted; empty deletes the entry
         return reply, None
 
     def run_round(self, r: int) -> dict[str, Any]:
@@ -263,8 +262,11 @@ class Simulator:
                 self._pending_state.pop(cid, None)
                 continue
             self.algorithm.accumulate(r, cid, reply)
-            if cid in self._pending_state:
-                self.client_states[cid] = self._pending_state[cid]
+            state = self._pending_state.pop(cid, None)
+            if state:
+                self.client_states[cid] = state
+            else:
+                self.client_states.pop(cid, None)
             counts["responded"] += 1
             losses.append(float(reply.metrics.get("loss", float("nan"))))
             work = float(reply.metrics.get("work", 1.0))
