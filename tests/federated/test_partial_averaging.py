@@ -14,7 +14,7 @@ from leantrain.errors import ConfigError
 from leantrain.federated import FedAvg, Simulator, make_algorithm
 from leantrain.federated.algorithms.base import communicated
 from leantrain.federated.algorithms.partial_averaging import PartialAveraging, _tensor_units, balanced_groups
-from leantrain.federated.simulator import _seed
+from leantrain.federated.simulator import seed_for
 from leantrain.models import build_model
 
 
@@ -51,7 +51,7 @@ def test_one_client_equals_centralized_sgd_with_persistent_momentum():
     sim.run()
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)  # one optimizer: buffers persist
     for r in range(6):
-        batch = next(sim.client_data.batches(0, 8, _seed(5, r, 0)))
+        batch = next(sim.client_data.batches(0, 8, seed_for(5, r, 0)))
         opt.zero_grad()
         nn.functional.cross_entropy(reference(batch["x"]), batch["labels"]).backward()
         opt.step()

@@ -46,11 +46,11 @@ def test_fedavg_with_one_client_equals_centralized_sgd():
                     batch_size=8, lr=0.1, momentum=0.9, seed=3)  # fmt: skip
     reference = copy.deepcopy(sim.model)
     sim.run()
-    from leantrain.federated.simulator import _seed
+    from leantrain.federated.simulator import seed_for
 
     for r in range(3):  # the same batches, a fresh SGD-with-momentum optimizer each round
         opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-        batches = sim.client_data.batches(0, 8, _seed(3, r, 0))
+        batches = sim.client_data.batches(0, 8, seed_for(3, r, 0))
         for _ in range(4):
             batch = next(batches)
             opt.zero_grad()

@@ -181,7 +181,7 @@ def throughput_rows(rounds: int, log) -> list[dict]:
     from leantrain.federated import Simulator
     from leantrain.federated.algorithms.base import communicated, load_arrays
     from leantrain.federated.client import local_sgd
-    from leantrain.federated.simulator import _seed
+    from leantrain.federated.simulator import seed_for
     from leantrain.models import build_model
 
     torch.set_num_threads(1)
@@ -198,10 +198,10 @@ def throughput_rows(rounds: int, log) -> list[dict]:
     state = communicated(sim.algorithm.global_state)
     start = time.perf_counter()
     for r in range(rounds):
-        rng = np.random.default_rng(_seed(sim.seed, r))
+        rng = np.random.default_rng(seed_for(sim.seed, r))
         for cid in sim.algorithm.sample(r, sim.clients_per_round, rng, list(range(sim.num_clients))):
             load_arrays(raw, state)
-            batches = sim.client_data.batches(cid, BASE["batch_size"], _seed(sim.seed, r, cid))
+            batches = sim.client_data.batches(cid, BASE["batch_size"], seed_for(sim.seed, r, cid))
             local_sgd(raw, sim.loss_fn, batches, BASE["local_steps"], BASE["lr"], BASE["momentum"])
     raw_s = (time.perf_counter() - start) / rounds
     log(f"  simulator {sim_s:.3f} s/round, raw local training {raw_s:.3f} s/round")

@@ -116,8 +116,28 @@ def check_reply(reply: Reply, expected: dict[str, tuple]) -> str | None:
     return None
 
 
-def _seed(*parts: int) -> int:
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from integers: (seed, round) for cohorts, (seed, round, client) for a client's batches,
+    (seed, round, client, 1) for its dropout masks. Both runtimes (simulator, Flower) derive seeds with it."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+@torch.no_grad()
+def evaluate_state(model: nn.Module, state: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
+                   batch_size: int = 1000) -> dict[str, float]:  # fmt: skip
+    """Load ``state`` into ``model`` and return its mean cross-entropy and accuracy on the ``test`` rows."""
+    from leantrain.federated.algorithms.base import load_arrays
+
+    load_arrays(model, dict(state))
+    model.eval()
+    x, y = test["x"], test["labels"]
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
+    return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
 
 
 class _FailingBatches:
@@ -221,15 +241,15 @@ class Simulator:
 
     def _client(self, r: int, cid: int, instruction) -> tuple[Reply | None, str | None]:
         """Train client ``cid``; (reply, None) or (None, why it did not reply)."""
-        fault = np.random.default_rng(_seed(self.seed, r, cid, 7))
+        fault = np.random.default_rng(seed_for(self.seed, r, cid, 7))
         if fault.random() < self.dropout:
             return None, "dropped out"
-        batches = self.client_data.batches(cid, self.local.batch_size, _seed(self.seed, r, cid))
+        batches = self.client_data.batches(cid, self.local.batch_size, seed_for(self.seed, r, cid))
         if fault.random() < self.failure:
             batches = _FailingBatches(batches, int(fault.integers(0, self.local.steps)))
         ctx = ClientContext(cid, r, self.model, batches, self.client_data.num_samples(cid), self.local, self.loss_fn,
                             self.devices[cid], dict(self.client_states.get(cid, {})))  # fmt: skip
-        torch.manual_seed(_seed(self.seed, r, cid, 1))
+        torch.manual_seed(seed_for(self.seed, r, cid, 1))
         try:
             reply = self.algorithm.client_update(ctx, instruction)
         except (ClientFailure, FloatingPointError) as err:
@@ -241,7 +261,7 @@ class Simulator:
 
     def run_round(self, r: int) -> dict[str, Any]:
         started = time.perf_counter()
-        rng = np.random.default_rng(_seed(self.seed, r))
+        rng = np.random.default_rng(seed_for(self.seed, r))
         cohort = self.algorithm.sample(r, self.clients_per_round, rng, list(range(self.num_clients)))
         instructions = self.algorithm.configure(r, cohort)
         events, times, losses, counts = [], [], [], {"responded": 0, "dropped": 0, "failed": 0, "rejected": 0}
@@ -282,21 +302,9 @@ class Simulator:
         row["wall_s"] = time.perf_counter() - started
         return row
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy of the algorithm's evaluation model on the test rows."""
-        from leantrain.federated.algorithms.base import load_arrays
-
-        load_arrays(self.model, {k: v for k, v in self.algorithm.eval_state().items()})
-        self.model.eval()
-        x, y = self.data.test["x"], self.data.test["labels"]
-        loss_sum, correct = 0.0, 0
-        for start in range(0, len(y), self.eval_batch_size):
-            logits = self.model(x[start : start + self.eval_batch_size])
-            target = y[start : start + self.eval_batch_size]
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            correct += int((logits.argmax(-1) == target).sum())
-        return {"loss": loss_sum / len(y), "accuracy": correct / len(y)}
+        return evaluate_state(self.model, self.algorithm.eval_state(), self.data.test, self.eval_batch_size)
 
     # ------------------------------------------------------------------ the run, checkpoints
 
