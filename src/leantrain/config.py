@@ -66,7 +66,7 @@ class FinetuneConfig:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam", "sam", "lwsam", "asyncsam", "mlbfgs"] = _f(
-        "adamw", "optimizer (sam, lwsam, asyncsam wrap optim.base; mlbfgs uses lr, momentum, weight_decay)"
+        "adamw", "optimizer (sam, lwsam, asyncsam wrap optim.base; mlbfgs: lr, momentum, weight_decay and its own fields)"
     )
     base: Literal["sgd", "adamw", "adam"] = _f("sgd", "sharpness-aware optimizers: the base optimizer they wrap")
     rho: float = _f(0.05, "sharpness-aware optimizers: radius of the perturbation", gt=0.0)
@@ -89,6 +89,16 @@ class OptimConfig:
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)", ge=0.0)
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam betas")
     eps: float = _f(1e-8, "Adam epsilon", gt=0.0)
+    update_freq: int = _f(50, "mlbfgs: T, a curvature pair every T steps (the first one after 2T)", ge=1)
+    history_size: int = _f(10, "mlbfgs: m, curvature pairs kept per block", ge=1)
+    beta: float = _f(0.999, "mlbfgs: EMA factor of both the parameters and the gradients", ge=0.0, lt=1.0)
+    beta_pair: float = _f(0.9, "mlbfgs: double momentum on the curvature pairs (0: off)", ge=0.0, lt=1.0)
+    damping: float = _f(0.01, "mlbfgs: Powell damping delta, phi <= 1 - delta", ge=0.0, lt=1.0)
+    direction_scaling: Literal["global_norm", "kl_clip", "none"] = _f(
+        "global_norm",
+        "mlbfgs: global_norm (official; lr is the step length once a pair exists), kl_clip, or none (lr scales H*g)",
+    )
+    kl_clip: float | None = _f(None, "mlbfgs: c of direction_scaling=kl_clip, scale min(1, sqrt(c / g.Hg))", gt=0.0)
 
 
 @dataclass

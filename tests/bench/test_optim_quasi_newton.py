@@ -63,7 +63,10 @@ def test_curve_rows_structure_targets_and_plot(tmp_path: Path):
         assert r["seeds"] == 2 and len(ex["curves"]) == 2 and all(len(c) == 3 for c in ex["curves"])  # it 0, 20, 40
         assert ex["input_cond"] > 1e6 and ex["iterations"] == 40 and ex["eval_every"] == 20
     lrs = {r["method"]: r["lr"] for r in rows}
-    assert lrs["sgd"] == lrs["plain-lbfgs"] == lrs["mlbfgs"] != lrs["adam"] == qn.ADAM_LR
+    assert lrs["adam"] == qn.ADAM_LR and {lrs[m] for m in qn.METHODS if m != "adam"} == {lrs["sgd"]}
+    scaling = {r["method"]: r["extra"]["direction_scaling"] for r in rows}
+    assert scaling == {"sgd": None, "adam": None, "plain-lbfgs": "global_norm", "mlbfgs": "global_norm",
+                       "plain-lbfgs-none": "none", "mlbfgs-none": "none"}  # fmt: skip
     sgd = rows[0]["extra"]
     assert sgd["threshold"] == pytest.approx(statistics.median(sgd["per_seed_final_loss"]))  # SGD's median final
     met = qn.targets(rows, [])
@@ -81,10 +84,21 @@ def test_curve_rows_structure_targets_and_plot(tmp_path: Path):
 def test_steptime_rows_time_steps_with_curvature_pairs():
     rows = qn.steptime_rows(repeats=1, steps=2, log=quiet, update_freq=1)
     by = {r["method"]: r for r in rows}
-    assert list(by) == list(qn.METHODS) and by["sgd"]["ratio_to_sgd"] == 1.0
+    assert list(by) == list(qn.STEP_METHODS) and by["sgd"]["ratio_to_sgd"] == 1.0
     for name in ("plain-lbfgs", "mlbfgs"):
         ex = by[name]["extra"]
         assert ex["pairs_when_timing_started"] >= 1 and ex["curvature_update_steps_timed"] == 2
         assert ex["warmup_steps"] == 4 and ex["steps_timed"] == 2 and by[name]["step_time_s_median"] > 0
     met = qn.targets([], rows)
     assert set(met) == {"mlbfgs_step<=1.3x_sgd"}
+
+
+def test_plain_lbfgs_differs_from_mlbfgs_only_in_the_curvature_smoothing():
+    w = [torch.zeros(3, requires_grad=True)]
+    for suffix, scaling in (("", "global_norm"), ("-none", "none")):
+        plain, mlbfgs = (qn.make_optimizer(name + suffix, w, 0.01) for name in ("plain-lbfgs", "mlbfgs"))
+        smoothing = {"beta_param", "beta_grad", "beta_pair"}
+        diff = {k for k in plain.defaults if plain.defaults[k] != mlbfgs.defaults[k]}
+        assert diff == smoothing and all(plain.defaults[k] == 0 for k in smoothing)
+        assert plain.direction_scaling == mlbfgs.direction_scaling == scaling
+        assert mlbfgs.defaults["beta_param"] == qn.BETA and mlbfgs.defaults["lr"] == 0.01

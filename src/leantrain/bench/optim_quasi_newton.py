@@ -10,7 +10,7 @@ Curves (``curve_rows``): an MLP 64-128-10 (ReLU) on sklearn digits (1,438 train 
 seed 0) whose inputs are made ill-conditioned on purpose: pixel column j (in [0, 1]) is multiplied by
 10**u_j, u_j ~ U(-2, 2) drawn once from ``numpy.random.default_rng(SCALE_SEED)``; nothing is standardized.
 Batch 64, 2,000 iterations (``quick``: 600), the full training-set loss every 20 iterations, no weight decay,
-no schedule. Per seed the four optimizers see the same initial weights and the same batch order.
+no schedule. Per seed all optimizers see the same initial weights and the same batch order.
 
 Optimizers and learning rates, fixed a priori (never tuned on these curves):
 
@@ -20,11 +20,16 @@ Optimizers and learning rates, fixed a priori (never tuned on these curves):
 - ``plain-lbfgs``: our ``MLBFGS`` with beta_param = beta_grad = 0 and beta_pair = 0, i.e. pairs
   s = θ_t − θ_{t−T}, y = g_t − g_{t−T} from raw minibatch gradients (different batches: the naive stochastic
   L-BFGS, not the same-batch oLBFGS variant), update_freq 10, history 10, the default damping (δ 0.01,
-  σ_L 0.01, σ_H 1.5), momentum 0.9 on the direction, one block, lr η (same as SGD: with
-  direction_scaling="none" the lr keeps its SGD meaning and the first 2T steps are SGD).
+  σ_L 0.01, σ_H 1.5), momentum 0.9 on the direction, one block, the default direction_scaling "global_norm".
 - ``mlbfgs``: the same with the EMAs on, scaled to the task's 2,000 steps: beta_param = beta_grad = 0.99
-  (EMA horizon 100 steps), beta_pair 0.9 (the official ``mmm``), update_freq 10, history 10, lr η.
+  (EMA horizon 100 steps), beta_pair 0.9 (the official ``mmm``), update_freq 10, history 10, "global_norm".
   Only the curvature smoothing differs from ``plain-lbfgs``.
+- ``plain-lbfgs-none``, ``mlbfgs-none``: the same two with direction_scaling="none" (η multiplies H·g).
+- The lr rule for every L-BFGS row, scaled or not: η = 1/L̂, SGD's lr. In MLBFGS one lr serves twice, as in
+  the official code: the first 2T steps are SGD with momentum at η, and afterwards η is the step length before
+  momentum ("global_norm") or multiplies H·g ("none"). The official script runs mL-BFGS at 0.1, the usual SGD lr
+  of its models, with the same double role. η must keep the SGD warm-up stable, which rules out a longer step
+  (SGD's first full-batch step here is ‖∇L(θ₀)‖/L̂ ≈ 8η long).
 - ``adam``: Adam, lr 1e-3 (torch's default; Adam's per-coordinate scaling largely absorbs the column scales,
   so its default is the natural a-priori choice).
 
@@ -34,9 +39,12 @@ evaluation > 2× the minimum of the earlier evaluations") and iterations to a th
 of SGD's final full-train loss (resolution: the evaluation period). Rows hold mean ± std over the seeds that
 did not diverge.
 
-Step time (``steptime_rows``): the two-block CNN of the shipped recipe ``mlbfgs-cnn-fashion-mnist`` (lr 0.05,
-momentum 0.9, weight decay 5e-4) on a 1,280-image Fashion-MNIST subset, batch 128, 1 thread; one model per
-optimizer, the optimizers interleaved (sgd, adam, plain-lbfgs, mlbfgs, sgd, ...). Every optimizer first takes
+Step time (``steptime_rows``): the two-block CNN of the shipped recipe ``mlbfgs-cnn-fashion-mnist`` on a
+1,280-image Fashion-MNIST subset, batch 128, 1 thread; one model per optimizer, the optimizers interleaved (sgd,
+adam, plain-lbfgs, mlbfgs, sgd, ...). ``mlbfgs`` is the recipe's optimizer as configured (lr, momentum, weight
+decay, T, m, β, pair momentum, damping, direction scaling); ``plain-lbfgs`` the same with β = pair momentum = 0;
+``sgd`` the anchor recipe ``cnn-fashion-mnist``'s (lr 0.05, momentum 0.9, weight decay 5e-4); ``adam`` lr 1e-3
+with that weight decay. Every optimizer first takes
 2T + 2 untimed steps (T = the recipe's update_freq 50 unless overridden), so every timed L-BFGS step runs the
 two-loop on a non-empty history, and the timed steps are consecutive, so the curvature-update steps (every
 T-th) enter the population in proportion when repeats × steps is a multiple of T. The median hides those rare
@@ -60,14 +68,15 @@ import torch.nn.functional as F
 from leantrain.bench.report import log as default_log
 from leantrain.bench.report import markdown_table, mean_std, print_targets, write_results
 
-METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs")
+METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs", "plain-lbfgs-none", "mlbfgs-none")  # curve rows
+STEP_METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs")  # step-time rows
 SCALE_SEED = 20230725  # fixed generator for the column scales (any fixed value; recorded in the rows)
 BATCH, EVAL_EVERY, HIDDEN = 64, 20, 128
 ITERATIONS, QUICK_ITERATIONS = 2000, 600
 MOMENTUM, ADAM_LR, UPDATE_FREQ, HISTORY, BETA = 0.9, 1e-3, 10, 10, 0.99
 DIVERGE_FACTOR, SPIKE_FACTOR = 10.0, 2.0
-CURVE_COLUMNS = ["method", "lr", "final_loss", "final_loss_std", "test_acc", "test_acc_std", "diverged",
-                 "spikes", "iters_to_threshold", "step_ms"]  # fmt: skip
+CURVE_COLUMNS = ["method", "direction_scaling", "lr", "final_loss", "final_loss_std", "test_acc", "test_acc_std",
+                 "diverged", "spikes", "iters_to_threshold", "step_ms"]  # fmt: skip
 STEP_COLUMNS = ["method", "step_time_s_median", "ratio_to_sgd", "mean_ratio_to_sgd", "ratio_to_sgd_on_sgd_fwd_bwd",
                 "min", "max"]  # fmt: skip
 
@@ -121,17 +130,24 @@ def top_hessian_eigenvalue(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return eig
 
 
-def make_optimizer(name: str, params, lr: float, *, update_freq: int = UPDATE_FREQ, weight_decay: float = 0.0):
-    """One of METHODS over ``params``; ``lr`` is ignored by Adam, which uses ``ADAM_LR``."""
+def make_optimizer(name: str, params, lr: float, *, update_freq: int = UPDATE_FREQ, weight_decay: float = 0.0,
+                   **mlbfgs):  # fmt: skip
+    """One of METHODS over ``params``; ``lr`` is ignored by Adam, which uses ``ADAM_LR``.
+
+    ``mlbfgs``: MLBFGS keyword overrides (beta_param, beta_grad and beta_pair apply to the ``mlbfgs`` rows only;
+    the ``plain-lbfgs`` rows keep them at 0).
+    """
     from leantrain.optim import MLBFGS
 
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=ADAM_LR, weight_decay=weight_decay)
-    beta, beta_pair = (BETA, 0.9) if name == "mlbfgs" else (0.0, 0.0)
-    return MLBFGS(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, beta_param=beta, beta_grad=beta,
-                  beta_pair=beta_pair, update_freq=update_freq, history_size=HISTORY)  # fmt: skip
+    kw = dict(beta_param=BETA, beta_grad=BETA, beta_pair=0.9, history_size=HISTORY) | mlbfgs
+    if name.startswith("plain-lbfgs"):
+        kw.update(beta_param=0.0, beta_grad=0.0, beta_pair=0.0)
+    kw["direction_scaling"] = "none" if name.endswith("-none") else kw.get("direction_scaling", "global_norm")
+    return MLBFGS(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, update_freq=update_freq, **kw)
 
 
 # ----------------------------------------------------------------------------- one training curve
@@ -215,14 +231,14 @@ def curve_rows(seeds: int, quick: bool, log=default_log, *, iterations: int | No
     lr = 1.0 / lipschitz  # deterministic: the same value on every run
     cond = input_condition_number(data["x_train"])
     log(f"ill-conditioned digits: input covariance condition {cond:.3g}; top Hessian eigenvalue at init "
-        f"{lipschitz:.4g}, so lr = {lr:.4g} for sgd/plain-lbfgs/mlbfgs (adam {ADAM_LR})")  # fmt: skip
+        f"{lipschitz:.4g}, so lr = {lr:.4g} for sgd and every L-BFGS row (adam {ADAM_LR})")  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in METHODS}
     for seed in range(seeds):
         for name in METHODS:
             r = run_curve(name, data, seed, lr, iterations)
             runs[name].append(r)
             final = "diverged" if r["diverged"] else f"{r['final_loss']:.4g}"
-            log(f"  {name:<12} seed {seed}: final train loss {final}, spikes {r['spikes']}")
+            log(f"  {name:<16} seed {seed}: final train loss {final}, spikes {r['spikes']}")
     finals = [r["final_loss"] for r in runs["sgd"] if r["final_loss"] is not None]
     threshold = statistics.median(finals) if finals else math.nan
     return [_curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) for name, rs in runs.items()]
@@ -236,7 +252,8 @@ def _curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) -> dict:
     med_iters = statistics.median(iters)
     step = statistics.median(r["step_s_median"] for r in rs)
     extra = {
-        "lr": ADAM_LR if name == "adam" else lr, "hessian_top_eig_init": lipschitz, "input_cond": cond,
+        "lr": ADAM_LR if name == "adam" else lr, "direction_scaling": _scaling(name),
+        "hessian_top_eig_init": lipschitz, "input_cond": cond,
         "scale_seed": SCALE_SEED, "iterations": iterations, "batch": BATCH, "eval_every": EVAL_EVERY,
         "final_loss_std": loss_std, "test_acc": acc, "test_acc_std": acc_std,
         "diverged": sum(r["diverged"] for r in rs), "spikes": sum(r["spikes"] for r in rs),
@@ -248,7 +265,8 @@ def _curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) -> dict:
         "curves": [r["curve"] for r in rs],
     }  # fmt: skip
     row = {
-        "method": name, "anchor": name != "mlbfgs", "model": f"mlp-64-{HIDDEN}-10", "task": "digits-illcond",
+        "method": name, "anchor": not name.startswith("mlbfgs"), "model": f"mlp-64-{HIDDEN}-10",
+        "task": "digits-illcond", "direction_scaling": _scaling(name),
         "trainable_params": sum(p.numel() for p in make_mlp(0).parameters()), "metric_name": "final_train_loss",
         "metric": loss, "seeds": len(rs), "metric_std": loss_std, "step_time_s_median": step, "extra": extra,
     }  # fmt: skip
@@ -259,23 +277,30 @@ def _curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) -> dict:
     return row
 
 
+def _scaling(name: str) -> str | None:
+    """The MLBFGS direction_scaling of a curve row (None for SGD and Adam)."""
+    return None if name in ("sgd", "adam") else "none" if name.endswith("-none") else "global_norm"
+
+
 def _cnn_setups(update_freq: int | None):
     from leantrain.config import resolve
     from leantrain.train.run import build_run_model, prepare_data
 
     cfg = resolve("mlbfgs-cnn-fashion-mnist", ["data.train_subset=1280", "threads=1"])
-    o = cfg.optim
-    T = update_freq or 50  # the recipe builds MLBFGS with its default update_freq, 50
+    o, sgd = cfg.optim, resolve("cnn-fashion-mnist").optim
+    T = update_freq or o.update_freq
+    recipe = dict(beta_param=o.beta, beta_grad=o.beta, beta_pair=o.beta_pair, history_size=o.history_size,
+                  damping=o.damping, direction_scaling=o.direction_scaling, kl_clip=o.kl_clip)  # fmt: skip
     data = prepare_data(cfg)
     setups = {}
-    for name in METHODS:
+    for name in STEP_METHODS:
         torch.manual_seed(0)
         model = build_run_model(cfg, data.model_fields)
-        lr = o.lr if name != "adam" else ADAM_LR
-        setups[name] = (
-            model,
-            make_optimizer(name, model.parameters(), lr, update_freq=T, weight_decay=o.weight_decay),
-        )
+        if name in ("sgd", "adam"):
+            opt = make_optimizer(name, model.parameters(), sgd.lr, weight_decay=sgd.weight_decay)
+        else:
+            opt = make_optimizer(name, model.parameters(), o.lr, update_freq=T, weight_decay=o.weight_decay, **recipe)
+        setups[name] = (model, opt)
     return setups, data.train, T
 
 
@@ -290,7 +315,7 @@ def steptime_rows(repeats: int, steps: int, log=default_log, *, update_freq: int
     torch.set_num_threads(1)
     task = ClassificationTask()
     setups, train, T = _cnn_setups(update_freq)
-    batches = {name: _cycle(train) for name in METHODS}
+    batches = {name: _cycle(train) for name in STEP_METHODS}
 
     def one_step(name) -> tuple[float, float, float]:
         """(whole step, optimizer.step() alone, minibatch loss)."""
@@ -306,20 +331,20 @@ def steptime_rows(repeats: int, steps: int, log=default_log, *, update_freq: int
         return end - start, end - mid, loss.item()
 
     warm = 2 * T + 2
-    for name in METHODS:
+    for name in STEP_METHODS:
         setups[name][0].train()
         for _ in range(warm):
             one_step(name)
-    pairs = {name: _pairs(setups[name][1]) for name in METHODS}
-    records: dict[str, list[tuple[float, float, float]]] = {name: [] for name in METHODS}
+    pairs = {name: _pairs(setups[name][1]) for name in STEP_METHODS}
+    records: dict[str, list[tuple[float, float, float]]] = {name: [] for name in STEP_METHODS}
     for rep in range(repeats):
-        for name in METHODS:
+        for name in STEP_METHODS:
             records[name] += [one_step(name) for _ in range(steps)]
             med = statistics.median(r[0] for r in records[name][-steps:])
             log(f"  {name:<12} repeat {rep}: median {med * 1e3:.1f} ms")
     # optimizer step k (1-based, warm-up included) updates the curvature history when k % T == 0
     curvature = [i for i in range(repeats * steps) if (warm + i + 1) % T == 0]
-    return [_step_row(name, records, pairs[name], curvature, warm, T) for name in METHODS]
+    return [_step_row(name, records, pairs[name], curvature, warm, T) for name in STEP_METHODS]
 
 
 def _step_row(name: str, records: dict, pairs: int, curvature: list[int], warm: int, T: int) -> dict:
@@ -368,30 +393,31 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)  # dpi 90 keeps a 20-seed plot under 100 KB
+    fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=80)  # dpi 80 keeps a 20-seed, 6-row plot under 100 KB
     top = DIVERGE_FACTOR * max(c[0] for row in rows for c in row["extra"]["curves"])
     for row in rows:
         ex = row["extra"]
         curves = np.array([[math.inf if v is None else v for v in c] for c in ex["curves"]])  # (seeds, points)
         its = np.minimum(np.arange(curves.shape[1]) * ex["eval_every"], ex["iterations"])  # (points,)
         median = np.median(curves, axis=0)
-        label = f"{row['method']} (lr {ex['lr']:.3g}; diverged {ex['diverged']}/{row['seeds']})"
-        (line,) = ax.plot(its[np.isfinite(median)], median[np.isfinite(median)], lw=1.8, label=label)
+        label = f"{row['method']}\n(lr {ex['lr']:.3g}; diverged {ex['diverged']}/{row['seeds']})"
+        style = "--" if row["method"].endswith("-none") else "-"
+        (line,) = ax.plot(its[np.isfinite(median)], median[np.isfinite(median)], style, lw=1.8, label=label)
         for c in curves:
             ok = np.isfinite(c) & (c < top)
             ax.plot(its[ok], c[ok], color=line.get_color(), lw=0.6, alpha=0.3)
         stops = [at for at in ex["diverged_at"] if at is not None]
         ax.plot(stops, [top] * len(stops), "x", color=line.get_color(), ms=7, clip_on=False)
     if rows and math.isfinite(rows[0]["extra"]["threshold"]):
-        ax.axhline(rows[0]["extra"]["threshold"], color="grey", ls=":", lw=1, label="threshold (SGD median final)")
+        ax.axhline(rows[0]["extra"]["threshold"], color="grey", ls=":", lw=1, label="threshold\n(SGD median final)")
     ax.set(yscale="log", xlabel="iteration", ylabel="full training loss", ylim=(None, top))
-    ax.set_title(f"Ill-conditioned digits, MLP 64-{HIDDEN}-10, batch {BATCH}\n"
-                 "bold: median over seeds; faint: single seeds; x: a seed diverged", fontsize=9)  # fmt: skip
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"Ill-conditioned digits, MLP 64-{HIDDEN}-10, batch {BATCH}; bold: median over seeds\n"
+                 "(dashed: direction_scaling none); faint: single seeds; x: a seed diverged", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, pil_kwargs={"optimize": True})
     plt.close(fig)
     return path
 
@@ -401,7 +427,8 @@ def targets(curve: list[dict], step: list[dict]) -> dict[str, bool]:
 
     - ``mlbfgs_step<=1.3x_sgd``: mL-BFGS's median step time / SGD's, measured interleaved, is ≤ 1.3.
     - ``mlbfgs_stable_where_plain_lbfgs_is_not``: mL-BFGS diverged in 0 seeds and spiked in 0 seeds, while
-      plain L-BFGS diverged or spiked in at least one seed (same lr, history, damping and batches).
+      plain L-BFGS diverged or spiked in at least one seed (same lr, direction scaling, history, damping and
+      batches). Both are the default "global_norm" rows; the "-none" rows are reported, not judged.
     - ``mlbfgs_reaches_threshold_in_fewer_iterations_than_sgd``: the median over seeds of the iterations to
       reach the threshold (SGD's median final loss; never reached = ∞) is smaller for mL-BFGS than for SGD.
     """

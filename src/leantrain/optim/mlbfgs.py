@@ -8,11 +8,13 @@ and of the gradients and builds a pair every T steps from the change of those sm
 s = ΔM_θ, y = ΔM_g. Pairs are Powell-damped so that sᵀŷ ≥ σ_L·sᵀs, kept in a FIFO of size m, and the
 preconditioned direction d = H·g comes from the L-BFGS two-loop recursion. For scale the Hessian is
 approximated block-diagonally: every block (by default a param group) has its own history and its own
-two-loop. The direction then drives SGD with momentum: buf ← μ·buf + d, θ ← θ − η·buf. Until a block has
-its first pair (after 2T steps) its direction is the plain gradient, so warm-up is exactly SGD with momentum.
+two-loop. The direction, by default divided by its global L2 norm (official block file), then drives SGD with
+momentum: buf ← μ·buf + d, θ ← θ − η·buf. Until a block has its first pair (after 2T steps) its direction is the
+plain gradient, unscaled, so warm-up is exactly SGD with momentum.
 
 Deliberate departures and choices (the paper's method sections could not be read, see the project spec §4;
-where the official code differs from the clean algorithm, the clean algorithm is the default):
+where the official code differs from the clean algorithm, the clean algorithm is the default, except the
+direction scaling, where the default follows the official block file as the spec recommends):
 
 - EMAs are normalized, M ← β·M + (1−β)·x, as the paper writes; the official block file keeps un-normalized
   decayed sums (≈1000× larger for β = 0.999), which changes the damping mix ŷ = φy + (1−φ)s. Not offered.
@@ -23,13 +25,18 @@ where the official code differs from the clean algorithm, the clean algorithm is
   the official code drops their weight decay once preconditioning starts; not copied.
 - ``refresh_grad_ema=True`` reproduces the official code's reset of M_g to the current gradient after each
   pair ("refresh-g"); default False (paper).
-- ``direction_scaling``: "none" (default; η keeps its SGD meaning), "global_norm" (official block file:
-  every direction is divided by the global L2 norm of all directions, so η is the step length before
-  momentum; the official norm counts only preconditioned blocks, which differs only when blocks do not
-  cover every param) or "kl_clip" (official full-model file: scale by min(1, √(kl_clip / gᵀd))). Scaling
-  applies only once some block has a pair, so warm-up stays exactly SGD.
+- ``direction_scaling`` (spec §4's recommendation: all three, the block file's behaviour by default):
+  "global_norm" (default; official block file ``slimblock.py``): every direction is divided by the global L2
+  norm of all directions, so once preconditioning starts η is the length of the step before momentum, whatever
+  the scale of H (the official norm counts only preconditioned blocks, which differs only when blocks do not
+  cover every param). "none": η multiplies H·g directly, so H's scale sets the step (H ≈ inverse Hessian wants
+  η ≈ 1; at an SGD lr a pair that reports curvature at the σ_L floor enlarges the step up to 1/σ_L = 100×).
+  "kl_clip" (official full-model file ``slim.py``): scale by min(1, √(kl_clip / gᵀd)). Scaling applies only
+  once some block has a pair, so warm-up stays exactly SGD with momentum at η (as in the official code, the
+  same η is first an SGD lr and then a step length).
 - "Double momentum" on pairs (official block file): s_k ← (1−β_pair)·s_k + β_pair·s_{k−1} with s_{k−1} the
-  previous *accepted* smoothed pair; same for y. ``beta_pair=0`` turns it off.
+  previous *accepted* smoothed pair; same for y, mixed with the previous undamped y (the official file mixes
+  in the previous *damped* ŷ, which compounds the damping from pair to pair). ``beta_pair=0`` turns it off.
 - The pair-rejection test is scale-free: a pair is dropped when sᵀŷ ≤ rho_min·‖s‖·‖ŷ‖ (or is not finite).
   The official code's absolute test sᵀŷ < 1e-4 depends on the EMA normalization and the parameter scale.
 - ``step(closure=None)`` has the torch signature (the official one takes ``epoch``); there is no line search
@@ -120,7 +127,8 @@ class MLBFGS(torch.optim.Optimizer):
 
     ``blocks``: "group" (default: each param group is one block), "param" (one block per param), or a list of
     param lists (each inside one group; params in no block get plain SGD with momentum). Global options:
-    ``direction_scaling`` ("none" | "global_norm" | "kl_clip"), ``kl_clip``, ``refresh_grad_ema``.
+    ``direction_scaling`` ("global_norm" (default: η is the step length once a pair exists) | "none" |
+    "kl_clip"), ``kl_clip``, ``refresh_grad_ema``.
     """
 
     requires_closure = False  # Trainer runs loss.backward() and then step(); a closure is optional
@@ -141,7 +149,7 @@ class MLBFGS(torch.optim.Optimizer):
         sigma_high: float = 1.5,
         rho_min: float = 1e-4,
         blocks: str | Sequence[Sequence[torch.Tensor]] = "group",
-        direction_scaling: str = "none",
+        direction_scaling: str = "global_norm",
         kl_clip: float | None = None,
         refresh_grad_ema: bool = False,
     ):

@@ -284,7 +284,10 @@ def _make_optimizer(o, model: nn.Module, params: list, steps_per_epoch: int, asc
     from leantrain.optim import MLBFGS, SAM, AsyncSAM, LayerwiseSAM
 
     if o.name == "mlbfgs":
-        return MLBFGS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return MLBFGS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, beta_param=o.beta,
+                      beta_grad=o.beta, beta_pair=o.beta_pair, update_freq=o.update_freq,
+                      history_size=o.history_size, damping=o.damping, direction_scaling=o.direction_scaling,
+                      kl_clip=o.kl_clip)  # fmt: skip
     base = o.base if o.name in ("sam", "lwsam", "asyncsam") else o.name
     if base == "sgd":
         kwargs = {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay}
