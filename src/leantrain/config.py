@@ -66,7 +66,7 @@ class FinetuneConfig:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam", "sam", "lwsam", "asyncsam", "mlbfgs"] = _f(
-        "adamw", "optimizer (sam, lwsam, asyncsam wrap optim.base; mlbfgs: lr, momentum, weight_decay and its own fields)"
+        "adamw", "optimizer (sam, lwsam, asyncsam wrap optim.base; mlbfgs: lr, momentum, weight_decay + own fields)"
     )
     base: Literal["sgd", "adamw", "adam"] = _f("sgd", "sharpness-aware optimizers: the base optimizer they wrap")
     rho: float = _f(0.05, "sharpness-aware optimizers: radius of the perturbation", gt=0.0)
@@ -115,6 +115,25 @@ class TrainConfig:
 
 
 @dataclass
+class FederatedConfig:
+    algorithm: Literal["fedavg", "fedlama", "fedluar", "fedpa", "embracingfl"] | None = _f(
+        None, "federated algorithm; None: centralized training (the other federated fields are ignored)"
+    )
+    options: dict = _f({}, "keyword options of the algorithm (e.g. {phi: 2}, {recycled_layers: 2}, {groups: 10})")
+    num_clients: int = _f(100, "clients the training data is split across", ge=1)
+    clients_per_round: int = _f(10, "clients sampled per round", ge=1)
+    rounds: int = _f(50, "communication rounds", ge=1)
+    local_steps: int = _f(10, "local SGD steps per round (tau); lr/momentum/weight_decay from optim", ge=1)
+    partition: Literal["iid", "dirichlet", "shards"] = _f("dirichlet", "how the training rows are split")
+    alpha: float = _f(0.1, "Dirichlet concentration (partition=dirichlet)", gt=0.0)
+    devices: dict = _f({}, "device profile shares, e.g. {weak: 0.5, moderate: 0.25}; the rest are strong")
+    dropout: float = _f(0.0, "probability a sampled client never replies", ge=0.0, lt=1.0)
+    failure: float = _f(0.0, "probability a sampled client crashes mid-training", ge=0.0, lt=1.0)
+    eval_every: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)
+    stop_after: int | None = _f(None, "stop after N rounds in all (continue later with resume=RUN_DIR)", ge=1)
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "run name; the run folder is <output_dir>/<name>-<timestamp>")
     task: Literal["auto", "classification", "language-modeling"] = _f("auto", "auto: from the dataset kind")
@@ -128,9 +147,10 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "federated": FederatedConfig}
 
 
 # ---------------------------------------------------------------- recipes

@@ -4,7 +4,8 @@ The recipe's ``federated:`` section picks the algorithm and the population; ``da
 momentum, weight_decay) and ``data.batch_size`` mean what they mean elsewhere (the local training of each client).
 The run folder holds ``config.yaml``, ``metrics.jsonl`` (one line per round: accuracy, loss, bytes up/down,
 simulated time, events), ``summary.json`` and ``checkpoints/`` (the server state after every round);
-``resume=RUN_DIR`` continues from the latest round to the same result as an uninterrupted run.
+``resume=RUN_DIR`` continues from the latest round to the same result as an uninterrupted run (after Ctrl-C, which
+loses only the round in progress, or after ``federated.stop_after=N`` rounds).
 """
 
 from __future__ import annotations
@@ -47,19 +48,28 @@ def run_federated(cfg, run_dir: Path, resume: bool):
     if resume and not sim.restore():
         raise LeantrainError(f"resume={run_dir}: no round checkpoint to continue from")
     done = sim.next_round
+    status = "completed"
     try:
-        history = sim.run()
+        history = sim.run(stop_after=f.stop_after)
+        if sim.next_round < f.rounds:
+            status = "stopped"
+    except KeyboardInterrupt:
+        history, status = sim.history, "interrupted"
     finally:
         with metrics_path.open("w") as out:  # rewritten from the history: a resumed run never duplicates lines
             for row in sim.history.rounds:
                 out.write(json.dumps(row) + "\n")
     summary = {
         "name": cfg.name, "run_dir": str(run_dir), "task": "federated-classification", "metric_name": "accuracy",
-        "algorithm": f.algorithm, "status": "completed", "rounds": f.rounds, "resumed_from_round": done or None,
+        "algorithm": f.algorithm, "status": status, "rounds": f.rounds, "rounds_done": sim.next_round,
+        "resumed_from_round": done or None,
         "trainable_params": sum(p.numel() for p in sim.model.parameters() if p.requires_grad),
         "final": {"test_accuracy": history.last("test_accuracy"), "test_loss": history.last("test_loss")},
         "totals": history.totals, "wall_time_s": round(time.perf_counter() - started, 3),
         "threads": torch.get_num_threads(),
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if status == "interrupted":
+        raise LeantrainError(f"interrupted after round {sim.next_round}; continue with: leantrain run {cfg.name} "
+                             f"resume={run_dir}")  # fmt: skip
     return summary

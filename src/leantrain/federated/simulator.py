@@ -308,11 +308,15 @@ class Simulator:
 
     # ------------------------------------------------------------------ the run, checkpoints
 
-    def run(self, resume: bool = False) -> History:
-        """Run the remaining rounds (all of them, or from the latest checkpoint with ``resume=True``)."""
+    def run(self, resume: bool = False, stop_after: int | None = None) -> History:
+        """Run the remaining rounds (all of them, or from the latest checkpoint with ``resume=True``).
+
+        ``stop_after=n`` stops once ``n`` rounds are done (a time box; ``run(resume=True)`` continues later).
+        """
         if resume:
             self.restore()
-        for r in range(self.next_round, self.rounds):
+        last = self.rounds if stop_after is None else min(self.rounds, stop_after)
+        for r in range(self.next_round, last):
             row = self.run_round(r)
             self.history.rounds.append(row)
             self.next_round = r + 1

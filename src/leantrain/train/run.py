@@ -31,7 +31,7 @@ from leantrain.train.schedule import lr_factor
 from leantrain.train.tasks import TASKS
 
 # Fields that may differ between a run and its resumption: training longer is a legitimate resume.
-RESUMABLE_CHANGES = {"resume", "progress", "threads", "train.epochs", "train.max_steps"}
+RESUMABLE_CHANGES = {"resume", "progress", "threads", "train.epochs", "train.max_steps", "federated.stop_after"}
 
 
 @dataclass
@@ -54,6 +54,10 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir, resume_from = _open_run_dir(cfg)
+    if cfg.federated.algorithm is not None:
+        from leantrain.federated.run import run_federated
+
+        return RunResult(run_dir, run_federated(cfg, run_dir, resume=cfg.resume is not None))
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
