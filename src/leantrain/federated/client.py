@@ -90,16 +90,22 @@ def trainable_only(model: nn.Module, names: set[str] | None):
 
 
 def local_sgd(model: nn.Module, loss_fn, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
-              momentum: float = 0.0, weight_decay: float = 0.0) -> dict[str, float]:  # fmt: skip
-    """``steps`` SGD steps (a fresh optimizer: no state leaks between clients) on the parameters that require grad.
+              momentum: float = 0.0, weight_decay: float = 0.0,
+              momentum_buffers: dict[str, torch.Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+    """``steps`` SGD steps on the parameters that require grad; returns the mean loss and the samples processed.
 
-    ``loss_fn(model, batch)`` returns the loss (or a tuple whose first item is the loss). Returns the mean loss
-    and the number of samples processed.
+    A fresh optimizer each call (no state leaks between clients), unless ``momentum_buffers`` (parameter name ->
+    buffer) is given: its buffers are resumed and the dict is replaced in place by the new ones (stateful
+    algorithms keep momentum across rounds with it). ``loss_fn(model, batch)`` returns the loss (or a tuple whose
+    first item is the loss).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("local_sgd: the model has no trainable parameters")
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for n, p in named:
+        if momentum_buffers and n in momentum_buffers:
+            opt.state[p]["momentum_buffer"] = momentum_buffers[n].detach().clone()
     model.train()
     total, samples = 0.0, 0
     for _ in range(steps):
@@ -114,4 +120,8 @@ def local_sgd(model: nn.Module, loss_fn, batches: Iterator[dict[str, torch.Tenso
         n = len(next(iter(batch.values())))
         total += loss.item() * n
         samples += n
+    if momentum_buffers is not None:
+        kept = {n: opt.state[p].get("momentum_buffer") for n, p in named}
+        momentum_buffers.clear()
+        momentum_buffers.update({n: b.detach().clone() for n, b in kept.items() if b is not None})
     return {"loss": total / max(samples, 1), "samples": samples}

@@ -144,6 +144,20 @@ class Algorithm:
     def weight(self, reply: Reply) -> float:
         return float(reply.metrics.get("samples", 1)) if self.weighting == "samples" else 1.0
 
+    def add_to_mean(self, round_idx: int, reply: Reply) -> WeightedMean:
+        """Fold one accepted reply into this round's streaming weighted mean (a fresh one each round)."""
+        if getattr(self, "_mean", None) is None or self._mean_round != round_idx:
+            self._mean, self._mean_round = WeightedMean(), round_idx
+        w = self.weight(reply)
+        for k, v in reply.arrays.items():
+            self._mean.add(k, v, w)
+        return self._mean
+
+    def take_mean(self, round_idx: int) -> WeightedMean | None:
+        """This round's mean (None when no reply was accepted this round); the accumulator is reset."""
+        mean, self._mean = getattr(self, "_mean", None), None
+        return mean if mean is not None and self._mean_round == round_idx else None
+
     # -------------------------------------------------------------- one round (override)
 
     def configure(self, round_idx: int, cohort: list[int]) -> dict[int, Instruction]:

@@ -71,7 +71,6 @@ from leantrain.federated.algorithms.base import (
     ClientContext,
     Instruction,
     Reply,
-    WeightedMean,
     communicated,
     load_arrays,
 )
@@ -367,16 +366,12 @@ class EmbracingFL(Algorithm):
         return {k: (tuple(self.global_state[k].shape), self.global_state[k].dtype) for k in self.suffix(cut)}
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        if getattr(self, "_mean_round", None) != round_idx:
-            self._mean, self._mean_round = WeightedMean(), round_idx
-        w = self.weight(reply)
-        for k, v in reply.arrays.items():
-            self._mean.add(k, v, w)
+        self.add_to_mean(round_idx, reply)
 
     def aggregate(self, round_idx: int) -> None:
-        if getattr(self, "_mean_round", None) != round_idx or self._mean is None:
+        mean = self.take_mean(round_idx)
+        if mean is None:
             return  # no accepted reply this round: the global model stays
         for k in list(self.global_state):
-            if k in self._mean:  # averaged over the clients that trained k; untouched otherwise
-                self.global_state[k] = self._mean.mean(k, self.global_state[k])
-        self._mean = None
+            if k in mean:  # averaged over the clients that trained k; untouched otherwise
+                self.global_state[k] = mean.mean(k, self.global_state[k])

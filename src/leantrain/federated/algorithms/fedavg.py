@@ -13,7 +13,6 @@ from leantrain.federated.algorithms.base import (
     ClientContext,
     Instruction,
     Reply,
-    WeightedMean,
     communicated,
     load_arrays,
 )
@@ -40,17 +39,12 @@ class FedAvg(Algorithm):
         return {k: (tuple(v.shape), v.dtype) for k, v in instruction.arrays.items()}
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        if not hasattr(self, "_mean") or self._mean_round != round_idx:
-            self._mean, self._mean_round = WeightedMean(), round_idx
-        w = self.weight(reply)
-        for k, v in reply.arrays.items():
-            self._mean.add(k, v, w)
+        self.add_to_mean(round_idx, reply)
 
     def aggregate(self, round_idx: int) -> None:
-        mean = getattr(self, "_mean", None)
-        if mean is None or self._mean_round != round_idx:
+        mean = self.take_mean(round_idx)
+        if mean is None:
             return  # no accepted reply this round: the global model stays
         for k in list(self.global_state):
             if k in mean:
                 self.global_state[k] = mean.mean(k, self.global_state[k])
-        self._mean = None

@@ -65,7 +65,6 @@ from leantrain.federated.algorithms.base import (
     ClientContext,
     Instruction,
     Reply,
-    WeightedMean,
     communicated,
     kernel_names,
     load_arrays,
@@ -193,18 +192,17 @@ class FedLAMA(Algorithm):
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
         if getattr(self, "_mean", None) is None or self._mean_round != round_idx:
-            self._mean, self._mean_round, self._squares = WeightedMean(), round_idx, {}
-            self._steps = int(reply.metrics.get("local_steps", 1))
+            self._squares, self._steps = {}, int(reply.metrics.get("local_steps", 1))
+        self.add_to_mean(round_idx, reply)
         w = self.weight(reply)
         for k, v in reply.arrays.items():
-            self._mean.add(k, v, w)
             if k in self._trainable:
                 self._squares[k] = self._squares.get(k, 0.0) + w * float(v.detach().double().square().sum())
         self.block_state.add(cid)
 
     def aggregate(self, round_idx: int) -> None:
-        mean = getattr(self, "_mean", None)
-        if mean is None or self._mean_round != round_idx:
+        mean = self.take_mean(round_idx)
+        if mean is None:
             return  # no accepted reply this round: nothing changes
         relaxed = set(self.relaxed)
         for k in list(self.global_state):
@@ -216,7 +214,6 @@ class FedLAMA(Algorithm):
                 interval = self.phi if k in relaxed else 1
                 self.discrepancy[k] = spread / (interval * self._steps * u.numel())
             self.global_state[k] = mean.mean(k, self.global_state[k])
-        self._mean = None
         if self._block_end(round_idx) and round_idx >= self.warmup_rounds and self.phi > 1:
             self._reassign()
 

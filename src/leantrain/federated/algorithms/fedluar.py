@@ -56,7 +56,6 @@ from leantrain.federated.algorithms.base import (
     ClientContext,
     Instruction,
     Reply,
-    WeightedMean,
     communicated,
     kernel_names,
     load_arrays,
@@ -161,15 +160,11 @@ class FedLUAR(Algorithm):
         return {k: (tuple(v.shape), v.dtype) for k, v in instruction.arrays.items() if k not in skip}
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        if getattr(self, "_mean", None) is None or self._mean_round != round_idx:
-            self._mean, self._mean_round = WeightedMean(), round_idx
-        w = self.weight(reply)
-        for k, v in reply.arrays.items():
-            self._mean.add(k, v, w)
+        self.add_to_mean(round_idx, reply)
 
     def aggregate(self, round_idx: int) -> None:
-        mean = getattr(self, "_mean", None)
-        if mean is None or self._mean_round != round_idx:
+        mean = self.take_mean(round_idx)
+        if mean is None:
             return  # no accepted reply this round: nothing changes (see the module docstring)
         recycled = set(self.recycled)
         for k in list(self.global_state):
@@ -183,7 +178,6 @@ class FedLUAR(Algorithm):
                     self.last_update[k] = fresh - x
                     self.scores[k] = luar_score(self.last_update[k], x, self.score_eps)
                 self.global_state[k] = fresh
-        self._mean = None
         self.recycled = self._select(round_idx + 1)
 
     def _select(self, next_round: int) -> list[str]:

@@ -63,11 +63,10 @@ from leantrain.federated.algorithms.base import (
     ClientContext,
     Instruction,
     Reply,
-    WeightedMean,
     communicated,
     load_arrays,
 )
-from leantrain.federated.client import LocalTraining
+from leantrain.federated.client import local_sgd
 from leantrain.federated.clock import DeviceProfile
 
 DEFAULT_GROUPS = 8  # the spec's CPU check (§3.5); the paper's τ is around 6-24 [M]
@@ -208,7 +207,8 @@ class PartialAveraging(Algorithm):
         else:
             buffers = {}
         load_arrays(ctx.model, instruction.arrays)
-        metrics, buffers = sgd_steps(ctx.model, ctx.loss_fn, ctx.batches, ctx.local, buffers)
+        metrics = local_sgd(ctx.model, ctx.loss_fn, ctx.batches, ctx.local.steps, ctx.local.lr, ctx.local.momentum,
+                            ctx.local.weight_decay, momentum_buffers=buffers)  # fmt: skip
         model_state = ctx.model.state_dict()
         ctx.state = {"round": torch.tensor(ctx.round)}
         ctx.state.update({f"local.{k}": v.detach().clone() for k, v in model_state.items()})
@@ -219,21 +219,20 @@ class PartialAveraging(Algorithm):
         return {k: (tuple(self.global_state[k].shape), self.global_state[k].dtype) for k in self.group(round_idx)}
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        if getattr(self, "_mean_round", None) != round_idx:
-            self._mean, self._mean_round, self._accepted = WeightedMean(), round_idx, set()
-        w = self.weight(reply)
-        for k, v in reply.arrays.items():
-            self._mean.add(k, v, w)
+        if getattr(self, "_mean", None) is None or self._mean_round != round_idx:
+            self._accepted = set()
+        self.add_to_mean(round_idx, reply)
         self._accepted.add(cid)
 
     def aggregate(self, round_idx: int) -> None:
-        accepted = self._accepted if getattr(self, "_mean_round", None) == round_idx else set()
-        if accepted:
+        mean = self.take_mean(round_idx)
+        accepted = self._accepted if mean is not None else set()
+        if mean is not None:
             for k in self.group(round_idx):
-                if k in self._mean:
-                    self.global_state[k] = self._mean.mean(k, self.global_state[k])
+                if k in mean:
+                    self.global_state[k] = mean.mean(k, self.global_state[k])
         self._synced, self._synced_round = set(accepted), round_idx
-        self._mean, self._accepted = None, set()
+        self._accepted = set()
 
     # -------------------------------------------------------------- evaluation and checkpoints
 
@@ -250,37 +249,3 @@ class PartialAveraging(Algorithm):
         self._cohort = [int(c) for c in state["cohort"]]
         self._synced = {int(c) for c in state["synced"]}
         self._synced_round = int(state["synced_round"])
-
-
-def sgd_steps(model: nn.Module, loss_fn, batches, local: LocalTraining,
-              buffers: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:  # fmt: skip
-    """``local.steps`` SGD steps like :func:`leantrain.federated.client.local_sgd`, resuming momentum ``buffers``.
-
-    Returns local_sgd's metrics and the new momentum buffers (parameter name -> clone; empty without momentum).
-    Numerically identical to local_sgd when ``buffers`` is empty.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ConfigError("fedpa: the model has no trainable parameters")
-    opt = torch.optim.SGD([p for _, p in named], lr=local.lr, momentum=local.momentum,
-                          weight_decay=local.weight_decay)  # fmt: skip
-    for n, p in named:
-        if n in buffers:
-            opt.state[p]["momentum_buffer"] = buffers[n].detach().clone()
-    model.train()
-    total, samples = 0.0, 0
-    for _ in range(local.steps):
-        batch = next(batches)
-        opt.zero_grad(set_to_none=True)
-        out = loss_fn(model, batch)
-        loss = out[0] if isinstance(out, tuple | list) else out
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"local loss is {loss.item()}")
-        loss.backward()
-        opt.step()
-        rows = len(next(iter(batch.values())))
-        total += loss.item() * rows
-        samples += rows
-    kept = {n: opt.state[p].get("momentum_buffer") for n, p in named}
-    new = {n: b.detach().clone() for n, b in kept.items() if b is not None}
-    return {"loss": total / max(samples, 1), "samples": samples}, new
