@@ -230,10 +230,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         if curve:
             optim_quasi_newton.plot_curves(curve, out_dir / "mlbfgs-curves.png")
         print("\nmL-BFGS (ill-conditioned digits; step time on the mlbfgs-cnn recipe)")
-        for rows in (curve, qn_step):
+        for rows, cols in ((curve, optim_quasi_newton.CURVE_COLUMNS), (qn_step, optim_quasi_newton.STEP_COLUMNS)):
             if rows:
-                cols = sorted({k for r in rows for k in r if k not in ("extra", "anchor")})
-                print(markdown_table(rows, cols))
+                print(markdown_table(rows, list(cols)))
     if acc:
         for r in acc:
             r.update(grad_norm=r["extra"]["grad_norm_median"], wall_s=r["extra"]["wall_time_s_median"])
