@@ -127,9 +127,9 @@ class FederatedConfig:
     partition: Literal["iid", "dirichlet", "shards"] = _f("dirichlet", "how the training rows are split")
     alpha: float = _f(0.1, "Dirichlet concentration (partition=dirichlet)", gt=0.0)
     devices: dict = _f({}, "device profile shares, e.g. {weak: 0.5, moderate: 0.25}; the rest are strong")
-    dropout: float = _f(0.0, "probability a sampled client never replies", ge=0.0, lt=1.0)
-    failure: float = _f(0.0, "probability a sampled client crashes mid-training", ge=0.0, lt=1.0)
-    eval_every: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)
+    client_dropout: float = _f(0.0, "probability a sampled client never replies", ge=0.0, lt=1.0)
+    client_failure: float = _f(0.0, "probability a sampled client crashes mid-training", ge=0.0, lt=1.0)
+    eval_every_rounds: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)
     stop_after: int | None = _f(None, "stop after N rounds in all (continue later with resume=RUN_DIR)", ge=1)
 
 

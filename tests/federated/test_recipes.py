@@ -11,7 +11,7 @@ from leantrain.train.run import run
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RECIPES = ["fedavg", "fedlama", "fedluar", "fedpa", "embracingfl"]
 REDUCED = ["data.train_subset=600", "federated.num_clients=10", "federated.clients_per_round=4",
-           "federated.eval_every=2", "progress=none", "threads=1"]  # fmt: skip
+           "federated.eval_every_rounds=2", "progress=none", "threads=1"]  # fmt: skip
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Fashion-MNIST package")
@@ -31,7 +31,7 @@ def test_federated_recipe_runs_reduced(name, tmp_path):
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Fashion-MNIST package")
 def test_federated_run_resumes_to_the_same_result(tmp_path):
-    base = [*REDUCED, "federated.local_steps=2", f"output_dir={tmp_path}", "federated.dropout=0.2"]
+    base = [*REDUCED, "federated.local_steps=2", f"output_dir={tmp_path}", "federated.client_dropout=0.2"]
     straight = run(resolve("fedluar-fashion-mnist", [*base, "federated.rounds=4"])).summary
     first = run(resolve("fedluar-fashion-mnist", [*base, "federated.rounds=4", "federated.stop_after=2"]))
     assert first.summary["status"] == "stopped" and first.summary["rounds_done"] == 2

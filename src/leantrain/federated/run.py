@@ -42,8 +42,9 @@ def run_federated(cfg, run_dir: Path, resume: bool):
         algorithm, lambda: build_run_model(cfg, data_fields), data,
         num_clients=f.num_clients, clients_per_round=f.clients_per_round, rounds=f.rounds,
         local_steps=f.local_steps, batch_size=cfg.data.batch_size, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, devices=f.devices or None, dropout=f.dropout, failure=f.failure,
-        eval_every=f.eval_every, seed=cfg.seed, checkpoint_dir=run_dir / "checkpoints", log=log,
+        weight_decay=cfg.optim.weight_decay, devices=f.devices or None, dropout=f.client_dropout,
+        failure=f.client_failure, eval_every=f.eval_every_rounds, seed=cfg.seed,
+        checkpoint_dir=run_dir / "checkpoints", log=log,
     )  # fmt: skip
     if resume and not sim.restore():
         raise LeantrainError(f"resume={run_dir}: no round checkpoint to continue from")
