@@ -116,7 +116,7 @@ def _subprocess(spec: dict) -> dict:
 def _run_all(specs: list[dict], workers: int, log) -> list[dict]:
     def one(spec):
         result = _subprocess(spec)
-        log(f"  {spec['algorithm']:<12} {spec['partition']:<9} seed {spec['seed']}: accuracy "
+        log(f"  {spec['label']:<12} {spec['partition']:<9} seed {spec['seed']}: accuracy "
             f"{result['final_test_accuracy']:.4f}, up {result['up_bytes'] / 1e6:.1f} MB, "
             f"down {result['down_bytes'] / 1e6:.1f} MB, {result['wall_s']:.0f} s")  # fmt: skip
         return result
