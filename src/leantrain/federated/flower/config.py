@@ -57,7 +57,9 @@ class FlowerRunConfig:
     result_path: str = field(default="", metadata={"help": "the ServerApp writes its history JSON here"})
     node_wait_s: float = field(default=120.0, metadata={"help": "how long the ServerApp waits for the nodes"})
     round_timeout_s: float = field(default=600.0, metadata={"help": "how long a round waits for replies"})
-    torch_threads: int = field(default=0, metadata={"help": "torch threads per ClientApp (0: torch's default)"})
+    torch_threads: int = field(
+        default=0, metadata={"help": "torch threads per ClientApp and for the ServerApp (0: torch's default)"}
+    )
 
     def __post_init__(self) -> None:
         for name in _DICT_FIELDS:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
@@ -44,6 +45,8 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run = config if config is not None else FlowerRunConfig.from_run_config(dict(context.run_config))
+        if run.torch_threads:
+            torch.set_num_threads(run.torch_threads)  # the server-side evaluation, like the ClientApps
         strategy = LeantrainStrategy.from_config(run, model_fn)
         status = "failed: interrupted"
         try:
