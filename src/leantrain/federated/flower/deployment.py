@@ -14,6 +14,7 @@ process tree is read from ``/proc`` (Linux) before anything is signalled, and ev
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,18 @@ QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
 }
+
+
+def _superlink_healthy(host: str, port: int) -> bool:
+    """True when the local SuperLink answers its /health endpoint with 200 (a loopback request, no download)."""
+    conn = http.client.HTTPConnection(host, port, timeout=1)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 class FlowerRunError(LeantrainError):
@@ -166,12 +178,8 @@ class _FlowerProcesses:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise FlowerRunError(f"flower-superlink exited with {proc.returncode}:\n{self.log_tail('superlink')}")
-            try:
-                with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
+            if _superlink_healthy(self.host, self.port):
+                break
             time.sleep(0.2)
         else:
             raise FlowerRunError(f"flower-superlink did not answer within {self.startup_timeout_s:.0f} s")
