@@ -97,11 +97,7 @@ class LowRankLinear(nn.Module):
         """The equivalent dense ``nn.Linear`` (same outputs up to rounding)."""
         w = self.up.weight
         dense = nn.Linear(self.in_features, self.out_features, self.up.bias is not None, w.device, w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.composed_weight())
-            if self.up.bias is not None:
-                dense.bias.copy_(self.up.bias)
-        return dense.train(self.training)
+        return _filled(dense, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -187,14 +183,19 @@ class LowRankConv2d(nn.Module):
             d.weight.device,
             d.weight.dtype,
         )
-        with torch.no_grad():
-            dense.weight.copy_(self.composed_weight())
-            if self.up.bias is not None:
-                dense.bias.copy_(self.up.bias)
-        return dense.train(self.training)
+        return _filled(dense, self)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}"
+
+
+def _filled(dense: nn.Module, low: nn.Module) -> nn.Module:
+    """``dense`` with the composed weight and the bias of the low-rank module ``low``, in ``low``'s train mode."""
+    with torch.no_grad():
+        dense.weight.copy_(low.composed_weight())
+        if low.up.bias is not None:
+            dense.bias.copy_(low.up.bias)
+    return dense.train(low.training)
 
 
 LowRankModule = LowRankLinear | LowRankConv2d

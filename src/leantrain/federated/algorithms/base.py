@@ -171,10 +171,17 @@ class Algorithm:
         raise NotImplementedError
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        raise NotImplementedError
+        """Default: fold the reply into this round's weighted mean."""
+        self.add_to_mean(round_idx, reply)
 
     def aggregate(self, round_idx: int) -> None:
-        raise NotImplementedError
+        """Default: every tensor some accepted reply carried becomes their weighted mean; the rest stay."""
+        mean = self.take_mean(round_idx)
+        if mean is None:
+            return  # no accepted reply this round: the global model stays
+        for k in list(self.global_state):
+            if k in mean:
+                self.global_state[k] = mean.mean(k, self.global_state[k])
 
     # -------------------------------------------------------------- evaluation and checkpoints
 

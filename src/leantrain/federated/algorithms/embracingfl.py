@@ -364,14 +364,3 @@ class EmbracingFL(Algorithm):
     def expected_upload(self, round_idx: int, cid: int, instruction: Instruction) -> dict[str, tuple]:
         cut = int(instruction.config.get("cut", 0))
         return {k: (tuple(self.global_state[k].shape), self.global_state[k].dtype) for k in self.suffix(cut)}
-
-    def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        self.add_to_mean(round_idx, reply)
-
-    def aggregate(self, round_idx: int) -> None:
-        mean = self.take_mean(round_idx)
-        if mean is None:
-            return  # no accepted reply this round: the global model stays
-        for k in list(self.global_state):
-            if k in mean:  # averaged over the clients that trained k; untouched otherwise
-                self.global_state[k] = mean.mean(k, self.global_state[k])

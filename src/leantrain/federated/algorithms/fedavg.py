@@ -37,14 +37,3 @@ class FedAvg(Algorithm):
 
     def expected_upload(self, round_idx: int, cid: int, instruction: Instruction) -> dict[str, tuple]:
         return {k: (tuple(v.shape), v.dtype) for k, v in instruction.arrays.items()}
-
-    def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
-        self.add_to_mean(round_idx, reply)
-
-    def aggregate(self, round_idx: int) -> None:
-        mean = self.take_mean(round_idx)
-        if mean is None:
-            return  # no accepted reply this round: the global model stays
-        for k in list(self.global_state):
-            if k in mean:
-                self.global_state[k] = mean.mean(k, self.global_state[k])
