@@ -77,6 +77,8 @@ BENCH_AREAS = {
     "finetune": "leantrain.bench.finetune",
     "optim": "leantrain.bench.optim",
     "federated": "leantrain.bench.federated",
+    "lowrank": "leantrain.bench.lowrank",
+    "prune": "leantrain.bench.prune",
 }
 
 
@@ -90,7 +92,7 @@ def bench(
         list[str] | None,
         typer.Option(
             help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy, async, mlbfgs; "
-            "federated: accuracy, embracing, throughput, memory)"
+            "federated: accuracy, embracing, throughput, memory; lowrank: accuracy, deflate-svd; prune: mlp, resnet)"
         ),
     ] = None,
 ) -> None:

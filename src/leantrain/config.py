@@ -105,7 +105,11 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _f(1, "passes over the training data (ignored when max_steps is set)", ge=1)
     max_steps: int | None = _f(None, "train exactly this many optimizer steps, over as many epochs as needed", ge=1)
-    schedule: Literal["constant", "cosine", "linear"] = _f("constant", "learning-rate decay after warm-up")
+    schedule: Literal["constant", "cosine", "linear", "step"] = _f(
+        "constant", "learning-rate decay after warm-up (step: times decay_factor at each of decay_epochs)"
+    )
+    decay_epochs: list[int] = _f([], "schedule=step: epochs at whose start the learning rate is multiplied")
+    decay_factor: float = _f(0.1, "schedule=step: the multiplier at each decay epoch", gt=0.0)
     warmup_steps: int = _f(0, "linear warm-up steps", ge=0)
     grad_clip: float | None = _f(None, "clip the global gradient norm to this value", gt=0.0)
     log_every: int = _f(20, "log training metrics every N steps", ge=1)
@@ -134,6 +138,40 @@ class FederatedConfig:
 
 
 @dataclass
+class LowRankConfig:
+    training: Literal["none", "full", "fixed", "dynamic"] = _f(
+        "none",
+        "none: off; full: dense training that logs the target layers' effective rank; fixed: low-rank factors "
+        "throughout; dynamic: DRA's low-rank -> full -> adapter schedule",
+    )
+    rank_ratio: float = _f(0.5, "rank = floor(rank_ratio * output channels) of each target layer", gt=0.0, le=1.0)
+    target_layers: list[str] = _f(
+        [], "module-name patterns (fnmatch) of the target layers; empty: every layer where the rank saves compute"
+    )
+    switch_epochs: list[int] = _f(
+        [], "dynamic: the two epochs where DRA inflates and deflates; empty: 55/150 and 120/150 of train.epochs"
+    )
+    deflate: Literal["adapter", "svd"] = _f(
+        "adapter", "dynamic: the last phase, frozen W + zero-init adapter (official) or truncated SVD to rank r"
+    )
+    adapter_alpha: float = _f(16.0, "dynamic: the adapter's output is scaled by adapter_alpha / rank", gt=0.0)
+    factor_init: Literal["random", "svd"] = _f(
+        "random", "how the first low-rank factors start: random (training from scratch) or the dense weight's SVD"
+    )
+
+
+@dataclass
+class PruneConfig:
+    var_lam: float = _f(0.0, "VAR penalty weight lambda added to the loss (0: off)", ge=0.0)
+    var_r: float = _f(1e-8, "VAR smoothing r of sqrt(w^2 + r)", ge=0.0)
+    var_eps: float = _f(1e-8, "VAR epsilon of 1/(Var + eps)", ge=0.0)
+    eval_sparsities: list[float] = _f(
+        [], "after training, test accuracy after one-shot magnitude pruning at each sparsity (no retraining)"
+    )
+    prune_scope: Literal["global", "layer"] = _f("global", "eval_sparsities: rank weights globally or per layer")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "run name; the run folder is <output_dir>/<name>-<timestamp>")
     task: Literal["auto", "classification", "language-modeling"] = _f("auto", "auto: from the dataset kind")
@@ -148,9 +186,18 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "federated": FederatedConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "federated": FederatedConfig,
+    "lowrank": LowRankConfig,
+    "prune": PruneConfig,
+}
 
 
 # ---------------------------------------------------------------- recipes
@@ -219,7 +266,25 @@ def from_dict(raw: dict) -> RunConfig:
             raise ConfigError(_unknown_key(key, sorted(top | set(SECTIONS) | {"model", "finetune"})))
     scalars = _build_scalars(RunConfig, raw, top)
     _check_names(kwargs["data"])
+    _check_lowrank_prune(kwargs["lowrank"], kwargs["prune"])
     return RunConfig(**scalars, **kwargs)
+
+
+def _check_lowrank_prune(lowrank: LowRankConfig, prune: PruneConfig) -> None:
+    bad = [s for s in prune.eval_sparsities if not 0 <= s < 1]
+    if bad:
+        raise ConfigError(f"config: prune.eval_sparsities has {bad!r}; every sparsity must be in [0, 1)")
+    switches = list(lowrank.switch_epochs)
+    if switches and (len(switches) != 2 or not 0 < switches[0] < switches[1]):
+        raise ConfigError(
+            f"config: lowrank.switch_epochs={switches!r} must be two increasing epochs > 0 (inflate, deflate), "
+            "or empty for the official 55/150 and 120/150 of train.epochs"
+        )
+    if prune.var_lam > 0 and lowrank.training == "dynamic":
+        raise ConfigError(
+            "config: prune.var_lam with lowrank.training=dynamic is not supported (the schedule swaps the layers "
+            "the penalty reads)"
+        )
 
 
 def _build_finetune(raw: dict) -> FinetuneConfig:
@@ -249,7 +314,7 @@ def to_dict(cfg: RunConfig) -> dict:
     out["model"] = {"name": cfg.model.name, **cfg.model.options}
     ft = cfg.finetune
     out["finetune"] = {"method": ft.method, "score_samples": ft.score_samples, **ft.options}
-    for section in ("optim", "data", "train"):
+    for section in SECTIONS:
         out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in out[section].items()}
     return out
 
@@ -309,7 +374,12 @@ def _build_scalars(cls: type, raw: dict, names: set[str], prefix: str = "") -> d
 def _check_range(value: Any, meta: Any, where: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return
-    tests = {"gt": (lambda v, b: v > b, ">"), "ge": (lambda v, b: v >= b, ">="), "lt": (lambda v, b: v < b, "<")}
+    tests = {
+        "gt": (lambda v, b: v > b, ">"),
+        "ge": (lambda v, b: v >= b, ">="),
+        "lt": (lambda v, b: v < b, "<"),
+        "le": (lambda v, b: v <= b, "<="),
+    }
     for name, (ok, _sym) in tests.items():
         if name in meta and not ok(value, meta[name]):
             bounds = " and ".join(f"{sym} {meta[n]}" for n, (_, sym) in tests.items() if n in meta)

@@ -81,23 +81,25 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_dense(cls, module: nn.Linear, rank: int) -> LowRankLinear:
         """Truncated-SVD factorization of ``module`` (composed weight = best rank-r approximation)."""
-        if not isinstance(module, nn.Linear):
-            raise ConfigError(f"LowRankLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
-        w = module.weight
-        lr = cls(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
-        up, down = _svd_factors(w, rank)
+        lr = cls.like(module, rank)
+        up, down = _svd_factors(module.weight, rank)
         with torch.no_grad():
             lr.up.weight.copy_(up)
             lr.down.weight.copy_(down)
-            if module.bias is not None:
-                lr.up.bias.copy_(module.bias)
-        return lr.train(module.training)
+        return lr
+
+    @classmethod
+    def like(cls, module: nn.Linear, rank: int) -> LowRankLinear:
+        """Randomly initialised factors (PyTorch defaults) shaped like ``module``; its bias is kept."""
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(f"LowRankLinear needs an nn.Linear, got {type(module).__name__}")
+        w = module.weight
+        lr = cls(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
+        return _with_bias(lr, module)
 
     def inflate(self) -> nn.Linear:
         """The equivalent dense ``nn.Linear`` (same outputs up to rounding)."""
-        w = self.up.weight
-        dense = nn.Linear(self.in_features, self.out_features, self.up.bias is not None, w.device, w.dtype)
-        return _filled(dense, self)
+        return dense_like(self.down, self.composed_weight(), self.up.bias, self.training)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -139,63 +141,67 @@ class LowRankConv2d(nn.Module):
         return w.reshape(self.out_channels, *down.shape[1:])
 
     @classmethod
+    def _shaped_like(cls, module: nn.Conv2d, rank: int) -> LowRankConv2d:
+        if not isinstance(module, nn.Conv2d) or module.groups != 1:
+            what = f"groups={module.groups}" if isinstance(module, nn.Conv2d) else type(module).__name__
+            raise ConfigError(f"LowRankConv2d needs an nn.Conv2d with groups=1, got {what}")
+        w = module.weight
+        return cls(
+            module.in_channels, module.out_channels, module.kernel_size, rank, module.stride, module.padding,
+            module.dilation, module.bias is not None, module.padding_mode, w.device, w.dtype,
+        )  # fmt: skip
+
+    @classmethod
     def from_dense(cls, module: nn.Conv2d, rank: int) -> LowRankConv2d:
         """Truncated-SVD factorization of ``module``'s kernel reshaped to (C_out, C_in·kh·kw)."""
-        if not isinstance(module, nn.Conv2d):
-            raise ConfigError(f"LowRankConv2d.from_dense needs an nn.Conv2d, got {type(module).__name__}")
-        if module.groups != 1:
-            raise ConfigError(f"LowRankConv2d.from_dense needs groups=1, got groups={module.groups}")
+        lr = cls._shaped_like(module, rank)
         w = module.weight  # (C_out, C_in, kh, kw)
-        lr = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            rank,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.bias is not None,
-            module.padding_mode,
-            w.device,
-            w.dtype,
-        )
         up, down = _svd_factors(w.flatten(1), rank)
         with torch.no_grad():
             lr.up.weight.copy_(up[:, :, None, None])
             lr.down.weight.copy_(down.reshape(rank, *w.shape[1:]))
-            if module.bias is not None:
-                lr.up.bias.copy_(module.bias)
-        return lr.train(module.training)
+        return _with_bias(lr, module)
+
+    @classmethod
+    def like(cls, module: nn.Conv2d, rank: int) -> LowRankConv2d:
+        """Randomly initialised factors (PyTorch defaults) shaped like ``module``; its bias is kept."""
+        return _with_bias(cls._shaped_like(module, rank), module)
 
     def inflate(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d`` (same outputs up to rounding)."""
-        d = self.down
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            d.kernel_size,
-            d.stride,
-            d.padding,
-            d.dilation,
-            1,
-            self.up.bias is not None,
-            d.padding_mode,
-            d.weight.device,
-            d.weight.dtype,
-        )
-        return _filled(dense, self)
+        return dense_like(self.down, self.composed_weight(), self.up.bias, self.training)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}"
 
 
-def _filled(dense: nn.Module, low: nn.Module) -> nn.Module:
-    """``dense`` with the composed weight and the bias of the low-rank module ``low``, in ``low``'s train mode."""
+def _with_bias(low: nn.Module, dense: nn.Module) -> nn.Module:
+    """``low`` with ``dense``'s bias on its up factor, in ``dense``'s train mode."""
+    if dense.bias is not None:
+        with torch.no_grad():
+            low.up.bias.copy_(dense.bias)
+    return low.train(dense.training)
+
+
+def dense_like(
+    template: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, training: bool
+) -> nn.Linear | nn.Conv2d:
+    """A new trainable dense layer holding ``weight`` (its first dimension sets the outputs) and ``bias``.
+
+    It takes its input size, kernel, stride, padding, dilation and padding mode from ``template``.
+    """
+    t, out = template, weight.shape[0]
+    kw = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(t, nn.Linear):
+        dense: nn.Linear | nn.Conv2d = nn.Linear(t.in_features, out, bias is not None, **kw)
+    else:
+        dense = nn.Conv2d(t.in_channels, out, t.kernel_size, t.stride, t.padding, t.dilation, 1,
+                          bias is not None, t.padding_mode, **kw)  # fmt: skip
     with torch.no_grad():
-        dense.weight.copy_(low.composed_weight())
-        if low.up.bias is not None:
-            dense.bias.copy_(low.up.bias)
-    return dense.train(low.training)
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense.train(training)
 
 
 LowRankModule = LowRankLinear | LowRankConv2d
@@ -222,12 +228,20 @@ def _candidates(model: nn.Module) -> dict[str, nn.Linear | nn.Conv2d]:
     return found
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def _select(model: nn.Module, layers: LayerSelector | None, rank_ratio: float) -> dict[str, nn.Linear | nn.Conv2d]:
+def layer_rank(module: nn.Linear | nn.Conv2d, rank_ratio: float) -> int:
+    """max(1, floor(rank_ratio · out)) capped at min(out, in·k·k), the rank ``factorize`` gives ``module``."""
+    return min(max(1, math.floor(rank_ratio * module.weight.shape[0])), _full_rank(module))
+
+
+def select_layers(
+    model: nn.Module, layers: LayerSelector | None, rank_ratio: float
+) -> dict[str, nn.Linear | nn.Conv2d]:
+    """The dense layers ``factorize(model, rank_ratio, layers)`` would replace, by name, in module order."""
     candidates = _candidates(model)
     if layers is None:
         return {
@@ -246,16 +260,21 @@ def _select(model: nn.Module, layers: LayerSelector | None, rank_ratio: float) -
     return {n: candidates[n] for n in layers}
 
 
-def factorize(model: nn.Module, rank_ratio: float = 0.5, layers: LayerSelector | None = None) -> list[str]:
-    """Replace Linear / Conv2d modules of ``model`` in place by truncated-SVD LowRank modules.
+def factorize(
+    model: nn.Module, rank_ratio: float = 0.5, layers: LayerSelector | None = None, init: str = "svd"
+) -> list[str]:
+    """Replace Linear / Conv2d modules of ``model`` in place by LowRank modules.
 
     rank = max(1, floor(rank_ratio · out)), capped at min(out, in·k·k). ``layers`` is a list of module names
     or a predicate ``(name, module) -> bool``; by default every layer where that rank saves something.
-    Returns the replaced names. Rebuild the optimizer afterwards.
+    ``init="svd"`` starts from the truncated SVD of the dense weight (best rank-r approximation); ``"random"``
+    gives both factors PyTorch's default init (the official DRA code's low-rank training from scratch) and
+    keeps only the dense bias. Returns the replaced names. Rebuild the optimizer afterwards.
     """
-    if not isinstance(rank_ratio, int | float) or isinstance(rank_ratio, bool) or not 0 < rank_ratio <= 1:
-        raise ConfigError(f"factorize rank_ratio={rank_ratio!r} is invalid; it must be in (0, 1]")
-    chosen = _select(model, layers, rank_ratio)
+    check_rank_ratio(rank_ratio, "factorize")
+    if init not in ("svd", "random"):
+        raise ConfigError(f"factorize init={init!r} is invalid; use 'svd' or 'random'")
+    chosen = select_layers(model, layers, rank_ratio)
     if not chosen:
         raise ConfigError(
             f"factorize found nothing to factorize (rank_ratio={rank_ratio}, layers={layers!r}): no dense "
@@ -263,10 +282,17 @@ def factorize(model: nn.Module, rank_ratio: float = 0.5, layers: LayerSelector |
             "the layers explicitly"
         )
     for name, mod in chosen.items():
-        rank = min(max(1, math.floor(rank_ratio * mod.weight.shape[0])), _full_rank(mod))
+        rank = layer_rank(mod, rank_ratio)
         cls = LowRankLinear if isinstance(mod, nn.Linear) else LowRankConv2d
-        _replace(model, name, cls.from_dense(mod, rank))
+        replace_module(model, name, cls.from_dense(mod, rank) if init == "svd" else cls.like(mod, rank))
     return list(chosen)
+
+
+def check_rank_ratio(rank_ratio: object, where: str) -> float:
+    """``rank_ratio`` as a float in (0, 1], or a ConfigError naming ``where``."""
+    if not isinstance(rank_ratio, int | float) or isinstance(rank_ratio, bool) or not 0 < rank_ratio <= 1:
+        raise ConfigError(f"{where} rank_ratio={rank_ratio!r} is invalid; it must be in (0, 1]")
+    return float(rank_ratio)
 
 
 def densify(model: nn.Module) -> list[str]:
@@ -275,5 +301,5 @@ def densify(model: nn.Module) -> list[str]:
         raise ConfigError("densify cannot replace the model itself in place; call model.inflate() instead")
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear | LowRankConv2d)]
     for name, mod in found:
-        _replace(model, name, mod.inflate())
+        replace_module(model, name, mod.inflate())
     return [n for n, _ in found]

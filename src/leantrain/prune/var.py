@@ -120,6 +120,17 @@ class VarianceAmplifyingRegularizer:
     def __call__(self) -> torch.Tensor:
         return self.lam * self.layer_terms().sum()
 
+    def accumulate_grad(self) -> torch.Tensor:
+        """Add λ·∇ψ to the ``.grad`` of the penalised weights (as ``(loss + penalty).backward()`` would).
+
+        This is the form for a loop that has already called ``loss.backward()`` (the leantrain loop's
+        ``grad_transforms``); returns the penalty's value, detached.
+        """
+        penalty = self()
+        if penalty.requires_grad:
+            penalty.backward()
+        return penalty.detach()
+
     def __repr__(self) -> str:
         return (
             f"VarianceAmplifyingRegularizer(lam={self.lam}, r={self.r}, eps={self.eps}, variant={self.variant!r}, "

@@ -55,6 +55,20 @@ class LoopState:
     best_val: float | None = None
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Loss and task metric of ``model`` over ``batches`` in eval mode (its train mode is restored)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    for batch in batches:
+        _, stats = task.loss(model, batch)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value
+    model.train(was_training)
+    return task.metrics(totals)
+
+
 def total_steps(batches_per_epoch: int, epochs: int, max_steps: int | None) -> int:
     """``max_steps`` when set (it overrides ``epochs``, as in Hugging Face's Trainer), else all epochs' batches."""
     return max_steps if max_steps else batches_per_epoch * epochs
@@ -135,18 +149,9 @@ class Trainer:
             self.optimizer.step()
         return counts
 
-    @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Loss and task metric over ``batches`` in eval mode."""
-        was_training = self.model.training
-        self.model.eval()
-        totals: dict[str, float] = {}
-        for batch in batches:
-            _, stats = self.task.loss(self.model, batch)
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-        self.model.train(was_training)
-        return self.task.metrics(totals)
+        return evaluate(self.model, self.task, batches)
 
     # ------------------------------------------------------------ the loop
 

@@ -23,8 +23,10 @@ from leantrain import config as config_mod
 from leantrain.config import RunConfig
 from leantrain.errors import ConfigError, LeantrainError, NonFiniteLossError
 from leantrain.finetune.methods import apply_method
+from leantrain.lowrank.recipe import lowrank_callbacks
+from leantrain.prune.recipe import pruned_metrics, var_transforms
 from leantrain.train.checkpoint import list_checkpoints
-from leantrain.train.loop import Trainer, TrainingInterrupted, total_steps
+from leantrain.train.loop import Trainer, TrainingInterrupted, evaluate, total_steps
 from leantrain.train.metric_loggers import JsonlLogger
 from leantrain.train.progress import make_progress
 from leantrain.train.schedule import lr_factor
@@ -69,21 +71,32 @@ def run(cfg: RunConfig) -> RunResult:
         score_batches=_first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
         loss_fn=lambda m, batch: task.loss(m, batch)[0],
     )  # fmt: skip
-    optimizer = build_optimizer(cfg, model, steps_per_epoch=len(data.train), train=data.train, task=task)
+
+    def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, m, steps_per_epoch=len(data.train), train=data.train, task=task)
+
+    start_epoch = _checkpoint_state(resume_from).get("epoch", 0)
+    callbacks, lowrank_info = lowrank_callbacks(cfg.lowrank, model, cfg.train.epochs, start_epoch, make_optimizer)
+    grad_transforms = var_transforms(cfg.prune, model)
+    optimizer = make_optimizer(model)
     total = total_steps(len(data.train), cfg.train.epochs, cfg.train.max_steps)
     progress = make_progress(cfg.progress, total)
-    logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_step(resume_from))
+    logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_state(resume_from).get("step"))
+    t = cfg.train
     trainer = Trainer(
         model, optimizer, task, data.train,
-        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps,
-        lr_schedule=lr_factor(cfg.train.schedule, total, cfg.train.warmup_steps), grad_clip=cfg.train.grad_clip,
-        eval_batches=data.val, eval_every=cfg.train.eval_every, log_every=cfg.train.log_every,
-        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=cfg.train.checkpoint_every,
-        keep_checkpoints=cfg.train.keep_checkpoints, logger=logger, progress=progress,
+        epochs=t.epochs, max_steps=t.max_steps,
+        lr_schedule=lr_factor(t.schedule, total, t.warmup_steps, len(data.train), t.decay_epochs, t.decay_factor),
+        grad_clip=t.grad_clip, grad_transforms=grad_transforms, callbacks=callbacks,
+        eval_batches=data.val, eval_every=t.eval_every, log_every=t.log_every,
+        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints, logger=logger, progress=progress,
     )  # fmt: skip
     summary = {"name": cfg.name, "run_dir": str(run_dir), "task": data.task, "metric_name": task.metric_name}
     summary["optimizer"] = type(optimizer).__name__
     summary.update(_param_counts(model))
+    if lowrank_info:
+        summary["lowrank"] = lowrank_info
     try:
         trainer.fit(resume_from=resume_from)
     except NonFiniteLossError as err:
@@ -98,13 +111,19 @@ def run(cfg: RunConfig) -> RunResult:
         raise LeantrainError(f"interrupted at step {trainer.state.step}; checkpoint {err.checkpoint}. "
                              f"Continue with: leantrain run {cfg.name} resume={run_dir}") from None  # fmt: skip
     finally:
-        _close(optimizer, summary)
+        _close(trainer.optimizer, summary)
     fresh = trainer.last_val is not None and trainer.last_val[0] == trainer.state.step
     val = trainer.last_val[1] if fresh else trainer.evaluate(data.val)
     summary["final"] = {
         **{f"val_{k}": v for k, v in val.items()},
         **{f"test_{k}": v for k, v in trainer.evaluate(data.test).items()},
     }
+    if cfg.prune.eval_sparsities:
+        progress.message(f"one-shot magnitude pruning at sparsities {list(cfg.prune.eval_sparsities)}")
+        summary["pruned"] = pruned_metrics(
+            model, cfg.prune.eval_sparsities, cfg.prune.prune_scope,
+            lambda pruned: {f"test_{k}": v for k, v in evaluate(pruned, task, data.test).items()},
+        )  # fmt: skip
     _finish(run_dir, summary, trainer, "completed", started, logger, progress)
     return RunResult(run_dir, summary)
 
@@ -174,8 +193,9 @@ def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def _checkpoint_step(path: Path | None) -> int | None:
-    return None if path is None else json.loads((path / "state.json").read_text())["step"]
+def _checkpoint_state(path: Path | None) -> dict:
+    """The loop state saved with a checkpoint (step, epoch, ...), or {} without one."""
+    return {} if path is None else json.loads((path / "state.json").read_text())
 
 
 # ---------------------------------------------------------------- data, model, optimizer
