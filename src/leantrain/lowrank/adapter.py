@@ -8,7 +8,7 @@ dilation, and ``up`` a 1×1 conv r -> C_out, as in the official code; for a line
 
 Deliberate departures and choices:
 
-- ``down`` gets PyTorch's default init (the official Keras code uses Keras' default); ``up`` is zero.
+- ``down`` gets Glorot-uniform init (Keras' default, which the official code uses); ``up`` is zero.
 - The frozen dense layer keeps its bias (also frozen); the adapter has none.
 - ``merge()`` folds the branch into one dense module (W + alpha/r · up·down, trainable again), which is what
   a later full-rank phase or a deployment export needs.
@@ -46,6 +46,7 @@ class LowRankAdapter(nn.Module):
             self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                   base.dilation, bias=False, padding_mode=base.padding_mode, **kw)  # fmt: skip
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **kw)
+        nn.init.xavier_uniform_(self.down.weight)  # Keras' default, as the official code
         nn.init.zeros_(self.up.weight)
         self.train(base.training)
 

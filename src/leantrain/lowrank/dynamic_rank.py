@@ -26,9 +26,11 @@ Deliberate departures and choices:
 - ``deflate="svd"`` (a truncated SVD of the dense weight back to rank r) is offered because it is the reading
   of "deflate back to low rank" that keeps the cheap low-rank cost; it changes the function at the switch and
   is not the official method.
-- The first low-rank phase starts from random factors (PyTorch's default init of each factor), as the official
-  code trains low-rank from scratch; ``init="svd"`` starts from the truncated SVD of the dense weights instead
-  (for a pretrained model). Later low-rank phases always come from the truncated SVD.
+- The first low-rank phase starts from random factors (Glorot-uniform on each factor, Keras' default), as the
+  official code trains low-rank from scratch (PyTorch's default init on both factors gives the composed weight
+  about a third of a dense layer's variance, and a BatchNorm-free network then barely trains); ``init="svd"``
+  starts from the truncated SVD of the dense weights instead (for a pretrained model). Later low-rank phases
+  always come from the truncated SVD.
 - BatchNorm statistics and untouched layers need no copying here: only the target modules are swapped in
   place; everything else is the same module throughout.
 """

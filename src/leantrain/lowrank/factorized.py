@@ -90,12 +90,15 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def like(cls, module: nn.Linear, rank: int) -> LowRankLinear:
-        """Randomly initialised factors (PyTorch defaults) shaped like ``module``; its bias is kept."""
+        """Glorot-uniform random factors (Keras' default, as the official DRA code) shaped like ``module``.
+
+        ``module``'s bias is kept.
+        """
         if not isinstance(module, nn.Linear):
             raise ConfigError(f"LowRankLinear needs an nn.Linear, got {type(module).__name__}")
         w = module.weight
         lr = cls(module.in_features, module.out_features, rank, module.bias is not None, w.device, w.dtype)
-        return _with_bias(lr, module)
+        return _glorot_with_bias(lr, module)
 
     def inflate(self) -> nn.Linear:
         """The equivalent dense ``nn.Linear`` (same outputs up to rounding)."""
@@ -154,18 +157,21 @@ class LowRankConv2d(nn.Module):
     @classmethod
     def from_dense(cls, module: nn.Conv2d, rank: int) -> LowRankConv2d:
         """Truncated-SVD factorization of ``module``'s kernel reshaped to (C_out, C_in·kh·kw)."""
-        lr = cls._shaped_like(module, rank)
+        lr = cls.like(module, rank)
         w = module.weight  # (C_out, C_in, kh, kw)
         up, down = _svd_factors(w.flatten(1), rank)
         with torch.no_grad():
             lr.up.weight.copy_(up[:, :, None, None])
             lr.down.weight.copy_(down.reshape(rank, *w.shape[1:]))
-        return _with_bias(lr, module)
+        return lr
 
     @classmethod
     def like(cls, module: nn.Conv2d, rank: int) -> LowRankConv2d:
-        """Randomly initialised factors (PyTorch defaults) shaped like ``module``; its bias is kept."""
-        return _with_bias(cls._shaped_like(module, rank), module)
+        """Glorot-uniform random factors (Keras' default, as the official DRA code) shaped like ``module``.
+
+        ``module``'s bias is kept.
+        """
+        return _glorot_with_bias(cls._shaped_like(module, rank), module)
 
     def inflate(self) -> nn.Conv2d:
         """The equivalent dense ``nn.Conv2d`` (same outputs up to rounding)."""
@@ -175,8 +181,10 @@ class LowRankConv2d(nn.Module):
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}"
 
 
-def _with_bias(low: nn.Module, dense: nn.Module) -> nn.Module:
-    """``low`` with ``dense``'s bias on its up factor, in ``dense``'s train mode."""
+def _glorot_with_bias(low: nn.Module, dense: nn.Module) -> nn.Module:
+    """``low`` with Glorot-uniform factors and ``dense``'s bias on its up factor, in ``dense``'s train mode."""
+    nn.init.xavier_uniform_(low.down.weight)
+    nn.init.xavier_uniform_(low.up.weight)
     if dense.bias is not None:
         with torch.no_grad():
             low.up.bias.copy_(dense.bias)
@@ -268,7 +276,7 @@ def factorize(
     rank = max(1, floor(rank_ratio · out)), capped at min(out, in·k·k). ``layers`` is a list of module names
     or a predicate ``(name, module) -> bool``; by default every layer where that rank saves something.
     ``init="svd"`` starts from the truncated SVD of the dense weight (best rank-r approximation); ``"random"``
-    gives both factors PyTorch's default init (the official DRA code's low-rank training from scratch) and
+    gives both factors Glorot-uniform init (the official DRA code's low-rank training from scratch) and
     keeps only the dense bias. Returns the replaced names. Rebuild the optimizer afterwards.
     """
     check_rank_ratio(rank_ratio, "factorize")
