@@ -209,7 +209,8 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         ex = row["extra"]
         steps = {f"step_s_{p}": ex["phase_step_s_median"].get(p) for p in ("lowrank", "full", "adapter")}
         row.update(flops_ratio=ex.get("flops_ratio_to_full"), train_pflops=ex["train_flops"] / 1e15,
-                   time_ratio=ex.get("time_ratio_to_full"), erank_end=ex["erank_mean_per_epoch"][-1], **steps)  # fmt: skip
+                   time_ratio=ex.get("time_ratio_to_full"), erank_end=ex["erank_mean_per_epoch"][-1])  # fmt: skip
+        row.update(steps)
     cols = ["method", "metric", "metric_std", "seeds", "train_pflops", "flops_ratio", "time_ratio",
             "step_s_lowrank", "step_s_full", "step_s_adapter", "erank_end"]  # fmt: skip
     print("DRA vs fixed low-rank vs full rank (ResNet-20, Fashion-MNIST)\n" + markdown_table(rows, cols))
