@@ -1,4 +1,4 @@
-"""`import leantrain` makes GEM and PaCA PEFT methods, without importing PEFT itself."""
+"""`import leantrain` makes GEM and PaCA PEFT methods and ghosted models HF models, importing neither library."""
 
 import subprocess
 import sys
@@ -12,8 +12,9 @@ def _python(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_import_leantrain_does_not_import_peft():
-    assert _python("import sys, leantrain, leantrain.cli; print('peft' in sys.modules)") == "False"
+def test_import_leantrain_does_not_import_peft_or_transformers():
+    code = "import sys, leantrain, leantrain.cli; print('peft' in sys.modules, 'transformers' in sys.modules)"
+    assert _python(code) == "False False"
 
 
 def test_tuners_registered_when_peft_is_imported_after_leantrain():

@@ -1,0 +1,204 @@
+"""Ghosted Layers (arXiv 2605.15491): closed-form recovery of a depth-pruned decoder at each gap.
+
+After blocks are removed, the next surviving block receives the hidden state from before the gap instead of
+after it. Ghosted Layers fits one unconstrained linear operator per gap on calibration activations of the
+*unpruned* model, X_pre · W ≈ X_post, by ridge least squares in float64:
+
+    Δ = X_post − X_pre,   M* = (X_preᵀ X_pre + ε I)⁻¹ X_preᵀ Δ,   W* = I + M*,   ε = 1e-6 (absolute)
+
+and inserts h ← h · W* at the gap. Baselines (``method=``): ``"none"`` (removal only), ``"diag"`` (LinearPatch's
+per-channel scale mean|X_post| / mean|X_pre|) and ``"symmetric"`` (M* projected onto symmetric matrices,
+W = I + (M* + M*ᵀ)/2, the class LinearPatch's H·D·Hᵀ operators live in).
+
+The operator is a real module (:class:`GhostOperator`, an ``nn.Linear(C, C)`` holding W*ᵀ) on the block that
+follows the gap, applied to that block's input, so it saves with the model; the model becomes a
+``leantrain_ghosted_<type>`` model (a subclass of its own class) that ``save_pretrained`` writes and
+``AutoModelForCausalLM.from_pretrained`` reloads after ``import leantrain``.
+
+Deliberate departures and choices:
+
+- One operator per maximal run of consecutive removed blocks (the official contiguous mode); isolated removals
+  get one each, fitted independently on the unpruned model (the official non-contiguous mode). The official
+  non-contiguous mode stacks one operator per removed block when removals are adjacent; we fit the whole run
+  at once, which is the same least-squares problem over the composed map and cannot fit worse.
+- The operator acts on the input of the next surviving block (the official code hooks the output of the block
+  before the gap: the same tensor); a gap at the very end (only with the last block unprotected) acts on the
+  output of the last surviving block.
+- Computed in float32 and cast back to the hidden state's dtype, as the official hook does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from leantrain.errors import ConfigError
+from leantrain.prune.depth import (
+    Batch,
+    BoundaryStates,
+    boundary_states,
+    decoder_layers,
+    remove_layers,
+    resolve_indices,
+)
+
+METHODS = ("none", "diag", "symmetric", "ghosted")
+
+
+def contiguous_gaps(removed: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices as (first, last) pairs, e.g. [2, 3, 7] -> [(2, 3), (7, 7)]."""
+    gaps: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if gaps and i == gaps[-1][1] + 1:
+            gaps[-1] = (gaps[-1][0], i)
+        else:
+            gaps.append((i, i))
+    return gaps
+
+
+def fit_operator(x_pre: torch.Tensor, x_post: torch.Tensor, method: str = "ghosted", ridge: float = 1e-6):
+    """The (C, C) float64 operator W of ``method`` such that x_pre @ W ≈ x_post (token rows (T, C) each)."""
+    if method not in METHODS or method == "none":
+        raise ConfigError(f"fit_operator method={method!r} is invalid; use one of diag, symmetric, ghosted")
+    if x_pre.shape != x_post.shape or x_pre.ndim != 2:
+        raise ConfigError(
+            f"fit_operator needs two (tokens, C) matrices of one shape, got {x_pre.shape}, {x_post.shape}"
+        )
+    x, y = x_pre.double(), x_post.double()
+    c = x.shape[1]
+    if method == "diag":
+        return torch.diag(y.abs().mean(0) / x.abs().mean(0).clamp_min(1e-12))
+    eye = torch.eye(c, dtype=torch.float64)
+    m = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ (y - x))  # (C, C)
+    if method == "symmetric":
+        m = (m + m.T) / 2
+    return eye + m
+
+
+class GhostOperator(nn.Module):
+    """h -> h @ W for hidden states (..., C); holds ``linear.weight`` = Wᵀ in float32."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(hidden_size))
+
+    def set_operator(self, w: torch.Tensor) -> GhostOperator:
+        with torch.no_grad():
+            self.linear.weight.copy_(w.T.to(torch.float32))
+        return self
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h.to(torch.float32)).to(h.dtype)
+
+
+def _pre_hook(layer: nn.Module, args: tuple, kwargs: dict):
+    if args:
+        return (layer.ghost_pre(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": layer.ghost_pre(kwargs["hidden_states"])}
+
+
+def _post_hook(layer: nn.Module, _args, output):
+    if isinstance(output, tuple):
+        return (layer.ghost_post(output[0]), *output[1:])
+    return layer.ghost_post(output)
+
+
+def attach_ghosts(model: nn.Module, placement: dict[str, str]) -> None:
+    """Give the blocks named in ``placement`` ({block index: "pre" | "post"}) identity operators and hooks."""
+    layers = decoder_layers(model)
+    hidden = model.config.hidden_size
+    for key, where in placement.items():
+        layer = layers[int(key)]
+        if where not in ("pre", "post"):
+            raise ConfigError(f"ghost placement {where!r} for layer {key} must be 'pre' or 'post'")
+        name = f"ghost_{where}"
+        if hasattr(layer, name):
+            continue
+        layer.add_module(name, GhostOperator(hidden))
+        if where == "pre":
+            layer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        else:
+            layer.register_forward_hook(_post_hook)
+
+
+@dataclass
+class GhostReport:
+    """What :func:`fit_ghosted_layers` did: the gaps, where the operators went and how well they fit."""
+
+    method: str
+    removed: list[int]
+    gaps: list[tuple[int, int]]
+    placement: dict[str, str] = field(default_factory=dict)  # block index in the pruned model -> pre/post
+    relative_error: list[float] = field(default_factory=list)  # ||X_pre W - X_post|| / ||X_post|| per gap
+    relative_error_none: list[float] = field(default_factory=list)  # the same without an operator
+    antisymmetric_fraction: list[float] = field(default_factory=list)  # ||(M - Mᵀ)/2|| / ||M|| (ghosted only)
+    tokens: int = 0
+    fit_seconds: float = 0.0
+
+
+def fit_ghosted_layers(
+    model: nn.Module,
+    removed: Iterable[int],
+    calibration: Iterable[Batch] | BoundaryStates,
+    ridge: float = 1e-6,
+    method: str = "ghosted",
+    protect: Sequence[int] = (0, -1),
+    max_tokens: int | None = None,
+) -> tuple[nn.Module, GhostReport]:
+    """Remove ``removed`` blocks and insert the fitted operator at each gap; returns (pruned model, report).
+
+    ``calibration`` is batches (``input_ids``, optional ``attention_mask``) or the unpruned model's
+    :func:`~leantrain.prune.depth.boundary_states`. The tokens should far outnumber the hidden size C; fewer
+    than 2·C is refused. The model is changed in place except for its class: the returned model is a new
+    ``leantrain_ghosted_*`` model (same weights) unless ``method="none"``.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is invalid; use one of {', '.join(METHODS)}")
+    if not isinstance(ridge, int | float) or isinstance(ridge, bool) or ridge < 0:
+        raise ConfigError(f"ridge={ridge!r} is invalid; it must be >= 0")
+    n = len(decoder_layers(model))
+    drop = resolve_indices(removed, n, protect)
+    report = GhostReport(method, drop, contiguous_gaps(drop))
+    if method == "none" or not drop:
+        return remove_layers(model, drop, protect), report
+    started = time.perf_counter()
+    if isinstance(calibration, BoundaryStates):
+        states = calibration
+    else:
+        states = boundary_states(model, calibration, max_tokens=max_tokens)
+    hidden = states.states[0].shape[1]
+    if states.tokens < 2 * hidden:
+        raise ConfigError(
+            f"the calibration data hold {states.tokens} tokens; fitting a {hidden}x{hidden} operator needs well "
+            f"over {hidden} (at least {2 * hidden}); pass more or longer calibration batches"
+        )
+    report.tokens = states.tokens
+    operators = []
+    for first, last in report.gaps:
+        x_pre, x_post = states.states[first].double(), states.states[last + 1].double()
+        w = fit_operator(x_pre, x_post, method, ridge)
+        operators.append(w)
+        norm = x_post.norm().item()
+        report.relative_error.append(((x_pre @ w - x_post).norm() / norm).item())
+        report.relative_error_none.append(((x_pre - x_post).norm() / norm).item())
+        if method == "ghosted":
+            m = w - torch.eye(hidden, dtype=torch.float64)
+            report.antisymmetric_fraction.append((((m - m.T) / 2).norm() / m.norm().clamp_min(1e-300)).item())
+    remove_layers(model, drop, protect)
+    kept = n - len(drop)
+    for (_first, last), w in zip(report.gaps, operators, strict=True):
+        after = last + 1 - len([i for i in drop if i <= last])  # new index of the block after the gap
+        where, at = ("pre", after) if after < kept else ("post", after - 1)
+        report.placement[str(at)] = where
+        attach_ghosts(model, {str(at): where})
+        getattr(decoder_layers(model)[at], f"ghost_{where}").set_operator(w)
+    report.fit_seconds = time.perf_counter() - started
+    from leantrain.prune.ghosted_models import as_ghosted_model
+
+    return as_ghosted_model(model, report.placement), report
