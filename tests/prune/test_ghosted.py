@@ -1,0 +1,106 @@
+"""Ghosted Layers on tiny random Llama models: exactness on linear blocks, baselines, save/load, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from test_depth import batches, tiny_llama  # noqa: E402
+
+from leantrain.errors import ConfigError  # noqa: E402
+from leantrain.prune.depth import boundary_states  # noqa: E402
+from leantrain.prune.ghosted import contiguous_gaps, fit_ghosted_layers, fit_operator  # noqa: E402
+
+
+class LinearBlock(nn.Module):
+    """A decoder-block stand-in computing h -> h @ A."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states @ self.a
+
+
+def test_contiguous_gaps():
+    assert contiguous_gaps([7, 2, 3]) == [(2, 3), (7, 7)]
+    assert contiguous_gaps([]) == []
+
+
+@pytest.mark.parametrize("removed", [[3], [2, 3, 4], [2, 5]])
+def test_the_operator_is_exact_when_the_removed_blocks_are_linear(removed):
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    for i in removed:
+        model.model.layers[i] = LinearBlock(torch.eye(16) + 0.3 * torch.randn(16, 16, generator=g))
+    x = torch.randint(0, 64, (2, 12))
+    reference = model(x).logits.detach()
+    ghosted, report = fit_ghosted_layers(model, removed, batches(8), ridge=1e-10)
+    assert ghosted.config.num_hidden_layers == 8 - len(removed)
+    assert all(e < 1e-6 for e in report.relative_error)
+    assert all(e > 0.1 for e in report.relative_error_none)
+    torch.testing.assert_close(ghosted(x).logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_baselines_rank_by_construction_on_the_calibration_data():
+    model = tiny_llama()
+    states = boundary_states(model, batches(8))
+    errors = {}
+    for method in ("diag", "symmetric", "ghosted"):
+        _, report = fit_ghosted_layers(tiny_llama(), [3, 4], states, method=method)
+        errors[method] = report.relative_error[0]
+        none = report.relative_error_none[0]
+    # ghosted is the least-squares optimum over all operators, so it fits at least as well as the others
+    assert errors["ghosted"] <= errors["symmetric"] + 1e-9 and errors["ghosted"] <= errors["diag"] + 1e-9
+    assert errors["ghosted"] < none
+    w = fit_operator(states.states[3], states.states[5], "symmetric")
+    torch.testing.assert_close(w, w.T)
+    d = fit_operator(states.states[3], states.states[5], "diag")
+    assert torch.equal(d, torch.diag(d.diagonal()))
+    _, report = fit_ghosted_layers(tiny_llama(), [3, 4], states, method="ghosted")
+    assert 0 < report.antisymmetric_fraction[0] < 1
+
+
+def test_operator_placement_and_generation():
+    model = tiny_llama()
+    ghosted, report = fit_ghosted_layers(model, [2, 3, 5], batches(8))
+    assert report.gaps == [(2, 3), (5, 5)] and report.placement == {"2": "pre", "3": "pre"}
+    assert hasattr(ghosted.model.layers[2], "ghost_pre") and not hasattr(ghosted.model.layers[1], "ghost_pre")
+    x = torch.randint(0, 64, (1, 6))
+    cached = ghosted.generate(x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, ghosted.generate(x, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_a_gap_at_the_end_acts_on_the_last_surviving_output():
+    ghosted, report = fit_ghosted_layers(tiny_llama(), [6, 7], batches(8), protect=(0,))
+    assert report.placement == {"5": "post"} and hasattr(ghosted.model.layers[5], "ghost_post")
+
+
+def test_the_recovered_model_saves_and_reloads(tmp_path):
+    ghosted, _ = fit_ghosted_layers(tiny_llama(), [2, 5], batches(8))
+    ghosted.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(again).__name__ == "GhostedLlamaForCausalLM" and again.config.ghost_placement == {
+        "2": "pre",
+        "4": "pre",
+    }
+    x = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(again(x).logits, ghosted(x).logits, rtol=0, atol=0)
+
+
+def test_method_none_only_removes():
+    model, report = fit_ghosted_layers(tiny_llama(), [2, 5], batches(8), method="none")
+    assert type(model) is transformers.LlamaForCausalLM and report.placement == {}
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ConfigError, match="hold 16 tokens"):
+        fit_ghosted_layers(tiny_llama(), [3], [{"input_ids": torch.randint(0, 64, (1, 16))}])
+    with pytest.raises(ConfigError, match="protected"):
+        fit_ghosted_layers(tiny_llama(), [0, 3], batches(8))
+    with pytest.raises(ConfigError, match="out of range"):
+        fit_ghosted_layers(tiny_llama(), [9], batches(8))
+    with pytest.raises(ConfigError, match="method"):
+        fit_ghosted_layers(tiny_llama(), [3], batches(8), method="lstsq")
