@@ -73,12 +73,64 @@ def plot(
     typer.echo(f"wrote {plot_runs(run_dirs, metric, out, split=split)}")
 
 
+@app.command()
+def compress(
+    remove: Annotated[int, typer.Option(help="decoder blocks to remove (the first and last are protected)")],
+    out: Annotated[Path, typer.Option(help="new folder for the compressed model, tokenizer and compress.json")],
+    model: Annotated[str, typer.Option(help="pretrained decoder LM")] = "smollm2-135m",
+    select: Annotated[str, typer.Option(help="block selection: lorp, shortgpt, last_n")] = "lorp",
+    recover: Annotated[str, typer.Option(help="recovery: ghosted, symmetric, diag, none")] = "ghosted",
+    corpus: Annotated[
+        str, typer.Option(help="calibration (train slice) and evaluation (test slice) text")
+    ] = "shakespeare",
+    block: Annotated[int, typer.Option(help="tokens per calibration / evaluation window")] = 256,
+    calib_windows: Annotated[int, typer.Option(help="calibration windows")] = 64,
+    eval_windows: Annotated[int, typer.Option(help="evaluation windows")] = 32,
+    num_clusters: Annotated[int | None, typer.Option(help="LoRP clusters K (default: from the RLS)")] = None,
+    ridge: Annotated[float, typer.Option(help="Ghosted ridge epsilon (absolute)")] = 1e-6,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+) -> None:
+    """Remove decoder blocks from a pretrained LLM (LoRP / ShortGPT / last-n) and recover them (Ghosted Layers)."""
+    import time
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from leantrain.prune.compress import run_compress
+
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+
+    def stage(text: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {text}")
+
+    with console.status("compressing", spinner="dots"):
+        s = run_compress(model, remove, select, recover, out, corpus, block, calib_windows, eval_windows,
+                         num_clusters, ridge, stage=stage)  # fmt: skip
+    table = Table(title=f"{model}: removed {s['removed']} ({select} + {recover})")
+    for col in ("", "before", "after", "after / before"):
+        table.add_column(col, justify="right")
+    rows = [("layers", "layers_before", "layers_after", "{:d}"),
+            ("parameters", "params_before", "params_after", "{:,}"),
+            ("perplexity", "perplexity_before", "perplexity_after", "{:.3f}"),
+            ("tokens/s (generate)", "tokens_per_s_before", "tokens_per_s_after", "{:.1f}")]  # fmt: skip
+    for label, a, b, fmt in rows:
+        table.add_row(label, fmt.format(s[a]), fmt.format(s[b]), f"{s[b] / s[a]:.3f}")
+    Console().print(table)
+    extra = f"RLS {s['selection']['rls']:.3f}, K {s['selection']['num_clusters']}; " if s["selection"] else ""
+    typer.echo(f"{extra}fit {s['fit_seconds']:.2f} s; wrote {s['out']}")
+
+
 BENCH_AREAS = {
     "finetune": "leantrain.bench.finetune",
     "optim": "leantrain.bench.optim",
     "federated": "leantrain.bench.federated",
     "lowrank": "leantrain.bench.lowrank",
     "prune": "leantrain.bench.prune",
+    "compress": "leantrain.bench.compress",
 }
 
 

@@ -7,8 +7,8 @@ after it. Ghosted Layers fits one unconstrained linear operator per gap on calib
     Δ = X_post − X_pre,   M* = (X_preᵀ X_pre + ε I)⁻¹ X_preᵀ Δ,   W* = I + M*,   ε = 1e-6 (absolute)
 
 and inserts h ← h · W* at the gap. Baselines (``method=``): ``"none"`` (removal only), ``"diag"`` (LinearPatch's
-per-channel scale mean|X_post| / mean|X_pre|) and ``"symmetric"`` (M* projected onto symmetric matrices,
-W = I + (M* + M*ᵀ)/2, the class LinearPatch's H·D·Hᵀ operators live in).
+per-channel scale mean|X_post| / mean|X_pre|) and ``"symmetric"`` (the least-squares optimum over symmetric
+M, the class LinearPatch's H·D·Hᵀ operators live in, solved exactly in the eigenbasis of X_preᵀX_pre).
 
 The operator is a real module (:class:`GhostOperator`, an ``nn.Linear(C, C)`` holding W*ᵀ) on the block that
 follows the gap, applied to that block's input, so it saves with the model; the model becomes a
@@ -25,6 +25,10 @@ Deliberate departures and choices:
   before the gap: the same tensor); a gap at the very end (only with the last block unprotected) acts on the
   output of the last surviving block.
 - Computed in float32 and cast back to the hidden state's dtype, as the official hook does.
+- The spec's "symmetric" baseline suggests projecting M* onto symmetric matrices; that projection is not a
+  least-squares fit (on SmolLM2 it raised perplexity by orders of magnitude), so we solve the symmetric problem
+  itself. On the calibration data the fits are then ordered by construction: Ghosted ≤ symmetric ≤ any
+  diagonal operator, LinearPatch-D's included.
 """
 
 from __future__ import annotations
@@ -73,10 +77,14 @@ def fit_operator(x_pre: torch.Tensor, x_post: torch.Tensor, method: str = "ghost
     if method == "diag":
         return torch.diag(y.abs().mean(0) / x.abs().mean(0).clamp_min(1e-12))
     eye = torch.eye(c, dtype=torch.float64)
-    m = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ (y - x))  # (C, C)
-    if method == "symmetric":
-        m = (m + m.T) / 2
-    return eye + m
+    gram, cross = x.T @ x, x.T @ (y - x)  # (C, C) each
+    if method == "ghosted":
+        return eye + torch.linalg.solve(gram + ridge * eye, cross)
+    # symmetric: min ||X(I + M) - Y||² + ε||M||² over M = Mᵀ. Stationarity: G M + M G + 2εM = C + Cᵀ, a Sylvester
+    # equation that the eigenbasis of G = Q Λ Qᵀ diagonalises: M̃_ij = (Qᵀ(C + Cᵀ)Q)_ij / (λ_i + λ_j + 2ε).
+    lam, q = torch.linalg.eigh(gram)
+    rhs = q.T @ (cross + cross.T) @ q
+    return eye + q @ (rhs / (lam[:, None] + lam[None, :] + 2 * ridge)) @ q.T
 
 
 class GhostOperator(nn.Module):

@@ -1,0 +1,128 @@
+"""``leantrain bench compress``: LoRP / ShortGPT / last-n selection × none / diag / symmetric / Ghosted recovery
+on SmolLM2-135M (30 blocks).
+
+Calibration: 64 windows × 256 tokens of the Shakespeare train slice (16,384 tokens, 28× the hidden size 576);
+evaluation: perplexity on 16 windows × 256 tokens of the disjoint test slice (``--quick``: 16 / 4 windows of 128).
+The unpruned model's boundary states are captured once and shared by every selection and fit, as in the
+official non-contiguous mode. For every removal count (4, 6, 8) and combination: perplexity, parameters, fit
+time; and generation tokens/s of each selection's compressed model against the original (greedy, 32 new tokens,
+batch 1, 1 thread, interleaved, median of 3). Targets from the issue are evaluated and printed, never tuned for.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from leantrain.bench.report import log, markdown_table, print_targets, write_results
+
+REMOVALS = (4, 6, 8)
+SELECTORS = ("lorp", "shortgpt", "last_n")
+RECOVERIES = ("none", "diag", "symmetric", "ghosted")
+
+
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ()):
+    from leantrain.models import build_model, load_tokenizer
+    from leantrain.prune.compress import (
+        corpus_streams,
+        perplexity,
+        select_layers,
+        token_windows,
+        tokens_per_second,
+    )
+    from leantrain.prune.depth import boundary_states
+    from leantrain.prune.ghosted import fit_ghosted_layers
+
+    del seeds, parts  # deterministic; one part
+    started = time.perf_counter()
+    block, calib_n, eval_n = (128, 16, 4) if quick else (256, 64, 16)
+    removals = (4,) if quick else REMOVALS
+    model = build_model("smollm2-135m").eval()
+    tokenizer = load_tokenizer("smollm2-135m")
+    calib_ids, eval_ids = corpus_streams("shakespeare", tokenizer)
+    calibration = token_windows(calib_ids, block, calib_n)
+    evaluation = token_windows(eval_ids, block, eval_n)
+    threads = torch.get_num_threads()
+    log(f"SmolLM2-135M: calibration {calib_n}x{block} tokens, evaluation {eval_n}x{block}, {threads} threads")
+    base_ppl = perplexity(model, evaluation)
+    t0 = time.perf_counter()
+    states = boundary_states(model, calibration)
+    capture_s = time.perf_counter() - t0
+    log(f"  original perplexity {base_ppl:.3f}; boundary states captured in {capture_s:.1f} s")
+    rows, compressed_for_speed = [], {}
+    for k in removals:
+        for select in SELECTORS:
+            t0 = time.perf_counter()
+            removed, info = select_layers(model, states, k, select)
+            select_s = time.perf_counter() - t0
+            for recover in RECOVERIES:
+                pruned, report = fit_ghosted_layers(copy.deepcopy(model), removed, states, method=recover)
+                ppl = perplexity(pruned, evaluation)
+                log(f"  remove {k} {select:<8} {recover:<9}: blocks {removed}, perplexity {ppl:.3f}, "
+                    f"fit {report.fit_seconds:.2f} s")  # fmt: skip
+                rows.append({
+                    "method": f"{select}+{recover}", "anchor": False, "model": "smollm2-135m", "task": "shakespeare",
+                    "trainable_params": sum(p.numel() for p in {id(p): p for p in pruned.parameters()}.values()),
+                    "metric_name": "perplexity", "metric": ppl, "seeds": 1, "metric_std": None,
+                    "extra": {"removed": removed, "num_remove": k, "select": select, "recover": recover,
+                              "selection": info, "select_s": select_s, "fit_s": report.fit_seconds,
+                              "relative_error": report.relative_error, "gaps": report.gaps,
+                              "antisymmetric_fraction": report.antisymmetric_fraction},
+                })  # fmt: skip
+                if recover == "ghosted":
+                    compressed_for_speed[(k, select)] = pruned
+    log("generation speed: 1 thread, greedy 32 new tokens, interleaved with the original")
+    torch.set_num_threads(1)
+    prompt = torch.as_tensor(eval_ids[:32].astype("int64"))[None]
+    speed_rows = []
+    for k in removals:
+        models = {"original": model, **{s: compressed_for_speed[(k, s)] for s in SELECTORS}}
+        tps = tokens_per_second(models, prompt, 32, repeats=1 if quick else 3)
+        for s in SELECTORS:
+            speed_rows.append({"num_remove": k, "select": s, "layers_kept": 30 - k, "tokens_per_s": tps[s],
+                               "original_tokens_per_s": tps["original"], "speedup": tps[s] / tps["original"],
+                               "layer_ratio": 30 / (30 - k)})  # fmt: skip
+        log(f"  remove {k}: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items()))
+    torch.set_num_threads(threads)
+    met = targets(rows, speed_rows)
+    extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "original_perplexity": base_ppl,
+             "capture_s": capture_s, "speed": speed_rows, "calibration_tokens": block * calib_n,
+             "evaluation_tokens": block * eval_n}  # fmt: skip
+    path = write_results("compress", rows, out_dir, threads=threads, quick=quick, extra=extra)
+    table = []
+    for k in removals:
+        for select in SELECTORS:
+            r = {
+                x["extra"]["recover"]: x
+                for x in rows
+                if x["extra"]["num_remove"] == k and x["extra"]["select"] == select
+            }
+            table.append({"removed": k, "select": select, "blocks": r["none"]["extra"]["removed"],
+                          **{rec: r[rec]["metric"] for rec in RECOVERIES},
+                          "ghost fit s": r["ghosted"]["extra"]["fit_s"]})  # fmt: skip
+    print(f"Perplexity of SmolLM2-135M on held-out Shakespeare (original {base_ppl:.3f})\n"
+          + markdown_table(table, ["removed", "select", "blocks", *RECOVERIES, "ghost fit s"]))  # fmt: skip
+    print("\nGeneration tokens/s (1 thread, greedy, batch 1)\n"
+          + markdown_table(speed_rows, ["num_remove", "select", "tokens_per_s", "original_tokens_per_s", "speedup",
+                                        "layer_ratio"]))  # fmt: skip
+    print_targets(met, path)
+
+
+def targets(rows: list[dict], speed_rows: list[dict]) -> dict[str, bool]:
+    ppl = {(r["extra"]["num_remove"], r["extra"]["select"], r["extra"]["recover"]): r["metric"] for r in rows}
+    out: dict[str, bool] = {}
+    for k in sorted({key[0] for key in ppl}):
+        out[f"remove{k}_lorp<=shortgpt (no recovery)"] = ppl[(k, "lorp", "none")] <= ppl[(k, "shortgpt", "none")]
+        for s in SELECTORS:
+            out[f"remove{k}_{s}_ghosted<diag<none"] = (
+                ppl[(k, s, "ghosted")] < ppl[(k, s, "diag")] < ppl[(k, s, "none")]
+            )
+    if speed_rows:
+        # tokens/s should grow with the layers removed: at least half of the ideal 30/(30-k) gain
+        out["tokens_per_s_scale_with_layers_kept"] = all(
+            r["speedup"] - 1 >= 0.5 * (r["layer_ratio"] - 1) for r in speed_rows
+        )
+    return out

@@ -1,0 +1,224 @@
+"""Depth compression of a decoder LLM end to end: calibrate, select blocks, remove them, recover, measure.
+
+This is what ``leantrain compress`` and ``leantrain bench compress`` run. Calibration and evaluation use disjoint
+token streams (the train and test slices of a corpus); perplexity is the exponential of the mean next-token loss
+over fixed windows; generation speed is greedy decoding with the KV cache, batch 1.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from leantrain.errors import ConfigError
+from leantrain.prune.depth import BoundaryStates, boundary_states, check_budget, decoder_layers
+from leantrain.prune.ghosted import METHODS, GhostReport, fit_ghosted_layers
+from leantrain.prune.lorp import PROTECT, select_layers_last_n, select_layers_lorp, select_layers_shortgpt
+
+SELECTORS = ("lorp", "shortgpt", "last_n")
+CAUSAL_LMS = ("smollm2-135m",)  # the pretrained decoder models shipped offline here
+Batch = dict[str, torch.Tensor]
+
+
+def token_windows(ids: np.ndarray, block: int, count: int, batch_size: int = 4, where: str = "") -> list[Batch]:
+    """``count`` consecutive non-overlapping windows of ``block`` tokens from ``ids``, in batches."""
+    needed = block * count
+    if len(ids) < needed:
+        raise ConfigError(
+            f"{where or 'the token stream'} has {len(ids):,} tokens; {count} windows of {block} need {needed:,}; "
+            "use fewer or shorter windows"
+        )
+    windows = torch.as_tensor(np.asarray(ids[:needed], dtype=np.int64)).reshape(count, block)
+    return [{"input_ids": windows[i : i + batch_size]} for i in range(0, count, batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """exp(mean next-token cross-entropy) over every predicted token of ``batches``."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                           reduction="sum")  # fmt: skip
+        total, count = total + loss.item(), count + ids[:, 1:].numel()
+    return math.exp(min(total / count, 50.0))
+
+
+@torch.no_grad()
+def generation_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Wall seconds of greedy generation of ``new_tokens`` after ``prompt`` (1, T), with the KV cache."""
+    model.eval()
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         use_cache=True, pad_token_id=0)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return elapsed
+
+
+def tokens_per_second(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    """Median tokens/s of each model, interleaved (a, b, a, b, ...) after one warm-up each."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        generation_seconds(model, prompt, min(new_tokens, 4))
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(generation_seconds(model, prompt, new_tokens))
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+
+
+@dataclass
+class Compression:
+    """The outcome of :func:`compress_model`."""
+
+    model: nn.Module
+    removed: list[int]
+    select: str
+    recover: str
+    layers_before: int
+    layers_after: int
+    selection: dict = field(default_factory=dict)  # rls, num_clusters, labels (lorp)
+    ghosts: GhostReport | None = None
+    select_seconds: float = 0.0
+
+
+def select_layers(
+    model: nn.Module, states: BoundaryStates, num_remove: int, select: str, protect: Sequence[int] = PROTECT,
+    num_clusters: int | None = None,
+) -> tuple[list[int], dict]:  # fmt: skip
+    """The blocks ``select`` removes, and what it learned (LoRP's RLS, K and clusters)."""
+    if select == "lorp":
+        sel = select_layers_lorp(model, states, num_remove, num_clusters=num_clusters, protect=protect)
+        return sel.indices, {"rls": sel.rls, "num_clusters": sel.num_clusters, "labels": sel.labels}
+    if select == "shortgpt":
+        return select_layers_shortgpt(model, states, num_remove, protect=protect), {}
+    if select == "last_n":
+        return select_layers_last_n(model, num_remove, protect=protect), {}
+    raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTORS)}")
+
+
+def compress_model(
+    model: nn.Module,
+    calibration: Sequence[Batch] | BoundaryStates,
+    num_remove: int,
+    select: str = "lorp",
+    recover: str = "ghosted",
+    protect: Sequence[int] = PROTECT,
+    num_clusters: int | None = None,
+    ridge: float = 1e-6,
+    on_stage: Callable[[str], None] | None = None,
+) -> Compression:
+    """Select ``num_remove`` blocks of ``model`` on ``calibration``, remove them and recover with ``recover``."""
+    if select not in SELECTORS:
+        raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTORS)}")
+    if recover not in METHODS:
+        raise ConfigError(f"recover={recover!r} is invalid; use one of {', '.join(METHODS)}")
+    n = len(decoder_layers(model))
+    check_budget(num_remove, n, protect)
+    stage = on_stage or (lambda _text: None)
+    if isinstance(calibration, BoundaryStates):
+        states = calibration
+    else:
+        stage("calibration: hidden states at every block boundary")
+        states = boundary_states(model, calibration)
+    stage(f"selecting {num_remove} of {n} blocks ({select})")
+    started = time.perf_counter()
+    removed, info = select_layers(model, states, num_remove, select, protect, num_clusters)
+    seconds = time.perf_counter() - started
+    stage(f"removing blocks {removed}, recovery: {recover}")
+    compressed, report = fit_ghosted_layers(model, removed, states, ridge=ridge, method=recover, protect=protect)
+    return Compression(compressed, removed, select, recover, n, n - len(removed), info, report, seconds)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def corpus_streams(corpus: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) token streams: the train and the test slice of ``corpus``, disjoint."""
+    from leantrain.data import load_dataset
+
+    ds = load_dataset(corpus, tokenizer=tokenizer)
+    if ds.kind != "lm":
+        raise ConfigError(f"corpus {corpus!r} is not a language-modelling dataset; use e.g. shakespeare")
+    return np.asarray(ds.train.x), np.asarray(ds.test.x)
+
+
+def run_compress(
+    model_name: str,
+    num_remove: int,
+    select: str = "lorp",
+    recover: str = "ghosted",
+    out=None,
+    corpus: str = "shakespeare",
+    block: int = 256,
+    calib_windows: int = 64,
+    eval_windows: int = 32,
+    num_clusters: int | None = None,
+    ridge: float = 1e-6,
+    new_tokens: int = 32,
+    speed_repeats: int = 3,
+    stage: Callable[[str], None] = print,
+) -> dict:
+    """Load ``model_name``, compress it, measure perplexity / parameters / generation speed before and after.
+
+    Writes the compressed model, its tokenizer and ``compress.json`` to ``out`` when given; returns the summary.
+    """
+    import copy
+    import json
+    from pathlib import Path
+
+    from leantrain.models import build_model, load_tokenizer
+
+    if model_name not in CAUSAL_LMS:
+        raise ConfigError(f"--model {model_name!r} is not a pretrained decoder LM here; use one of {list(CAUSAL_LMS)}")
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    stage(f"loading {model_name} and the {corpus} corpus")
+    model = build_model(model_name).eval()
+    tokenizer = load_tokenizer(model_name)
+    check_budget(num_remove, len(decoder_layers(model)), PROTECT)
+    calib_ids, eval_ids = corpus_streams(corpus, tokenizer)
+    calibration = token_windows(calib_ids, block, calib_windows, where=f"the {corpus} calibration slice")
+    evaluation = token_windows(eval_ids, block, eval_windows, where=f"the {corpus} evaluation slice")
+    stage(f"perplexity of the original model on {eval_windows} x {block} held-out tokens")
+    original = copy.deepcopy(model)
+    ppl_before = perplexity(original, evaluation)
+    result = compress_model(model, calibration, num_remove, select, recover, num_clusters=num_clusters, ridge=ridge,
+                            on_stage=stage)  # fmt: skip
+    stage("perplexity of the compressed model")
+    ppl_after = perplexity(result.model, evaluation)
+    stage(f"generation speed: {new_tokens} new tokens, greedy, batch 1, interleaved x{speed_repeats}")
+    prompt = torch.as_tensor(np.asarray(eval_ids[:32], dtype=np.int64))[None]
+    speed = tokens_per_second({"before": original, "after": result.model}, prompt, new_tokens, speed_repeats)
+    ghosts = result.ghosts
+    summary = {
+        "model": model_name, "select": select, "recover": recover, "removed": result.removed,
+        "layers_before": result.layers_before, "layers_after": result.layers_after,
+        "params_before": parameter_count(original), "params_after": parameter_count(result.model),
+        "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        "tokens_per_s_before": speed["before"], "tokens_per_s_after": speed["after"],
+        "speedup": speed["after"] / speed["before"], "selection": result.selection,
+        "select_seconds": result.select_seconds, "fit_seconds": ghosts.fit_seconds if ghosts else 0.0,
+        "ghost_relative_error": ghosts.relative_error if ghosts else [],
+        "calibration_tokens": block * calib_windows, "evaluation_tokens": block * eval_windows, "corpus": corpus,
+        "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    if out is not None:
+        out = Path(out)
+        stage(f"saving to {out}")
+        result.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "compress.json").write_text(json.dumps(summary, indent=1))
+        summary["out"] = str(out)
+    return summary
