@@ -184,6 +184,13 @@ def run_compress(
         raise ConfigError(f"--model {model_name!r} is not a pretrained decoder LM here; use one of {list(CAUSAL_LMS)}")
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    if select not in SELECTORS:
+        raise ConfigError(f"--select {select!r} is invalid; use one of {', '.join(SELECTORS)}")
+    if recover not in METHODS:
+        raise ConfigError(f"--recover {recover!r} is invalid; use one of {', '.join(METHODS)}")
+    for name, value in (("block", block), ("calib-windows", calib_windows), ("eval-windows", eval_windows)):
+        if value < 1:
+            raise ConfigError(f"--{name} {value} is invalid; it must be >= 1")
     stage(f"loading {model_name} and the {corpus} corpus")
     model = build_model(model_name).eval()
     tokenizer = load_tokenizer(model_name)
