@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from leantrain.cli import main
+from cli_runner import run_cli as _leantrain
 
 DIGITS_RECIPE = {
     "name": "digits-mlp",
@@ -24,20 +24,6 @@ DIGITS_RECIPE = {
     "optim": {"name": "adamw", "lr": 0.003},
     "train": {"epochs": 3, "schedule": "cosine", "warmup_steps": 5, "log_every": 10, "checkpoint_every": 15},
 }
-
-
-def _leantrain(capsys, *args) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["leantrain", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

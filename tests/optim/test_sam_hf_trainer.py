@@ -6,45 +6,20 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from hf_tiny import Tokens as _Tokens  # noqa: E402
+from hf_tiny import tiny_bert as _bert  # noqa: E402
+from hf_tiny import trainer_args  # noqa: E402
 from leantrain.errors import ConfigError  # noqa: E402
 from leantrain.optim import SAM  # noqa: E402
 from leantrain.optim.hf_trainer import SharpnessAwareTrainer  # noqa: E402
-
-N = 8
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 50, (N, 10), generator=g)
-        self.labels = (self.ids[:, 0] > 25).long()
-
-    def __len__(self):
-        return N
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)  # fmt: skip
-    return transformers.BertForSequenceClassification(cfg)
-
-
-def _args(tmp_path, **kw):
-    return transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=N, learning_rate=0.1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, max_grad_norm=0.0, lr_scheduler_type="constant", **kw,
-    )  # fmt: skip
 
 
 def test_one_trainer_step_equals_sam_step(tmp_path):
     model = _bert()
     sam = SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.5, lr=0.1)
-    SharpnessAwareTrainer(model=model, args=_args(tmp_path), train_dataset=_Tokens(), optimizers=(sam, None)).train()
+    SharpnessAwareTrainer(
+        model=model, args=trainer_args(tmp_path), train_dataset=_Tokens(), optimizers=(sam, None)
+    ).train()
 
     reference = _bert()
     ref_opt = SAM(reference.parameters(), base_optimizer=torch.optim.SGD, rho=0.5, lr=0.1)
@@ -70,12 +45,12 @@ def test_refuses_a_plain_optimizer_and_gradient_accumulation(tmp_path):
     model = _bert()
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = SharpnessAwareTrainer(
-        model=model, args=_args(tmp_path), train_dataset=_Tokens(), optimizers=(plain, None)
+        model=model, args=trainer_args(tmp_path), train_dataset=_Tokens(), optimizers=(plain, None)
     )
     with pytest.raises(ConfigError, match="needs a leantrain SAM optimizer"):
         trainer.train()
     sam = SAM(model.parameters(), rho=0.05, lr=0.1)
-    args = _args(tmp_path, gradient_accumulation_steps=2)
+    args = trainer_args(tmp_path, gradient_accumulation_steps=2)
     trainer = SharpnessAwareTrainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(sam, None))
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 only"):
         trainer.train()
@@ -99,7 +74,7 @@ def test_asyncsam_with_an_ascent_takes_one_pass_per_trainer_step(tmp_path):
     model, opt = make()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    SharpnessAwareTrainer(model=model, args=_args(tmp_path), train_dataset=data, optimizers=(opt, None)).train()
+    SharpnessAwareTrainer(model=model, args=trainer_args(tmp_path), train_dataset=data, optimizers=(opt, None)).train()
 
     reference, ref_opt = make()
     reference.train()
@@ -124,7 +99,7 @@ def test_mlbfgs_is_a_plain_optimizer_for_the_trainer(tmp_path):
     kw = {"lr": 0.05, "momentum": 0.9, "update_freq": 1, "history_size": 3}
     model = _bert()
     opt = MLBFGS(model.parameters(), **kw)
-    args = _args(tmp_path)
+    args = trainer_args(tmp_path)
     args.max_steps = 4
     transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
     assert any(st.get("hist_s") is not None and len(st["hist_s"]) for st in opt.state.values())  # pairs were built

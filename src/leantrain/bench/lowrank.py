@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.bench.report import log, markdown_table, mean_std, print_targets, save_figure, write_results
 from leantrain.errors import ConfigError
 
 RECIPE = "dra-resnet20-fashion-mnist"
@@ -174,12 +174,7 @@ def plot_effective_rank(rows: list[dict], path: Path) -> Path:
     ax.set(xlabel="epoch", ylabel="effective rank (mean over the 18 block convs)")
     ax.set_title("ResNet-20 / Fashion-MNIST: effective rank of the target layers (mean over seeds)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, pil_kwargs={"optimize": True})
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def targets(rows: list[dict]) -> dict[str, bool]:

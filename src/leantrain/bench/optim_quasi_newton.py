@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from leantrain.bench.report import log as default_log
-from leantrain.bench.report import markdown_table, mean_std, print_targets, write_results
+from leantrain.bench.report import markdown_table, mean_std, print_targets, save_figure, write_results
 
 METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs", "plain-lbfgs-none", "mlbfgs-none")  # curve rows
 STEP_METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs")  # step-time rows
@@ -414,12 +414,7 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     ax.set_title(f"Ill-conditioned digits, MLP 64-{HIDDEN}-10, batch {BATCH}; bold: median over seeds\n"
                  "(dashed: direction_scaling none); faint: single seeds; x: a seed diverged", fontsize=9)  # fmt: skip
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, pil_kwargs={"optimize": True})
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def targets(curve: list[dict], step: list[dict]) -> dict[str, bool]:

@@ -60,3 +60,15 @@ def print_targets(met: dict[str, bool | None], path: Path) -> None:
     """The issue's targets as evaluated on the measured rows, then where the JSON went."""
     print("\nTargets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in met.items()))
     print(f"wrote {path}")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as an optimized PNG (parent folders created) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, pil_kwargs={"optimize": True})
+    plt.close(fig)
+    return path
