@@ -172,6 +172,36 @@ class PruneConfig:
 
 
 @dataclass
+class MarlConfig:
+    env: str | None = _f(
+        None,
+        "multi-agent environment: matrix:climbing|penalty|nonmonotonic|shifting, lbf:<id>, rware:<id>, "
+        "mpe:simple_spread; None: not a MARL run",
+    )
+    algo: Literal["qmix", "vdn"] = _f("qmix", "value-decomposition learner")
+    mixer: Literal["qmix", "vdn"] = _f("qmix", "mixing network")
+    t_max: int = _f(20_000, "environment steps to train for", ge=1)
+    n_envs: int = _f(8, "environments stepped in lockstep by the runner", ge=1)
+    batch_episodes: int = _f(32, "episodes per learner update", ge=1)
+    buffer_episodes: int = _f(5000, "replay capacity in episodes", ge=1)
+    optimizer: Literal["rmsprop", "adam"] = _f("rmsprop", "learner optimizer (PyMARL: RMSprop; pymarl2: Adam)")
+    learning_rate: float = _f(5e-4, "learner learning rate", gt=0.0)
+    gamma: float = _f(0.99, "discount", ge=0.0, le=1.0)
+    td_lambda: float = _f(0.0, "TD(lambda) of the targets (0: one-step)", ge=0.0, le=1.0)
+    grad_norm_clip: float = _f(10.0, "learner gradient-norm clip", gt=0.0)
+    agent_hidden: int = _f(64, "GRU agent width", ge=1)
+    epsilon_start: float = _f(1.0, "exploration at step 0", ge=0.0, le=1.0)
+    epsilon_finish: float = _f(0.05, "exploration after the anneal", ge=0.0, le=1.0)
+    epsilon_anneal_steps: int = _f(50_000, "environment steps of the linear epsilon decay", ge=1)
+    target_update_episodes: int = _f(200, "hard target-network update every N episodes", ge=1)
+    test_every: int = _f(5_000, "greedy test episodes every N environment steps", ge=1)
+    test_episodes: int = _f(32, "greedy episodes per test", ge=1)
+    log_every_episodes: int = _f(200, "a train record every N episodes", ge=1)
+    switch_episode: int = _f(500, "matrix:shifting: episodes (per environment) before the payoff switches", ge=1)
+    method_options: dict = _f({}, "options of the MARL method (S2Q, WALL)")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "run name; the run folder is <output_dir>/<name>-<timestamp>")
     task: Literal["auto", "classification", "language-modeling"] = _f("auto", "auto: from the dataset kind")
@@ -188,6 +218,7 @@ class RunConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    marl: MarlConfig = field(default_factory=MarlConfig)
 
 
 SECTIONS = {
@@ -197,6 +228,7 @@ SECTIONS = {
     "federated": FederatedConfig,
     "lowrank": LowRankConfig,
     "prune": PruneConfig,
+    "marl": MarlConfig,
 }
 
 
@@ -267,7 +299,16 @@ def from_dict(raw: dict) -> RunConfig:
     scalars = _build_scalars(RunConfig, raw, top)
     _check_names(kwargs["data"])
     _check_lowrank_prune(kwargs["lowrank"], kwargs["prune"])
+    _check_marl(kwargs["marl"])
     return RunConfig(**scalars, **kwargs)
+
+
+def _check_marl(marl: MarlConfig) -> None:
+    if marl.env is not None and marl.env.partition(":")[0] not in ("matrix", "lbf", "rware", "mpe"):
+        raise ConfigError(
+            f"config: unknown environment {marl.env!r} in marl.env; use matrix:<game>, lbf:<id>, rware:<id> or "
+            "mpe:simple_spread"
+        )
 
 
 def _check_lowrank_prune(lowrank: LowRankConfig, prune: PruneConfig) -> None:

@@ -60,6 +60,12 @@ def run(cfg: RunConfig) -> RunResult:
         from leantrain.federated.run import run_federated
 
         return RunResult(run_dir, run_federated(cfg, run_dir, resume=cfg.resume is not None))
+    if cfg.marl.env is not None:
+        from leantrain.marl.run import run_marl
+
+        if cfg.resume is not None:
+            raise ConfigError("resume= is not supported for MARL runs yet")
+        return RunResult(run_dir, run_marl(cfg, run_dir))
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

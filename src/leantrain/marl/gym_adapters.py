@@ -1,0 +1,122 @@
+"""Adapters from PyPI multi-agent environments to :class:`~leantrain.marl.env.MultiAgentEnv` (extras ``[marl]``).
+
+- ``lbforaging`` (Level-Based Foraging 2.0, gymnasium ids such as ``Foraging-8x8-2p-2f-coop-v3``): per-agent
+  vector observations; the state is their concatenation; the mask is each player's valid moves; the team reward
+  is the sum of the players' rewards. LBF reports its step limit as ``terminated``; we report it as
+  ``truncated`` (the episode was cut, not finished), so value targets bootstrap there; only collecting every
+  food terminates.
+- ``rware`` (Robotic Warehouse 2.0, ids such as ``rware-tiny-2ag-v2``): same shape, every action available;
+  it never terminates, its step limit is a truncation.
+- ``mpe2`` ``simple_spread_v3`` (discrete actions, N = 3 by default): PettingZoo parallel API; the state is
+  the environment's global state; the team reward is the (shared) mean of the agents' rewards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from leantrain.errors import ConfigError, MissingDependencyError
+from leantrain.marl.env import EnvInfo, MultiAgentEnv, Observation, Step
+
+MARL_INSTALL = 'pip install -c constraints.txt -e ".[marl]"'
+
+
+class GymnasiumMultiAgent(MultiAgentEnv):
+    """A gymnasium env with Tuple observation/action spaces (one entry per agent): lbforaging, rware."""
+
+    def __init__(self, env_id: str, episode_limit: int | None = None):
+        try:
+            import gymnasium as gym
+
+            if env_id.startswith("Foraging"):
+                import lbforaging  # noqa: F401  (registers the ids)
+            elif env_id.startswith("rware"):
+                import rware  # noqa: F401
+        except ImportError as err:
+            raise MissingDependencyError(f"environment {env_id!r} needs the marl extras: {MARL_INSTALL}") from err
+        try:
+            self.env = gym.make(env_id, disable_env_checker=True)
+        except gym.error.Error as err:
+            raise ConfigError(f"unknown environment id {env_id!r}: {err}") from None
+        core = self.env.unwrapped
+        n = len(self.env.action_space)
+        obs_dim = int(np.prod(self.env.observation_space[0].shape))
+        limit = episode_limit or getattr(core, "_max_episode_steps", None) or getattr(core, "max_steps", None) or 500
+        self.is_lbf = env_id.startswith("Foraging")
+        self.info = EnvInfo(n, int(self.env.action_space[0].n), obs_dim, n * obs_dim, int(limit))
+        self.steps = 0
+
+    def _avail(self) -> np.ndarray:
+        n, k = self.info.n_agents, self.info.n_actions
+        if not self.is_lbf:
+            return np.ones((n, k), bool)
+        core = self.env.unwrapped
+        mask = np.zeros((n, k), bool)
+        for i, player in enumerate(core.players):
+            mask[i, [a.value for a in core._valid_actions[player]]] = True
+        return mask
+
+    def _observation(self, obs) -> Observation:
+        o = np.stack([np.asarray(x, np.float32).reshape(-1) for x in obs])  # (N, obs_dim)
+        return Observation(o, o.reshape(-1).copy(), self._avail())
+
+    def reset(self, seed: int | None = None) -> Observation:
+        obs, _ = self.env.reset(seed=seed)
+        self.steps = 0
+        return self._observation(obs)
+
+    def step(self, actions) -> Step:
+        a = self.check_actions(actions, self._avail())
+        obs, rewards, terminated, truncated, info = self.env.step(tuple(int(x) for x in a))
+        self.steps += 1
+        ended = any(np.atleast_1d(terminated)) or any(np.atleast_1d(truncated))
+        # LBF ends for real when every food is collected; rware never does: its "done" is the step limit
+        finished = self.is_lbf and self.env.unwrapped.field.sum() == 0
+        cut = not finished and (ended or self.steps >= self.info.episode_limit)
+        return Step(self._observation(obs), float(np.sum(rewards)), bool(finished), bool(cut), info)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class SimpleSpread(MultiAgentEnv):
+    """mpe2 ``simple_spread_v3`` with discrete actions through the PettingZoo parallel API."""
+
+    def __init__(self, n_agents: int = 3, episode_limit: int = 25, local_ratio: float = 0.5):
+        try:
+            from mpe2 import simple_spread_v3
+        except ImportError as err:
+            raise MissingDependencyError(f"simple_spread needs the marl extras: {MARL_INSTALL}") from err
+        self.env = simple_spread_v3.parallel_env(N=n_agents, max_cycles=episode_limit, local_ratio=local_ratio,
+                                                 continuous_actions=False)  # fmt: skip
+        self.env.reset(seed=0)
+        self.agents = list(self.env.possible_agents)
+        obs_dim = int(self.env.observation_space(self.agents[0]).shape[0])
+        state_dim = int(self.env.state().shape[0])
+        n_actions = int(self.env.action_space(self.agents[0]).n)
+        self.info = EnvInfo(n_agents, n_actions, obs_dim, state_dim, episode_limit)
+        self.steps = 0
+
+    def _observation(self, obs) -> Observation:
+        o = np.stack([np.asarray(obs[a], np.float32) for a in self.agents])
+        return Observation(
+            o, np.asarray(self.env.state(), np.float32), np.ones((len(self.agents), self.info.n_actions), bool)
+        )
+
+    def reset(self, seed: int | None = None) -> Observation:
+        obs, _ = self.env.reset(seed=seed)
+        self.steps = 0
+        return self._observation(obs)
+
+    def step(self, actions) -> Step:
+        a = self.check_actions(actions, np.ones((self.info.n_agents, self.info.n_actions), bool))
+        obs, rewards, terms, truncs, info = self.env.step(
+            {name: int(x) for name, x in zip(self.agents, a, strict=True)}
+        )
+        self.steps += 1
+        reward = float(np.mean([rewards[name] for name in self.agents]))
+        cut = self.steps >= self.info.episode_limit or all(truncs.values())
+        return Step(self._observation(obs), reward, False, cut, info)
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,115 @@
+"""Q-learning of a value decomposition (VDN / QMIX) over episode batches, with the hooks later methods use.
+
+The loss of one update: Q_tot(s_t, a_t) of the taken actions against a target — one-step or TD(λ) — computed with
+the target networks, double-Q (the online networks pick the next actions, the target networks value them),
+masked mean squared error over real steps, gradient-norm clip 10, a hard target update every
+``target_update_episodes`` episodes. Methods subclass :class:`QLearner` and override
+
+- ``intrinsic_reward(batch) -> (B, T)`` added to the environment reward (exploration bonuses),
+- ``extra_losses(batch, context) -> {name: loss}`` added to the TD loss (auxiliary objectives),
+
+or replace :meth:`td_loss` entirely (S2Q's several sub-values); the runner and replay stay untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leantrain.marl.controller import MultiAgentController, greedy
+from leantrain.marl.episodes import EpisodeBatch
+from leantrain.marl.networks import make_mixer
+from leantrain.marl.targets import td_lambda_targets
+
+
+@dataclass
+class LearnerConfig:
+    mixer: str = "qmix"
+    gamma: float = 0.99
+    td_lambda: float = 0.0  # 0: one-step targets
+    lr: float = 5e-4
+    optimizer: str = "rmsprop"  # PyMARL: RMSprop(alpha 0.99, eps 1e-5); pymarl2: adam
+    grad_clip: float = 10.0
+    double_q: bool = True
+    target_update_episodes: int = 200
+
+
+class QLearner:
+    def __init__(self, mac: MultiAgentController, config: LearnerConfig):
+        self.mac, self.config = mac, config
+        info = mac.info
+        self.mixer = make_mixer(config.mixer, info.n_agents, info.state_dim)
+        self.target_mac, self.target_mixer = copy.deepcopy(mac), copy.deepcopy(self.mixer)
+        self.params = list(mac.parameters()) + list(self.mixer.parameters())
+        self.optimizer = self.make_optimizer(self.params)
+        self.last_target_update = 0
+        self.updates = 0
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr)
+        return torch.optim.RMSprop(params, lr=c.lr, alpha=0.99, eps=1e-5)
+
+    # ------------------------------------------------------------ hooks
+
+    def intrinsic_reward(self, batch: EpisodeBatch) -> torch.Tensor | None:
+        return None
+
+    def extra_losses(self, batch: EpisodeBatch, context: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+    # ------------------------------------------------------------ the update
+
+    def targets(self, batch: EpisodeBatch, q: torch.Tensor, target_qtot_next: torch.Tensor) -> torch.Tensor:
+        rewards = batch["reward"]
+        bonus = self.intrinsic_reward(batch)
+        if bonus is not None:
+            rewards = rewards + bonus
+        c = self.config
+        return td_lambda_targets(rewards, batch["terminated"], batch["filled"], target_qtot_next, c.gamma, c.td_lambda)
+
+    def td_loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict]:
+        """Masked MSE of Q_tot(s, a) against the (TD(λ)) target; returns (loss, context for extra losses)."""
+        actions, avail, filled = batch["actions"], batch["avail"], batch["filled"]
+        q = self.mac.unroll(batch["obs"], actions)  # (B, T+1, N, A)
+        chosen = q[:, :-1].gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T, N)
+        with torch.no_grad():
+            target_q = self.target_mac.unroll(batch["obs"], actions)  # (B, T+1, N, A)
+            pick = greedy(q.detach() if self.config.double_q else target_q, avail)  # (B, T+1, N)
+            target_chosen = target_q.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+            target_qtot = self.target_mixer(target_chosen, batch["state"])  # (B, T+1)
+            y = self.targets(batch, q, target_qtot)
+        qtot = self.mixer(chosen, batch["state"][:, :-1])  # (B, T)
+        err = (qtot - y) * filled
+        loss = err.pow(2).sum() / filled.sum()
+        return loss, {"q": q, "chosen": chosen, "qtot": qtot, "targets": y}
+
+    def train(self, batch: EpisodeBatch, episodes: int) -> dict[str, float]:
+        """One gradient step on ``batch``; ``episodes`` (collected so far) drives the target updates."""
+        batch = batch.trimmed()
+        loss, context = self.td_loss(batch)
+        extras = self.extra_losses(batch, context)
+        total = loss + sum(extras.values()) if extras else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        if episodes - self.last_target_update >= self.config.target_update_episodes:
+            self.update_targets()
+            self.last_target_update = episodes
+        stats = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+        stats.update({k: v.item() for k, v in extras.items()})
+        return stats
+
+    def update_targets(self) -> None:
+        self.target_mac.load_state_dict(self.mac.state_dict())
+        self.target_mixer.load_state_dict(self.mixer.state_dict())
+
+    def state_dict(self) -> dict:
+        nets = {"mac": self.mac, "mixer": self.mixer, "target_mac": self.target_mac, "target_mixer": self.target_mixer}
+        return {name: net.state_dict() for name, net in nets.items()}

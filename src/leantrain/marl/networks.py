@@ -1,0 +1,70 @@
+"""Agent and mixing networks of value decomposition: the shared GRU agent, VDN and QMIX.
+
+- :class:`RNNAgent` (PyMARL's ``rnn`` agent): input → 64 ReLU → GRUCell(64) → Q per action; one network shared by
+  all agents, whose inputs carry the agent's one-hot id and its previous action.
+- :class:`VDNMixer`: Q_tot = Σ_i Q_i (Sunehag et al. 2018).
+- :class:`QMixer` (Rashid et al. 2018): Q_tot = w2ᵀ elu(W1ᵀ q + b1) + b2 with W1, w2 ≥ 0 from hypernetworks of the
+  state (absolute values), so ∂Q_tot/∂Q_i ≥ 0: the argmax of each Q_i is the argmax of Q_tot. Two-layer
+  hypernetworks (embed 64) and mixing embed 32, the PyMARL defaults; b2 comes from a two-layer state network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RNNAgent(nn.Module):
+    def __init__(self, input_dim: int, n_actions: int, hidden: int = 64):
+        super().__init__()
+        self.hidden = hidden
+        self.fc1 = nn.Linear(input_dim, hidden)
+        self.rnn = nn.GRUCell(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, n_actions)
+
+    def init_hidden(self, batch: int) -> torch.Tensor:
+        return self.fc1.weight.new_zeros(batch, self.hidden)
+
+    def forward(self, inputs: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs (M, input_dim), h (M, hidden) -> (q (M, n_actions), h' (M, hidden))."""
+        h = self.rnn(F.relu(self.fc1(inputs)), h)
+        return self.fc2(h), h
+
+
+class VDNMixer(nn.Module):
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """agent_qs (B, T, N) -> Q_tot (B, T)."""
+        return agent_qs.sum(-1)
+
+
+class QMixer(nn.Module):
+    def __init__(self, n_agents: int, state_dim: int, embed: int = 32, hypernet_embed: int = 64):
+        super().__init__()
+        self.n_agents, self.embed = n_agents, embed
+        self.hyper_w1 = nn.Sequential(nn.Linear(state_dim, hypernet_embed), nn.ReLU(),
+                                      nn.Linear(hypernet_embed, embed * n_agents))  # fmt: skip
+        self.hyper_w2 = nn.Sequential(
+            nn.Linear(state_dim, hypernet_embed), nn.ReLU(), nn.Linear(hypernet_embed, embed)
+        )
+        self.hyper_b1 = nn.Linear(state_dim, embed)
+        self.v = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1))
+
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """agent_qs (B, T, N), states (B, T, state_dim) -> Q_tot (B, T)."""
+        b, t, n = agent_qs.shape
+        s = states.reshape(b * t, -1)
+        q = agent_qs.reshape(b * t, 1, n)
+        w1 = self.hyper_w1(s).abs().view(-1, n, self.embed)  # (BT, N, E)
+        hidden = F.elu(torch.bmm(q, w1) + self.hyper_b1(s).view(-1, 1, self.embed))  # (BT, 1, E)
+        w2 = self.hyper_w2(s).abs().view(-1, self.embed, 1)  # (BT, E, 1)
+        y = torch.bmm(hidden, w2) + self.v(s).view(-1, 1, 1)  # (BT, 1, 1)
+        return y.view(b, t)
+
+
+def make_mixer(name: str, n_agents: int, state_dim: int) -> nn.Module:
+    if name == "vdn":
+        return VDNMixer()
+    if name == "qmix":
+        return QMixer(n_agents, state_dim)
+    raise ValueError(f"unknown mixer {name!r}; use vdn or qmix")

@@ -1,0 +1,105 @@
+"""``leantrain run <marl-recipe>``: value-decomposition training with a run folder like any other run.
+
+The recipe's ``marl:`` section picks the environment, the learner and the budget (environment steps). Every
+``n_envs`` episodes collected, the learner takes one update on a batch of ``batch_episodes`` sampled from the
+replay (once it holds that many). Every ``test_every`` steps it runs ``test_episodes`` greedy episodes. The run
+folder holds ``config.yaml``, ``metrics.jsonl`` (``train`` records: t_env, episodes, return, epsilon, loss;
+``test`` records: greedy return), ``summary.json`` and ``model.safetensors`` (the learner's networks).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from leantrain.errors import LeantrainError
+
+
+def build(cfg):
+    """(envs, controller, learner, runner) of a run config's ``marl`` section."""
+    from leantrain.marl.controller import MultiAgentController
+    from leantrain.marl.envs import make_env
+    from leantrain.marl.learner import LearnerConfig, QLearner
+    from leantrain.marl.runner import EpisodeRunner
+
+    m = cfg.marl
+    torch.manual_seed(cfg.seed)
+    envs = [make_env(m.env, m.switch_episode) for _ in range(m.n_envs)]
+    mac = MultiAgentController(envs[0].info, hidden=m.agent_hidden)
+    lc = LearnerConfig(mixer=m.mixer, gamma=m.gamma, td_lambda=m.td_lambda, lr=m.learning_rate, optimizer=m.optimizer,
+                       grad_clip=m.grad_norm_clip, target_update_episodes=m.target_update_episodes)  # fmt: skip
+    learner = QLearner(mac, lc)
+    return envs, mac, learner, EpisodeRunner(envs, mac, seed=cfg.seed)
+
+
+def run_marl(cfg, run_dir: Path) -> dict:
+    from leantrain.marl.controller import EpsilonSchedule
+    from leantrain.marl.episodes import ReplayBuffer
+
+    m = cfg.marl
+    started = time.perf_counter()
+    envs, mac, learner, runner = build(cfg)
+    test_runner = type(runner)(envs, mac, seed=cfg.seed + 10_007)
+    buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
+    epsilon = EpsilonSchedule(m.epsilon_start, m.epsilon_finish, m.epsilon_anneal_steps)
+    t_env, episodes, next_test, status = 0, 0, 0, "completed"
+    log_path = run_dir / "metrics.jsonl"
+    train_returns: list[float] = []
+    last_stats: dict = {}
+
+    def emit(record: dict) -> None:
+        with log_path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        if cfg.progress != "none":
+            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            print(shown, flush=True)
+
+    def test() -> float:
+        returns = []
+        while len(returns) < m.test_episodes:
+            _, stats = test_runner.run(0.0, test=True)
+            returns += stats.returns
+        value = statistics.fmean(returns[: m.test_episodes])
+        emit({"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value})
+        return value
+
+    try:
+        while t_env < m.t_max:
+            if t_env >= next_test:
+                test()
+                next_test += m.test_every
+            batch, stats = runner.run(epsilon(t_env))
+            buffer.insert(batch)
+            t_env += stats.steps
+            episodes += len(stats.returns)
+            train_returns += stats.returns
+            if buffer.can_sample(m.batch_episodes):
+                last_stats = learner.train(buffer.sample(m.batch_episodes), episodes)
+            if episodes % m.log_every_episodes < len(stats.returns) and train_returns:
+                mean = statistics.fmean(train_returns)
+                emit({"split": "train", "t_env": t_env, "episodes": episodes, "return_mean": mean,
+                      "epsilon": epsilon(t_env), **last_stats})  # fmt: skip
+                train_returns = []
+    except KeyboardInterrupt:
+        status = "interrupted"
+    final = test()
+    save_file({f"{k}.{n}": v.contiguous() for k, sd in learner.state_dict().items() for n, v in sd.items()},
+              str(run_dir / "model.safetensors"))  # fmt: skip
+    summary = {
+        "name": cfg.name, "run_dir": str(run_dir), "task": "marl", "metric_name": "return", "status": status,
+        "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,
+        "updates": learner.updates, "final": {"test_return": final},
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "env_steps_per_s": t_env / max(time.perf_counter() - started, 1e-9),
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    for env in envs:
+        env.close()
+    if status == "interrupted":
+        raise LeantrainError(f"interrupted at t_env {t_env}; the run folder {run_dir} has what was logged")
+    return summary
