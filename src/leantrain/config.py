@@ -178,7 +178,7 @@ class MarlConfig:
         "multi-agent environment: matrix:climbing|penalty|nonmonotonic|shifting, lbf:<id>, rware:<id>, "
         "mpe:simple_spread; None: not a MARL run",
     )
-    algo: Literal["qmix", "vdn"] = _f("qmix", "value-decomposition learner")
+    algo: Literal["qmix", "vdn", "s2q"] = _f("qmix", "learner: plain value decomposition (qmix, vdn) or s2q")
     mixer: Literal["qmix", "vdn"] = _f("qmix", "mixing network")
     t_max: int = _f(20_000, "environment steps to train for", ge=1)
     n_envs: int = _f(8, "environments stepped in lockstep by the runner", ge=1)

@@ -51,15 +51,20 @@ class MultiAgentController(nn.Module):
         q, h = self.agent(self.inputs(obs, last_actions), h)
         return q.view(obs.shape[0], self.info.n_agents, -1), h
 
-    def unroll(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q of every slot of a batch: obs (B, T+1, N, obs_dim), actions (B, T, N) -> (B, T+1, N, A)."""
+    def unroll(self, obs: torch.Tensor, actions: torch.Tensor, hidden: bool = False):
+        """Q of every slot of a batch: obs (B, T+1, N, obs_dim), actions (B, T, N) -> (B, T+1, N, A).
+
+        With ``hidden=True`` also the agents' hidden states after each slot, (B, T+1, N, hidden).
+        """
         b, slots = obs.shape[:2]
         h = self.init_hidden(b)
-        out = []
+        out, states = [], []
         for t in range(slots):
             q, h = self.step(obs[:, t], actions[:, t - 1] if t else None, h)
             out.append(q)
-        return torch.stack(out, dim=1)
+            states.append(h.view(b, self.info.n_agents, -1))
+        qs = torch.stack(out, dim=1)
+        return (qs, torch.stack(states, dim=1)) if hidden else qs
 
 
 def greedy(q: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:

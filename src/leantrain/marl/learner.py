@@ -103,6 +103,7 @@ class QLearner:
             self.update_targets()
             self.last_target_update = episodes
         stats = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+        stats.update({f"loss_{k}": float(v) for k, v in context.get("losses", {}).items()})
         stats.update({k: v.item() for k, v in extras.items()})
         return stats
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from leantrain.errors import LeantrainError
+from leantrain.errors import ConfigError, LeantrainError
 
 
 def build(cfg):
@@ -33,8 +33,19 @@ def build(cfg):
     mac = MultiAgentController(envs[0].info, hidden=m.agent_hidden)
     lc = LearnerConfig(mixer=m.mixer, gamma=m.gamma, td_lambda=m.td_lambda, lr=m.learning_rate, optimizer=m.optimizer,
                        grad_clip=m.grad_norm_clip, target_update_episodes=m.target_update_episodes)  # fmt: skip
-    learner = QLearner(mac, lc)
-    return envs, mac, learner, EpisodeRunner(envs, mac, seed=cfg.seed)
+    runner = EpisodeRunner(envs, mac, seed=cfg.seed)
+    if m.algo == "s2q":
+        from leantrain.marl.s2q import S2QConfig, S2QLearner
+
+        try:
+            options = S2QConfig(**m.method_options)
+        except TypeError as err:
+            raise ConfigError(f"marl.method_options for s2q: {err}") from None
+        learner = S2QLearner(mac, lc, options)
+        runner.action_hook = learner.behaviour_hook(runner, seed=cfg.seed)
+    else:
+        learner = QLearner(mac, lc)
+    return envs, mac, learner, runner
 
 
 def run_marl(cfg, run_dir: Path) -> dict:

@@ -5,7 +5,9 @@ batching the agent network over them does. Finished environments wait for the ot
 
 - ``action_hook(t, actions, q, avail, active) -> actions``: change the joint actions before they are executed
   (attacks replace some agents' actions; behaviour policies pick other sub-values). ``actions`` (E, N),
-  ``q`` (E, N, A), ``avail`` (E, N, A), ``active`` (E,) bool.
+  ``q`` (E, N, A), ``avail`` (E, N, A), ``active`` (E,) bool. ``runner.current`` holds the step's ``obs``,
+  ``last_actions``, the controller's new ``hidden`` state and ``epsilon``; ``runner.test`` says whether the
+  episode is a greedy test episode.
 - ``step_fields``: extra per-step fields the hook fills through ``record`` ({name: shape}).
 """
 
@@ -52,6 +54,7 @@ class EpisodeRunner:
     def run(self, epsilon: float, test: bool = False) -> tuple[EpisodeBatch, RunStats]:
         """One episode in every environment; returns them as a batch (E episodes) and their statistics."""
         n_env, info = len(self.envs), self.info
+        self.test = test
         recorders = [EpisodeRecorder(info, self.step_fields) for _ in range(n_env)]
         current = []
         for i, env in enumerate(self.envs):
@@ -70,6 +73,8 @@ class EpisodeRunner:
             q, h = self.mac.step(obs, last, h)
             actions = epsilon_greedy(q, avail, 0.0 if test else epsilon, self.rng)
             self.pending = {}
+            # what a hook may read: this step's inputs, the controller's new hidden state, the exploration rate
+            self.current = {"obs": obs, "last_actions": last, "hidden": h, "epsilon": 0.0 if test else epsilon}
             if self.action_hook is not None:
                 actions = self.action_hook(t, actions, q, avail, active.copy())
             for i in np.flatnonzero(active):

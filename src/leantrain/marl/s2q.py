@@ -1,0 +1,227 @@
+"""S2Q, Successive Sub-value Q-learning (arXiv 2602.17062): keep valuing the runner-up joint actions so that a
+shifting optimum is followed at once.
+
+Besides the usual QMIX value Q¹ (used greedily at test time), S2Q learns K more sub-values Q², ..., Q^{K+1}, each
+trained to represent the best joint action left once the greedy joint actions of the earlier ones are
+suppressed, plus an unrestricted central critic Q* (WQMIX-style) that values any joint action, and a small
+encoder-decoder that predicts, from the agents' hidden states, which sub-value's greedy action is best. With
+ā^k the greedy joint action of sub-value k:
+
+- target (shared): y = TD(λ = 0.6) return bootstrapped with Q*_tgt(s', ā¹(s'));
+- L* = mean (Q*(s, a) − y)²;
+- L1 = mean w1 (Q¹_tot(s, a) − y)², w1 = 1 if Q*(s, a) ≥ Q*_tgt(s, ā^k) for every k, else w_c = 0.9;
+- L_{k+1} = mean w (Q^{k+1}_tot(s, a) − [y − 1[a ∈ {ā¹..ā^k}] Q*(s, a)])², w = 1 where the sub-value is below
+  its target, else w_c (suppression: the earlier greedy actions are pushed towards 0);
+- L_latent = KL(softmax(Q*_tgt(s, ā^k)/T)_k ‖ P̂) + MSE(ŝ, s) with (P̂, ŝ) decoded from the Q¹ agents' hidden states;
+- behaviour (training only): per episode, with probability 0.5 act greedily on Q¹, else at every step sample
+  k ~ P̂ (shared by the agents) and execute ā^k; epsilon-greedy on top. Test: greedy on Q¹.
+
+All losses are summed and optimized with one Adam (lr 1e-3), gradient clip 10. Defaults: K = 2, T = 0.1,
+w_c = 0.9, TD(λ) 0.6 (the official ``s2q.yaml``).
+
+Deliberate departures and choices:
+
+- Suppression subtracts the central Q*(s, a) itself, as the official code; ``suppression="paper"`` subtracts a
+  constant ``alpha`` instead (the paper's description).
+- K = 0 leaves nothing to suppress or select: S2Q is then exactly QMIX (same targets, same loss; tested).
+- The central critic's agent network has one output per action (the official ``central_action_embed`` = 1)
+  and its mixer is a 3 × 256 feed-forward network on [state, chosen Qs] plus a state-value head.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantrain.errors import ConfigError
+from leantrain.marl.controller import MultiAgentController, epsilon_greedy, greedy
+from leantrain.marl.episodes import EpisodeBatch
+from leantrain.marl.learner import LearnerConfig, QLearner
+from leantrain.marl.networks import QMixer
+from leantrain.marl.targets import td_lambda_targets
+
+
+@dataclass
+class S2QConfig:
+    k: int = 2  # extra sub-values
+    temperature: float = 0.1
+    w_c: float = 0.9
+    greedy_episode_prob: float = 0.5
+    suppression: str = "code"  # "code": subtract Q*(s, a); "paper": subtract alpha
+    alpha: float = 1.0
+    central_embed: int = 256
+    latent: int = 32
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ConfigError(f"S2Q k={self.k!r} must be an integer >= 0")
+        if self.suppression not in ("code", "paper"):
+            raise ConfigError(f"S2Q suppression={self.suppression!r} must be 'code' or 'paper'")
+        if not self.temperature > 0 or not 0 <= self.w_c <= 1:
+            raise ConfigError("S2Q needs temperature > 0 and w_c in [0, 1]")
+
+
+class CentralMixer(nn.Module):
+    """Unrestricted Q*(s, a): a feed-forward net on [state, per-agent Qs of the joint action] plus V(s)."""
+
+    def __init__(self, n_agents: int, state_dim: int, embed: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(state_dim + n_agents, embed), nn.ReLU(), nn.Linear(embed, embed), nn.ReLU(),
+                                 nn.Linear(embed, embed), nn.ReLU(), nn.Linear(embed, 1))  # fmt: skip
+        self.v = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1))
+
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """agent_qs (B, T, N), states (B, T, S) -> (B, T)."""
+        return (self.net(torch.cat([states, agent_qs], -1)) + self.v(states)).squeeze(-1)
+
+
+class SubValueSelector(nn.Module):
+    """Encoder-decoder on the concatenated hidden states of all agents: P̂ over the K+1 sub-values and ŝ."""
+
+    def __init__(self, n_agents: int, hidden: int, state_dim: int, choices: int, latent: int = 32):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(n_agents * hidden, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                     nn.Linear(64, latent))  # fmt: skip
+        self.decoder = nn.Sequential(nn.Linear(latent, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        self.state_head = nn.Linear(64, state_dim)
+        self.choice_head = nn.Linear(64, choices)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (..., N, H) -> (log P̂ (..., K+1), ŝ (..., S))."""
+        z = self.decoder(self.encoder(hidden.flatten(-2)))
+        return F.log_softmax(self.choice_head(z), -1), self.state_head(z)
+
+
+def _joint_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 where the joint actions agree for every agent: (..., N) -> (...)."""
+    return (a == b).all(-1).float()
+
+
+class S2QLearner(QLearner):
+    def __init__(self, mac: MultiAgentController, config: LearnerConfig, s2q: S2QConfig | None = None):
+        super().__init__(mac, config)
+        self.s2q = s2q or S2QConfig()
+        if self.s2q.k == 0:
+            return  # exactly QMIX
+        info = mac.info
+        hidden = mac.agent.hidden
+        self.subs = [mac] + [MultiAgentController(info, hidden) for _ in range(self.s2q.k)]
+        self.sub_mixers = [self.mixer] + [QMixer(info.n_agents, info.state_dim) for _ in range(self.s2q.k)]
+        self.central_agent = MultiAgentController(info, hidden)
+        self.central_mixer = CentralMixer(info.n_agents, info.state_dim, self.s2q.central_embed)
+        self.selector = SubValueSelector(info.n_agents, hidden, info.state_dim, self.s2q.k + 1, self.s2q.latent)
+        self.target_central_agent = copy.deepcopy(self.central_agent)
+        self.target_central_mixer = copy.deepcopy(self.central_mixer)
+        modules = [*self.subs, *self.sub_mixers, self.central_agent, self.central_mixer, self.selector]
+        self.params = [p for m in modules for p in m.parameters()]
+        self.optimizer = self.make_optimizer(self.params)
+
+    # ------------------------------------------------------------ learning
+
+    @staticmethod
+    def _central(mixer: CentralMixer, q: torch.Tensor, joint: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Q*(s, joint) from the central agent Qs q (B, T, N, A) and joint actions (B, T, N) -> (B, T)."""
+        return mixer(q.gather(-1, joint.unsqueeze(-1)).squeeze(-1), states)
+
+    def td_loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict]:
+        if self.s2q.k == 0:
+            return super().td_loss(batch)
+        c, s2q = self.config, self.s2q
+        actions, avail, filled, states = batch["actions"], batch["avail"], batch["filled"], batch["state"]
+        obs = batch["obs"]
+        sub_q, hidden = [], None
+        for i, sub in enumerate(self.subs):
+            if i == 0:
+                q, hidden = sub.unroll(obs, actions, hidden=True)  # (B, T+1, N, A), (B, T+1, N, H)
+            else:
+                q = sub.unroll(obs, actions)
+            sub_q.append(q)
+        greedy_joint = [greedy(q.detach(), avail) for q in sub_q]  # ā^k, each (B, T+1, N)
+        central_q = self.central_agent.unroll(obs, actions)  # (B, T+1, N, A)
+        q_star = self._central(self.central_mixer, central_q[:, :-1], actions, states[:, :-1])
+        with torch.no_grad():
+            target_central_q = self.target_central_agent.unroll(obs, actions)
+            # Q*_tgt at every slot for every sub-value's greedy joint action: (K+1, B, T+1)
+            q_star_greedy = torch.stack(
+                [self._central(self.target_central_mixer, target_central_q, g, states) for g in greedy_joint]
+            )
+            y = td_lambda_targets(batch["reward"], batch["terminated"], filled, q_star_greedy[0], c.gamma, c.td_lambda)
+        mask_sum = filled.sum()
+        losses = {"central": ((q_star - y) * filled).pow(2).sum() / mask_sum}
+        taken_star = q_star.detach()
+        best = (taken_star.unsqueeze(0) >= q_star_greedy[:, :, :-1]).all(0).float()  # (B, T)
+        for i, (q, mixer) in enumerate(zip(sub_q, self.sub_mixers, strict=True)):
+            chosen = q[:, :-1].gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T, N)
+            qtot = mixer(chosen, states[:, :-1])  # (B, T)
+            if i == 0:
+                target, w = y, best + (1 - best) * s2q.w_c
+            else:
+                hit = torch.clamp(sum(_joint_equal(actions, g[:, :-1]) for g in greedy_joint[:i]), max=1.0)
+                amount = taken_star if s2q.suppression == "code" else torch.full_like(y, s2q.alpha)
+                target = y - hit * amount
+                w = torch.where(qtot.detach() < target, torch.ones_like(y), torch.full_like(y, s2q.w_c))
+            losses[f"sub{i + 1}"] = (w * (qtot - target).pow(2) * filled).sum() / mask_sum
+        log_p, state_hat = self.selector(hidden[:, :-1].detach())  # (B, T, K+1), (B, T, S)
+        p_k = F.softmax(q_star_greedy[:, :, :-1].permute(1, 2, 0) / s2q.temperature, -1)  # (B, T, K+1)
+        kl = (p_k * (torch.log(p_k.clamp_min(1e-12)) - log_p)).sum(-1)
+        mse = (state_hat - states[:, :-1]).pow(2).mean(-1)
+        losses["latent"] = ((kl + mse) * filled).sum() / mask_sum
+        total = sum(losses.values())
+        return total, {"losses": {k: v.detach() for k, v in losses.items()}}
+
+    def update_targets(self) -> None:
+        super().update_targets()
+        if self.s2q.k:
+            self.target_central_agent.load_state_dict(self.central_agent.state_dict())
+            self.target_central_mixer.load_state_dict(self.central_mixer.state_dict())
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        if self.s2q.k:
+            for i, (sub, mixer) in enumerate(zip(self.subs[1:], self.sub_mixers[1:], strict=True), start=2):
+                out[f"sub{i}_mac"], out[f"sub{i}_mixer"] = sub.state_dict(), mixer.state_dict()
+            out["central_agent"], out["central_mixer"] = (
+                self.central_agent.state_dict(),
+                self.central_mixer.state_dict(),
+            )
+            out["selector"] = self.selector.state_dict()
+        return out
+
+    # ------------------------------------------------------------ behaviour policy
+
+    def behaviour_hook(self, runner, seed: int = 0):
+        """The runner hook of S2Q's training behaviour (greedy-Q¹ or sampled-sub-value episodes)."""
+        rng = np.random.default_rng(seed)
+        state = {"mixed": None, "hidden": None}
+        k = self.s2q.k
+
+        @torch.no_grad()
+        def hook(t, actions, q, avail, active):
+            if k == 0 or runner.test:
+                return actions
+            cur = runner.current
+            e = actions.shape[0]
+            if t == 0:
+                state["mixed"] = rng.random(e) >= self.s2q.greedy_episode_prob
+                state["hidden"] = [sub.init_hidden(e) for sub in self.subs[1:]]
+            joints = [greedy(q, avail)]
+            for i, sub in enumerate(self.subs[1:]):
+                q_i, state["hidden"][i] = sub.step(cur["obs"], cur["last_actions"], state["hidden"][i])
+                joints.append(greedy(q_i, avail))
+            log_p, _ = self.selector(cur["hidden"].view(e, self.mac.info.n_agents, -1))
+            choice = torch.multinomial(
+                log_p.exp(), 1, generator=torch.Generator().manual_seed(int(rng.integers(2**31)))
+            )
+            picked = torch.stack(joints)[choice.squeeze(-1), torch.arange(e)]  # (E, N)
+            explored = epsilon_greedy(
+                torch.zeros_like(q).scatter_(-1, picked.unsqueeze(-1), 1.0), avail, cur["epsilon"], rng
+            )
+            mixed = torch.as_tensor(state["mixed"])[:, None]
+            return torch.where(mixed, explored, actions)
+
+        return hook
