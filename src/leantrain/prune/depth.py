@@ -125,12 +125,19 @@ def boundary_states(
     return BoundaryStates(states)
 
 
-def layer_similarity(states: BoundaryStates) -> torch.Tensor:
+def layer_similarity(source: BoundaryStates | nn.Module, calibration: Iterable[Batch] | None = None) -> torch.Tensor:
     """LoRP's S (N, N): mean over tokens of cos(h_i(t), h_j(t)) between block inputs, diagonal set to 1.
 
-    The official code averages per-batch token means; over equal-length batches (fixed calibration windows, as
-    here) that is the mean over all tokens, which is what this computes.
+    ``source`` is captured :class:`BoundaryStates`, or a model with its ``calibration`` batches. The official code
+    averages per-batch token means; over equal-length batches (fixed calibration windows, as here) that is the
+    mean over all tokens, which is what this computes.
     """
+    if isinstance(source, BoundaryStates):
+        states = source
+    elif calibration is None:
+        raise ConfigError("layer_similarity(model, calibration) needs the calibration batches")
+    else:
+        states = boundary_states(source, calibration)
     h = torch.stack(states.states[:-1])  # (N, T, C) block inputs
     h = nn.functional.normalize(h.double(), dim=-1)
     s = torch.einsum("itc,jtc->ij", h, h) / h.shape[1]  # (N, N)
