@@ -131,6 +131,7 @@ BENCH_AREAS = {
     "lowrank": "leantrain.bench.lowrank",
     "prune": "leantrain.bench.prune",
     "compress": "leantrain.bench.compress",
+    "marl": "leantrain.bench.marl",
 }
 
 

@@ -197,7 +197,7 @@ class MarlConfig:
     test_every: int = _f(5_000, "greedy test episodes every N environment steps", ge=1)
     test_episodes: int = _f(32, "greedy episodes per test", ge=1)
     log_every_episodes: int = _f(200, "a train record every N episodes", ge=1)
-    switch_episode: int = _f(500, "matrix:shifting: episodes (per environment) before the payoff switches", ge=1)
+    switch_episode: int = _f(10_000, "matrix:shifting: training episodes (all environments) before the switch", ge=1)
     method_options: dict = _f({}, "options of the MARL method (S2Q, WALL)")
 
 

@@ -102,13 +102,20 @@ def test_recorder_pads_and_replay_samples_whole_episodes():
         buffer.sample(6)
 
 
-def test_the_shifting_game_switches_its_optimum():
-    game = make_matrix_game("shifting", switch_episode=3)
+def test_the_shifting_game_switches_its_optimum_on_training_episodes_only():
+    from leantrain.marl.matrix_games import EpisodeClock
+
+    clock = EpisodeClock()
+    games = [make_matrix_game("shifting", 3, clock) for _ in range(2)]
+    test_game = make_matrix_game("shifting", 3, clock, counts=False)
     optima = []
-    for _ in range(5):
-        game.reset()
-        optima.append(game.optimum())
+    for i in range(5):
+        games[i % 2].reset()
+        optima.append(games[i % 2].optimum())
+        test_game.reset()  # tests read the clock, never advance it
+        assert test_game.optimum() == optima[-1]
     assert optima[:3] == [((0, 0), 11.0)] * 3 and optima[3:] == [((2, 2), 11.0)] * 2
+    assert clock.episodes == 5
 
 
 def _train(seed):

@@ -7,12 +7,13 @@ from leantrain.errors import ConfigError
 from leantrain.marl.env import MultiAgentEnv
 
 
-def make_env(name: str, switch_episode: int = 500) -> MultiAgentEnv:
+def make_env(name: str, switch_episode: int = 500, clock=None, counts: bool = True) -> MultiAgentEnv:
+    """An environment by name; ``clock`` / ``counts`` share the shifting game's episode count (test copies read it)."""
     kind, _, rest = name.partition(":")
     if kind == "matrix":
         from leantrain.marl.matrix_games import make_matrix_game
 
-        return make_matrix_game(rest, switch_episode)
+        return make_matrix_game(rest, switch_episode, clock, counts)
     if kind in ("lbf", "rware"):
         from leantrain.marl.gym_adapters import GymnasiumMultiAgent
 

@@ -7,8 +7,10 @@ step. Observations carry no information (a constant 1), the state is constant, e
   monotonic decomposition is drawn to the safe (2, 2) = 5 or (1, 1) = 7.
 - ``penalty`` (k = −100): [[k, 0, 10], [0, 2, 0], [10, 0, k]], optima (0, 2) and (2, 0) = 10.
 - ``nonmonotonic`` (pymarl2's default one-step game, as S2Q's code): [[8, −12, −12], [−12, 0, 0], [−12, 0, 0]].
-- ``shifting``: climbing for the first ``switch_episode`` episodes, then the climbing matrix with rows and
-  columns reversed (optimum moves from (0, 0) to (2, 2)), the S2Q setting where the optimum shifts mid-run.
+- ``shifting``: climbing for the first ``switch_episode`` training episodes, then the climbing matrix with rows
+  and columns reversed (optimum moves from (0, 0) to (2, 2)), the S2Q setting where the optimum shifts mid-run.
+  Games built with one :class:`EpisodeClock` share the count: training games advance it at every reset, test
+  games (``counts=False``) only read it, so greedy tests never move the switch.
 """
 
 from __future__ import annotations
@@ -26,10 +28,18 @@ PAYOFFS = {
 }
 
 
+class EpisodeClock:
+    """Training episodes started so far, shared by the games of one run."""
+
+    def __init__(self):
+        self.episodes = 0
+
+
 class MatrixGame(MultiAgentEnv):
     """A one-step two-player cooperative game with a (3, 3) payoff matrix; ``after`` switches it mid-run."""
 
-    def __init__(self, payoff, after=None, switch_episode: int | None = None):
+    def __init__(self, payoff, after=None, switch_episode: int | None = None, clock: EpisodeClock | None = None,
+                 counts: bool = True):  # fmt: skip
         self.payoffs = [np.asarray(payoff, dtype=np.float32)]
         if after is not None:
             if switch_episode is None or switch_episode < 1:
@@ -42,13 +52,13 @@ class MatrixGame(MultiAgentEnv):
                 f"matrix game payoffs must be square and of one shape, got {[p.shape for p in self.payoffs]}"
             )
         self.info = EnvInfo(n_agents=2, n_actions=rows, obs_dim=1, state_dim=1, episode_limit=1)
-        self.episodes = 0  # resets so far: the shifting game switches on this count
+        self.clock, self.counts = clock or EpisodeClock(), counts
+        self.switched = False  # whether the episode in progress uses the switched payoff
 
     @property
     def payoff(self) -> np.ndarray:
         """The payoff of the episode in progress."""
-        switched = self.switch_episode is not None and self.episodes > self.switch_episode
-        return self.payoffs[-1] if switched else self.payoffs[0]
+        return self.payoffs[-1] if self.switched else self.payoffs[0]
 
     def optimum(self) -> tuple[tuple[int, int], float]:
         """The best joint action of the current payoff and its value."""
@@ -61,7 +71,9 @@ class MatrixGame(MultiAgentEnv):
         return Observation(np.ones((2, 1), np.float32), np.ones(1, np.float32), np.ones((2, n), bool))
 
     def reset(self, seed: int | None = None) -> Observation:
-        self.episodes += 1
+        if self.counts:
+            self.clock.episodes += 1
+        self.switched = self.switch_episode is not None and self.clock.episodes > self.switch_episode
         return self._observation()
 
     def step(self, actions) -> Step:
@@ -69,9 +81,11 @@ class MatrixGame(MultiAgentEnv):
         return Step(self._observation(), float(self.payoff[a[0], a[1]]), True, False, {})
 
 
-def make_matrix_game(name: str, switch_episode: int = 500) -> MatrixGame:
+def make_matrix_game(
+    name: str, switch_episode: int = 500, clock: EpisodeClock | None = None, counts: bool = True
+) -> MatrixGame:
     if name == "shifting":
-        return MatrixGame(CLIMBING, np.asarray(CLIMBING)[::-1, ::-1], switch_episode)
+        return MatrixGame(CLIMBING, np.asarray(CLIMBING)[::-1, ::-1], switch_episode, clock, counts)
     if name not in PAYOFFS:
         raise ConfigError(f"unknown matrix game {name!r}; choose from {', '.join([*PAYOFFS, 'shifting'])}")
     return MatrixGame(PAYOFFS[name])

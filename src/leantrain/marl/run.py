@@ -21,15 +21,17 @@ from leantrain.errors import ConfigError, LeantrainError
 
 
 def build(cfg):
-    """(envs, controller, learner, runner) of a run config's ``marl`` section."""
+    """(training envs, test envs, controller, learner, runner) of a run config's ``marl`` section."""
     from leantrain.marl.controller import MultiAgentController
     from leantrain.marl.envs import make_env
     from leantrain.marl.learner import LearnerConfig, QLearner
+    from leantrain.marl.matrix_games import EpisodeClock
     from leantrain.marl.runner import EpisodeRunner
 
     m = cfg.marl
     torch.manual_seed(cfg.seed)
-    envs = [make_env(m.env, m.switch_episode) for _ in range(m.n_envs)]
+    clock = EpisodeClock()
+    envs = [make_env(m.env, m.switch_episode, clock) for _ in range(m.n_envs)]
     mac = MultiAgentController(envs[0].info, hidden=m.agent_hidden)
     lc = LearnerConfig(mixer=m.mixer, gamma=m.gamma, td_lambda=m.td_lambda, lr=m.learning_rate, optimizer=m.optimizer,
                        grad_clip=m.grad_norm_clip, target_update_episodes=m.target_update_episodes)  # fmt: skip
@@ -45,7 +47,8 @@ def build(cfg):
         runner.action_hook = learner.behaviour_hook(runner, seed=cfg.seed)
     else:
         learner = QLearner(mac, lc)
-    return envs, mac, learner, runner
+    test_envs = [make_env(m.env, m.switch_episode, clock, counts=False) for _ in range(m.n_envs)]
+    return envs, test_envs, mac, learner, runner
 
 
 def run_marl(cfg, run_dir: Path) -> dict:
@@ -54,8 +57,8 @@ def run_marl(cfg, run_dir: Path) -> dict:
 
     m = cfg.marl
     started = time.perf_counter()
-    envs, mac, learner, runner = build(cfg)
-    test_runner = type(runner)(envs, mac, seed=cfg.seed + 10_007)
+    envs, test_envs, mac, learner, runner = build(cfg)
+    test_runner = type(runner)(test_envs, mac, seed=cfg.seed + 10_007)
     buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
     epsilon = EpsilonSchedule(m.epsilon_start, m.epsilon_finish, m.epsilon_anneal_steps)
     t_env, episodes, next_test, status = 0, 0, 0, "completed"
@@ -109,7 +112,7 @@ def run_marl(cfg, run_dir: Path) -> dict:
         "env_steps_per_s": t_env / max(time.perf_counter() - started, 1e-9),
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    for env in envs:
+    for env in envs + test_envs:
         env.close()
     if status == "interrupted":
         raise LeantrainError(f"interrupted at t_env {t_env}; the run folder {run_dir} has what was logged")
