@@ -30,3 +30,24 @@ def test_bad_marl_config_is_refused(tmp_path):
         resolve("qmix-climbing", ["marl.env=gridworld"])
     with pytest.raises(ConfigError, match="marl.mixer"):
         resolve("qmix-climbing", ["marl.mixer=qplex"])
+
+
+def test_s2q_recipes_run_reduced(tmp_path):
+    for recipe in ("s2q-climbing", "s2q-shifting"):
+        cfg = resolve(recipe, ["marl.t_max=160", "marl.test_every=80", "marl.switch_episode=80", "progress=none",
+                               f"output_dir={tmp_path}"])  # fmt: skip
+        s = run(cfg).summary
+        assert s["status"] == "completed" and s["algo"] == "s2q" and s["updates"] > 0
+
+
+def test_bench_marl_recovery_and_targets():
+    from leantrain.bench import marl
+
+    tests = [{"episodes": e, "return_mean": r} for e, r in ((9000, 11.0), (10500, 5.0), (11000, 11.0), (11500, 11.0))]
+    assert marl._recovery(tests, 10_000) == 1000
+    assert marl._recovery(tests[:2], 10_000) is None
+    rows = [
+        {"method": "s2q-climbing", "metric": 0.8, "seeds": 5},
+        {"method": "qmix-climbing", "metric": 0.2, "seeds": 5},
+    ]
+    assert marl.targets(rows) == {"s2q_climbing_optimum>=4/5": True, "qmix_climbing_optimum<=1/5": True}
