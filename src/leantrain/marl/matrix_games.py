@@ -7,8 +7,11 @@ step. Observations carry no information (a constant 1), the state is constant, e
   monotonic decomposition is drawn to the safe (2, 2) = 5 or (1, 1) = 7.
 - ``penalty`` (k = −100): [[k, 0, 10], [0, 2, 0], [10, 0, k]], optima (0, 2) and (2, 0) = 10.
 - ``nonmonotonic`` (pymarl2's default one-step game, as S2Q's code): [[8, −12, −12], [−12, 0, 0], [−12, 0, 0]].
-- ``shifting``: climbing for the first ``switch_episode`` training episodes, then the climbing matrix with rows
-  and columns reversed (optimum moves from (0, 0) to (2, 2)), the S2Q setting where the optimum shifts mid-run.
+- ``shifting``: climbing for the first ``switch_episode`` training episodes, then
+  [[5, 0, 0], [0, 7, −30], [0, −30, 11]]: the optimum moves from (0, 0) to (2, 2), again guarded by −30 traps,
+  while the safe cell (1, 1) = 7 stays where it was (so a policy stuck there does not "recover" by accident, as
+  it would if the matrix were simply reversed: the old safe cell (2, 2) = 5 would become the new optimum). The
+  S2Q setting where the optimum shifts mid-run.
   Games built with one :class:`EpisodeClock` share the count: training games advance it at every reset, test
   games (``counts=False``) only read it, so greedy tests never move the switch.
 """
@@ -21,6 +24,7 @@ from leantrain.errors import ConfigError
 from leantrain.marl.env import EnvInfo, MultiAgentEnv, Observation, Step
 
 CLIMBING = [[11, -30, 0], [-30, 7, 6], [0, 0, 5]]
+SHIFTED = [[5, 0, 0], [0, 7, -30], [0, -30, 11]]  # the shifting game after its switch
 PAYOFFS = {
     "climbing": CLIMBING,
     "penalty": [[-100, 0, 10], [0, 2, 0], [10, 0, -100]],
@@ -85,7 +89,7 @@ def make_matrix_game(
     name: str, switch_episode: int = 500, clock: EpisodeClock | None = None, counts: bool = True
 ) -> MatrixGame:
     if name == "shifting":
-        return MatrixGame(CLIMBING, np.asarray(CLIMBING)[::-1, ::-1], switch_episode, clock, counts)
+        return MatrixGame(CLIMBING, SHIFTED, switch_episode, clock, counts)
     if name not in PAYOFFS:
         raise ConfigError(f"unknown matrix game {name!r}; choose from {', '.join([*PAYOFFS, 'shifting'])}")
     return MatrixGame(PAYOFFS[name])
