@@ -44,13 +44,14 @@ QUICK = ["data.train_subset=1500", "data.eval_subset=1000", "train.epochs=3", "t
 
 def _phases(cfg) -> list[str]:
     """The phase of every epoch of ``cfg``'s run."""
+    from leantrain.lowrank import DynamicRankSchedule
     from leantrain.lowrank.recipe import schedule_events
 
     epochs = cfg.train.epochs
     if cfg.lowrank.training != "dynamic":
         return ["lowrank" if cfg.lowrank.training == "fixed" else "full"] * epochs
-    events = schedule_events(cfg.lowrank, epochs)
-    return [[p for start, p in events if start <= e][-1] for e in range(epochs)]
+    schedule = DynamicRankSchedule(schedule_events(cfg.lowrank, epochs))
+    return [schedule.phase_at(e) for e in range(epochs)]
 
 
 def phase_macs(cfg, input_shape: tuple[int, ...]) -> dict[str, int]:

@@ -14,6 +14,7 @@ rho 0.05, around the same SGD, no VAR). Parts (``--part``):
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -79,7 +80,7 @@ def part_rows(part: str, seeds: int, quick: bool, log) -> list[dict]:
             "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy (dense)", "metric": mean,
             "seeds": len(runs), "metric_std": std,
             "extra": {"per_seed_dense": [r["dense"] for r in runs], "pruned": pruned,
-                      "train_time_s_median": sorted(r["train_time_s"] for r in runs)[len(runs) // 2]},
+                      "train_time_s_median": statistics.median(r["train_time_s"] for r in runs)},
         })  # fmt: skip
     return rows
 

@@ -73,7 +73,12 @@ def official_events(epochs: int, deflate: str = "adapter") -> list[tuple[int, st
             f"DynamicRankSchedule epochs={epochs} is too short for three phases (switches at {e1} and {e2}); "
             "use at least 3 epochs or pass events=[(0, 'lowrank'), (E1, 'full'), (E2, 'adapter')]"
         )
-    return [(0, "lowrank"), (e1, "full"), (e2, "adapter" if deflate == "adapter" else "lowrank")]
+    return dra_events(e1, e2, deflate)
+
+
+def dra_events(inflate: int, deflate_at: int, deflate: str = "adapter") -> list[tuple[int, str]]:
+    """Low-rank from epoch 0, full rank from ``inflate``, deflated (adapter or truncated SVD) from ``deflate_at``."""
+    return [(0, "lowrank"), (inflate, "full"), (deflate_at, "adapter" if deflate == "adapter" else "lowrank")]
 
 
 def _check_events(events: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from leantrain.errors import ConfigError
-from leantrain.lowrank.dynamic_rank import DynamicRankSchedule, OptimizerFactory, official_events
+from leantrain.lowrank.dynamic_rank import DynamicRankSchedule, OptimizerFactory, dra_events, official_events
 from leantrain.lowrank.factorized import LayerSelector, factorize, select_layers
 from leantrain.lowrank.rank import EffectiveRankLogger
 
@@ -29,8 +29,7 @@ def schedule_events(cfg, epochs: int) -> list[tuple[int, str]]:
     """DRA's events from ``lowrank.switch_epochs`` (or the official fractions of ``epochs``) and ``deflate``."""
     if not cfg.switch_epochs:
         return official_events(epochs, cfg.deflate)
-    inflate, deflate = cfg.switch_epochs
-    return [(0, "lowrank"), (inflate, "full"), (deflate, "adapter" if cfg.deflate == "adapter" else "lowrank")]
+    return dra_events(*cfg.switch_epochs, cfg.deflate)
 
 
 def lowrank_callbacks(

@@ -91,6 +91,14 @@ class Compression:
     select_seconds: float = 0.0
 
 
+def check_choices(select: str, recover: str, prefix: str = "") -> None:
+    """A ConfigError naming the valid choices for an unknown selection or recovery (``prefix``: "--" for the CLI)."""
+    if select not in SELECTORS:
+        raise ConfigError(f"{prefix}select {select!r} is invalid; use one of {', '.join(SELECTORS)}")
+    if recover not in METHODS:
+        raise ConfigError(f"{prefix}recover {recover!r} is invalid; use one of {', '.join(METHODS)}")
+
+
 def select_layers(
     model: nn.Module, states: BoundaryStates, num_remove: int, select: str, protect: Sequence[int] = PROTECT,
     num_clusters: int | None = None,
@@ -118,10 +126,7 @@ def compress_model(
     on_stage: Callable[[str], None] | None = None,
 ) -> Compression:
     """Select ``num_remove`` blocks of ``model`` on ``calibration``, remove them and recover with ``recover``."""
-    if select not in SELECTORS:
-        raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTORS)}")
-    if recover not in METHODS:
-        raise ConfigError(f"recover={recover!r} is invalid; use one of {', '.join(METHODS)}")
+    check_choices(select, recover)
     n = len(decoder_layers(model))
     check_budget(num_remove, n, protect)
     stage = on_stage or (lambda _text: None)
@@ -184,10 +189,7 @@ def run_compress(
         raise ConfigError(f"--model {model_name!r} is not a pretrained decoder LM here; use one of {list(CAUSAL_LMS)}")
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
-    if select not in SELECTORS:
-        raise ConfigError(f"--select {select!r} is invalid; use one of {', '.join(SELECTORS)}")
-    if recover not in METHODS:
-        raise ConfigError(f"--recover {recover!r} is invalid; use one of {', '.join(METHODS)}")
+    check_choices(select, recover, prefix="--")
     for name, value in (("block", block), ("calib-windows", calib_windows), ("eval-windows", eval_windows)):
         if value < 1:
             raise ConfigError(f"--{name} {value} is invalid; it must be >= 1")
