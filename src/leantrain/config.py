@@ -178,7 +178,9 @@ class MarlConfig:
         "multi-agent environment: matrix:climbing|penalty|nonmonotonic|shifting, lbf:<id>, rware:<id>, "
         "mpe:simple_spread; None: not a MARL run",
     )
-    algo: Literal["qmix", "vdn", "s2q"] = _f("qmix", "learner: plain value decomposition (qmix, vdn) or s2q")
+    algo: Literal["qmix", "vdn", "s2q", "wall"] = _f(
+        "qmix", "learner: plain value decomposition (qmix, vdn), s2q, or wall (training under the Wolfpack attack)"
+    )
     mixer: Literal["qmix", "vdn"] = _f("qmix", "mixing network")
     t_max: int = _f(20_000, "environment steps to train for", ge=1)
     n_envs: int = _f(8, "environments stepped in lockstep by the runner", ge=1)
@@ -199,6 +201,7 @@ class MarlConfig:
     log_every_episodes: int = _f(200, "a train record every N episodes", ge=1)
     switch_episode: int = _f(10_000, "matrix:shifting: training episodes (all environments) before the switch", ge=1)
     method_options: dict = _f({}, "options of the MARL method (S2Q, WALL)")
+    pretrained_policy: str | None = _f(None, "start from this run folder's model.safetensors (agents and mixer)")
 
 
 @dataclass

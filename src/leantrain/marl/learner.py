@@ -111,6 +111,21 @@ class QLearner:
         self.target_mac.load_state_dict(self.mac.state_dict())
         self.target_mixer.load_state_dict(self.mixer.state_dict())
 
+    def load_policy(self, path) -> None:
+        """Start from a saved policy (a run's ``model.safetensors``): agent network and mixer, targets included."""
+        from safetensors.torch import load_file
+
+        from leantrain.errors import ConfigError
+
+        tensors = load_file(str(path))
+        for name, net in (("mac", self.mac), ("mixer", self.mixer)):
+            part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as err:
+                raise ConfigError(f"{path} does not fit this environment and mixer: {err}") from None
+        self.update_targets()
+
     def state_dict(self) -> dict:
         nets = {"mac": self.mac, "mixer": self.mixer, "target_mac": self.target_mac, "target_mixer": self.target_mixer}
         return {name: net.state_dict() for name, net in nets.items()}

@@ -45,10 +45,39 @@ def build(cfg):
             raise ConfigError(f"marl.method_options for s2q: {err}") from None
         learner = S2QLearner(mac, lc, options)
         runner.action_hook = learner.behaviour_hook(runner, seed=cfg.seed)
+    elif m.algo == "wall":
+        from leantrain.marl.wall import WALLLearner
+        from leantrain.marl.wolfpack import WolfpackAttack
+
+        options = dict(m.method_options)
+        clean_steps = options.pop("clean_steps", 0)
+        learner = WALLLearner(mac, lc, wolfpack_config(options))
+        attack = WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
+        attack.clean_steps = int(clean_steps)
     else:
         learner = QLearner(mac, lc)
+    if m.pretrained_policy:
+        learner.load_policy(policy_file(m.pretrained_policy))
     test_envs = [make_env(m.env, m.switch_episode, clock, counts=False) for _ in range(m.n_envs)]
     return envs, test_envs, mac, learner, runner
+
+
+def wolfpack_config(options: dict):
+    from leantrain.marl.wolfpack import WolfpackConfig
+
+    try:
+        return WolfpackConfig(**options)
+    except TypeError as err:
+        raise ConfigError(f"marl.method_options for wall: {err}") from None
+
+
+def policy_file(path: str | Path) -> Path:
+    """A run folder's (or a direct) ``model.safetensors``."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"marl.pretrained_policy: no model.safetensors at {path}")
+    return file
 
 
 def run_marl(cfg, run_dir: Path) -> dict:
@@ -73,21 +102,40 @@ def run_marl(cfg, run_dir: Path) -> dict:
             shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
             print(shown, flush=True)
 
-    def test() -> float:
+    attack = runner.action_hook if m.algo == "wall" else None
+    attacked_runner = None
+    if attack is not None:  # WALL runs also test under the Wolfpack attack (test budget)
+        from leantrain.marl.envs import make_env
+        from leantrain.marl.wolfpack import WolfpackAttack
+
+        attack_envs = [make_env(m.env, m.switch_episode, None, counts=False) for _ in range(m.n_envs)]
+        test_envs += attack_envs
+        attacked_runner = type(runner)(attack_envs, mac, seed=cfg.seed + 20_011)
+        WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, seed=cfg.seed + 1)
+
+    def mean_return(which) -> float:
         returns = []
         while len(returns) < m.test_episodes:
-            _, stats = test_runner.run(0.0, test=True)
+            _, stats = which.run(0.0, test=True)
             returns += stats.returns
-        value = statistics.fmean(returns[: m.test_episodes])
-        emit({"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value})
-        return value
+        return statistics.fmean(returns[: m.test_episodes])
+
+    def test() -> float:
+        value = mean_return(test_runner)
+        record = {"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value}
+        if attacked_runner is not None:
+            record["attacked_return_mean"] = mean_return(attacked_runner)
+        emit(record)
+        return record
 
     try:
         while t_env < m.t_max:
             if t_env >= next_test:
                 test()
                 next_test += m.test_every
-            batch, stats = runner.run(epsilon(t_env))
+            if attack is not None:  # WALL: clean pre-training, then greedy collection under the attack (official)
+                attack.enabled = t_env >= attack.clean_steps
+            batch, stats = runner.run(0.0 if attack is not None and attack.enabled else epsilon(t_env))
             buffer.insert(batch)
             t_env += stats.steps
             episodes += len(stats.returns)
@@ -107,7 +155,9 @@ def run_marl(cfg, run_dir: Path) -> dict:
     summary = {
         "name": cfg.name, "run_dir": str(run_dir), "task": "marl", "metric_name": "return", "status": status,
         "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,
-        "updates": learner.updates, "final": {"test_return": final},
+        "updates": learner.updates,
+        "final": {"test_return": final["return_mean"]}
+        | ({"attacked_test_return": final["attacked_return_mean"]} if attacked_runner is not None else {}),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "env_steps_per_s": t_env / max(time.perf_counter() - started, 1e-9),
     }  # fmt: skip

@@ -6,8 +6,11 @@ batching the agent network over them does. Finished environments wait for the ot
 - ``action_hook(t, actions, q, avail, active) -> actions``: change the joint actions before they are executed
   (attacks replace some agents' actions; behaviour policies pick other sub-values). ``actions`` (E, N),
   ``q`` (E, N, A), ``avail`` (E, N, A), ``active`` (E,) bool. ``runner.current`` holds the step's ``obs``,
-  ``last_actions``, the controller's new ``hidden`` state and ``epsilon``; ``runner.test`` says whether the
-  episode is a greedy test episode.
+  ``state``, ``last_actions``, the controller's hidden state before (``hidden_prev``) and after (``hidden``)
+  the step and ``epsilon``; ``runner.test`` says whether the episode is a greedy test episode.
+- ``store_intended``: record the actions the agents chose (before the hook) rather than the executed ones (an
+  attack is then part of the environment's dynamics, as WALL trains); the agents' last-action inputs follow
+  what is recorded.
 - ``step_fields``: extra per-step fields the hook fills through ``record`` ({name: shape}).
 """
 
@@ -45,6 +48,7 @@ class EpisodeRunner:
         self.action_hook: ActionHook | None = None
         self.step_fields: dict[str, tuple[int, ...]] = {}
         self.pending: dict[str, np.ndarray] = {}  # what the hook recorded for the current step, per env
+        self.store_intended = False
 
     def record(self, name: str, values: np.ndarray) -> None:
         """Called by an action hook: ``values`` (E, *shape) for the step being taken."""
@@ -70,17 +74,22 @@ class EpisodeRunner:
         while active.any():
             obs = torch.as_tensor(np.stack([c.obs for c in current]))
             avail = torch.as_tensor(np.stack([c.avail for c in current]))
+            h_prev = h
             q, h = self.mac.step(obs, last, h)
             actions = epsilon_greedy(q, avail, 0.0 if test else epsilon, self.rng)
             self.pending = {}
-            # what a hook may read: this step's inputs, the controller's new hidden state, the exploration rate
-            self.current = {"obs": obs, "last_actions": last, "hidden": h, "epsilon": 0.0 if test else epsilon}
+            # what a hook may read: this step's inputs, the controller's hidden states, the exploration rate
+            self.current = {"obs": obs, "state": torch.as_tensor(np.stack([c.state for c in current])),
+                            "last_actions": last, "hidden_prev": h_prev, "hidden": h,
+                            "epsilon": 0.0 if test else epsilon}  # fmt: skip
+            executed = actions
             if self.action_hook is not None:
-                actions = self.action_hook(t, actions, q, avail, active.copy())
+                executed = self.action_hook(t, actions, q, avail, active.copy())
+            recorded = actions if self.store_intended else executed
             for i in np.flatnonzero(active):
-                s = self.envs[i].step(actions[i].numpy())
+                s = self.envs[i].step(executed[i].numpy())
                 extra = {k: self.pending[k][i] for k in self.step_fields}
-                recorders[i].add_step(actions[i].numpy(), s.reward, s.terminated, **extra)
+                recorders[i].add_step(recorded[i].numpy(), s.reward, s.terminated, **extra)
                 o = s.observation
                 recorders[i].add_observation(o.obs, o.state, o.avail)
                 current[i] = o
@@ -88,7 +97,7 @@ class EpisodeRunner:
                 lengths[i] += 1
                 if s.terminated or s.truncated or lengths[i] >= info.episode_limit:
                     active[i] = False
-            last = actions
+            last = recorded
             t += 1
         episodes = [r.episode() for r in recorders]
         batch = EpisodeBatch({k: torch.cat([e[k] for e in episodes]) for k in episodes[0].data})

@@ -1,0 +1,91 @@
+"""How much return a trained policy keeps under attack: clean, Wolfpack, random-step and random attacks.
+
+:func:`evaluate_attacks` loads a MARL run folder, fits a fresh Wolfpack planner against the fixed policy (the
+attacker learns the policy it attacks: episodes collected under the random attack so the world model sees
+attacked transitions, then ``fit_updates`` planner updates on them) and returns the mean greedy return of
+``episodes`` episodes per condition, all with the test budget (8 attacked steps per episode):
+
+- ``clean``: no attack;
+- ``wolfpack``: planner-chosen critical step and initial agent, KL follow-ups (the paper's attack);
+- ``random_step``: a cycle starts with probability 0.1 per step, random initial agent, KL follow-ups (the
+  official random baseline: only the timing and victim are not planned);
+- ``random``: random steps, random initial agent and random follow-ups (same budget, no planning at all).
+
+The same procedure is applied to every policy compared (vanilla QMIX and WALL), so neither attacker is stronger
+because of how it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leantrain.marl.wolfpack import WolfpackAttack, WolfpackConfig, WolfpackPlanner
+
+CONDITIONS = {
+    "wolfpack": {},
+    "random_step": {"step_method": "random", "initial_agent": "random"},
+    "random": {"step_method": "random", "initial_agent": "random", "followup": "random"},
+}
+
+
+def load_run(run_dir: str | Path):
+    """(config, environments, controller, learner) of a finished MARL run, its saved policy loaded."""
+    from leantrain.config import resolve
+    from leantrain.marl.run import build, policy_file
+
+    run_dir = Path(run_dir)
+    cfg = resolve(str(run_dir / "config.yaml"), ["progress=none"])
+    envs, test_envs, mac, learner, _ = build(cfg)
+    for env in test_envs:
+        env.close()
+    learner.load_policy(policy_file(run_dir))
+    return cfg, envs, mac, learner
+
+
+def _returns(runner, episodes: int) -> list[float]:
+    out: list[float] = []
+    while len(out) < episodes:
+        out += runner.run(0.0, test=True)[1].returns
+    return out[:episodes]
+
+
+def fit_planner(mac, mixer, envs, config: WolfpackConfig, episodes: int = 200, updates: int = 300,
+                batch: int = 32, lr: float = 5e-4, seed: int = 0) -> WolfpackPlanner:  # fmt: skip
+    """A Wolfpack planner trained against a fixed policy on episodes collected under the random attack."""
+    from leantrain.marl.episodes import ReplayBuffer
+    from leantrain.marl.runner import EpisodeRunner
+
+    torch.manual_seed(seed)
+    planner = WolfpackPlanner(mac, config, lr=lr)
+    planner.rng = np.random.default_rng(seed)
+    runner = EpisodeRunner(envs, mac, seed=seed + 7)
+    WolfpackAttack(runner, mac, mixer, None, dataclasses.replace(config, **CONDITIONS["random"]), seed=seed)
+    buffer = ReplayBuffer(episodes, seed=seed)
+    while len(buffer) < episodes:
+        buffer.insert(runner.run(0.0, test=True)[0])
+    for _ in range(updates):
+        planner.fit(buffer.sample(min(batch, len(buffer))), mac, mixer)
+    return planner
+
+
+def evaluate_attacks(run_dir: str | Path, episodes: int = 200, fit_episodes: int = 200, fit_updates: int = 300,
+                     seed: int = 0, config: WolfpackConfig | None = None) -> dict[str, float]:  # fmt: skip
+    """Mean greedy return per condition (clean, wolfpack, random_step, random) of a run's saved policy."""
+    from leantrain.marl.runner import EpisodeRunner
+
+    cfg, envs, mac, learner = load_run(run_dir)
+    config = config or WolfpackConfig()
+    planner = fit_planner(mac, learner.mixer, envs, config, fit_episodes, fit_updates, seed=seed)
+    out = {"clean": statistics.fmean(_returns(EpisodeRunner(envs, mac, seed=seed + 11), episodes))}
+    for name, change in CONDITIONS.items():
+        runner = EpisodeRunner(envs, mac, seed=seed + 11)  # the same episode seeds in every condition
+        WolfpackAttack(runner, mac, learner.mixer, planner, dataclasses.replace(config, **change), seed=seed)
+        out[name] = statistics.fmean(_returns(runner, episodes))
+    for env in envs:
+        env.close()
+    return out

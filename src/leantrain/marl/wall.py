@@ -1,0 +1,34 @@
+"""WALL, Wolfpack-Adversarial Learning (Lee et al., ICML 2025): train the team under the Wolfpack attack.
+
+Training episodes are collected with :class:`~leantrain.marl.wolfpack.WolfpackAttack` on the runner (budget 12,
+the agents' own actions greedy); the replay stores the agents' *intended* actions while the environment executed
+the forced ones, so the usual TD loss regresses Q(s, intended a) on rewards and next states produced by the
+attacked joint action: the attack becomes part of the environment's dynamics, which is what teaches the team
+system-wide compensation. Every update also trains the attack's two transformers on the same batch (the planner
+keeps up with the policy it attacks). WALL starts from a clean policy: ``clean_steps`` of ordinary training in the
+same run (or ``marl.pretrained_policy``), then attacked training.
+"""
+
+from __future__ import annotations
+
+from leantrain.marl.controller import MultiAgentController
+from leantrain.marl.episodes import EpisodeBatch
+from leantrain.marl.learner import LearnerConfig, QLearner
+from leantrain.marl.wolfpack import WolfpackConfig, WolfpackPlanner
+
+
+class WALLLearner(QLearner):
+    def __init__(self, mac: MultiAgentController, config: LearnerConfig, attack: WolfpackConfig | None = None):
+        super().__init__(mac, config)
+        self.attack = attack or WolfpackConfig()
+        self.planner = WolfpackPlanner(mac, self.attack, lr=config.lr)
+
+    def train(self, batch: EpisodeBatch, episodes: int) -> dict[str, float]:
+        stats = super().train(batch, episodes)
+        stats.update(self.planner.fit(batch, self.mac, self.mixer))
+        return stats
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["planner"] = self.planner.state_dict()
+        return out
