@@ -1,22 +1,30 @@
-"""``leantrain bench marl`` (part ``matrix``, the first part built): QMIX, VDN and S2Q on the matrix games.
+"""``leantrain bench marl``: value decomposition, S2Q and WALL on matrix games and Level-Based Foraging.
 
-Each method runs its recipe (``qmix-climbing``, the same with ``marl.mixer=vdn``, ``s2q-climbing``) for 20k
-one-step episodes over ``--seeds`` seeds (default 5), 1 thread:
+Parts (``--part``; all by default), 1 torch thread per process, jobs spread over ``min(2, cores)`` processes:
 
-- climbing: the fraction of seeds whose final greedy joint action is the optimum (return 11);
-- shifting (``matrix:shifting``: the optimum moves (0, 0) -> (2, 2) after 10k episodes; greedy tests every
-  500 episodes): whether and how many episodes after the switch the greedy joint action reaches the new optimum.
+- ``matrix``: QMIX, VDN and S2Q (recipes ``qmix-climbing``, the same with ``marl.mixer=vdn``, ``s2q-climbing``),
+  20k one-step episodes, ``--seeds`` seeds (default 5). Climbing: the fraction of seeds whose final greedy joint
+  action is the optimum (11). Shifting (``matrix:shifting``, the optimum moves (0, 0) -> (2, 2) after 10k
+  episodes, greedy tests every 500 episodes): episodes after the switch until the greedy joint action holds the
+  new optimum.
+- ``throughput``: runner environment steps per second (collection only, epsilon 1) and learner updates per second
+  (batch of 32 LBF episodes), for QMIX, VDN, S2Q and WALL; medians of 5.
+- ``lbf``: ``Foraging-8x8-2p-2f-coop-v3``, seeds 0..2 (``--seeds``): clean return of QMIX and S2Q after 300k steps;
+  then from each QMIX policy, 50k more steps of clean QMIX training (vanilla) or of WALL training; both final
+  policies are attacked by a Wolfpack planner fitted against them (:mod:`leantrain.marl.robustness`) and by the
+  random-step and random attacks (budget 8 per episode), 200 greedy episodes per condition.
 
-Runner throughput (environment steps per second) is reported from the same runs. Targets from the issue are
-evaluated and printed, never tuned for. The LBF, attack and WALL parts are not built yet.
+Targets from the issue are evaluated and printed, never tuned for.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from leantrain.bench.report import log, markdown_table, print_targets, write_results
@@ -25,7 +33,9 @@ from leantrain.errors import ConfigError
 METHODS = {"qmix": ("qmix-climbing", []), "vdn": ("qmix-climbing", ["marl.mixer=vdn"]), "s2q": ("s2q-climbing", [])}
 SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.test_every=500"]
 QUICK = ["marl.t_max=2000", "marl.epsilon_anneal_steps=1000", "marl.test_every=1000"]
-PARTS = ("matrix",)
+PARTS = ("matrix", "throughput", "lbf")
+LBF_STEPS, FINETUNE_STEPS, ATTACK_EPISODES = 300_000, 50_000, 200
+LBF_QUICK = ["marl.t_max=1500", "marl.test_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
 
 def _run(recipe: str, overrides: list[str], seed: int, tmp: str) -> dict:
@@ -84,20 +94,183 @@ def targets(rows: list[dict]) -> dict[str, bool]:
     return out
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _workers(jobs: int) -> int:
+    return max(1, min(jobs, 2, os.cpu_count() or 1))
+
+
+def _in_worker(fn, *args):
+    import torch
+
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def _wall_options(**change) -> str:
+    from leantrain.config import load_recipe
+
+    options = {**load_recipe("wall-lbf-8x8")["marl"]["method_options"], **change}
+    return "marl.method_options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"
+
+
+def _wall_attack():
+    from leantrain.config import load_recipe
+    from leantrain.marl.run import wolfpack_config
+
+    options = dict(load_recipe("wall-lbf-8x8")["marl"]["method_options"])
+    options.pop("clean_steps", None)
+    return wolfpack_config(options)
+
+
+def _lbf_chain(seed: int, quick: bool) -> dict:
+    """QMIX from scratch, then vanilla fine-tuning and WALL from it, then both attacked."""
+    from leantrain.marl.robustness import evaluate_attacks
+
+    quick_args = LBF_QUICK if quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        qmix = _run("qmix-lbf-8x8", [f"marl.t_max={LBF_STEPS}", *quick_args], seed, tmp)
+        start = [f"marl.pretrained_policy={qmix['summary']['run_dir']}", f"marl.t_max={FINETUNE_STEPS}", *quick_args]
+        vanilla = _run("qmix-lbf-8x8", [*start, "marl.epsilon_start=0.05"], seed, tmp)
+        wall = _run("wall-lbf-8x8", [*start, _wall_options(clean_steps=0)], seed, tmp)
+        episodes = 4 if quick else ATTACK_EPISODES
+        attack = _wall_attack()  # the same attack against both policies
+        fit = {"fit_episodes": 8, "fit_updates": 2} if quick else {}
+        evals = {name: evaluate_attacks(run["summary"]["run_dir"], episodes=episodes, seed=seed, config=attack, **fit)
+                 for name, run in (("vanilla", vanilla), ("wall", wall))}  # fmt: skip
+    return {"seed": seed, "qmix": qmix["summary"], "evals": evals,
+            "vanilla": vanilla["summary"], "wall": wall["summary"]}  # fmt: skip
+
+
+def _lbf_s2q(seed: int, quick: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        res = _run("s2q-lbf-8x8", [f"marl.t_max={LBF_STEPS}", *(LBF_QUICK if quick else [])], seed, tmp)
+    return {"seed": seed, "s2q": res["summary"]}
+
+
+def lbf_rows(seeds: int, quick: bool) -> list[dict]:
+    jobs = [(_lbf_s2q, s, quick) for s in range(seeds)] + [(_lbf_chain, s, quick) for s in range(seeds)]
+    with ProcessPoolExecutor(_workers(len(jobs))) as pool:
+        futures = [pool.submit(_in_worker, *job) for job in jobs]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            log(f"  lbf job done: {sorted(k for k in results[-1] if k != 'seed')} seed {results[-1]['seed']}")
+    s2q = [r["s2q"]["final"]["test_return"] for r in results if "s2q" in r]
+    chains = [r for r in results if "evals" in r]
+    qmix = [r["qmix"]["final"]["test_return"] for r in chains]
+    rows = []
+    for name, finals, anchor in (("qmix-lbf", qmix, True), ("s2q-lbf", s2q, False)):
+        mean, std = _mean_std(finals)
+        rows.append({"method": name, "anchor": anchor, "model": "rnn-agent", "task": "lbf:Foraging-8x8-2p-2f-coop-v3",
+                     "metric_name": "clean return", "metric": mean, "metric_std": std, "seeds": len(finals),
+                     "extra": {"finals": finals, "steps": LBF_STEPS}})  # fmt: skip
+    for policy in ("vanilla", "wall"):
+        conditions = {c: [r["evals"][policy][c] for r in chains] for c in chains[0]["evals"][policy]}
+        stats = {c: _mean_std(v) for c, v in conditions.items()}
+        rows.append({"method": f"{policy}-lbf-attacked", "anchor": policy == "vanilla", "model": "rnn-agent",
+                     "task": "lbf:Foraging-8x8-2p-2f-coop-v3", "metric_name": "return under wolfpack",
+                     "metric": stats["wolfpack"][0], "metric_std": stats["wolfpack"][1], "seeds": len(chains),
+                     "extra": {"per_seed": conditions, "mean_std": stats, "finetune_steps": FINETUNE_STEPS,
+                               "episodes": ATTACK_EPISODES}})  # fmt: skip
+    return rows
+
+
+def throughput_rows(quick: bool) -> list[dict]:
+    """Collection speed (env steps/s, epsilon 1, no learning) and learner speed (updates/s on a fixed batch)."""
+    import torch
+
+    from leantrain.config import resolve
+    from leantrain.marl.episodes import ReplayBuffer
+    from leantrain.marl.run import build
+
+    torch.set_num_threads(1)
+    arms = {"qmix": ("qmix-lbf-8x8", []), "vdn": ("qmix-lbf-8x8", ["marl.mixer=vdn"]),
+            "s2q": ("s2q-lbf-8x8", []), "wall": ("wall-lbf-8x8", [_wall_options(clean_steps=0)])}  # fmt: skip
+    episodes, repeats = (4, 2) if quick else (40, 5)
+    rows = []
+    for name, (recipe, overrides) in arms.items():
+        cfg = resolve(recipe, [*overrides, "progress=none"])
+        envs, test_envs, mac, learner, runner = build(cfg)
+        buffer, speeds = ReplayBuffer(episodes * 8), []
+        for _ in range(repeats):
+            start, steps = time.perf_counter(), 0
+            for _ in range(episodes):
+                batch, stats = runner.run(1.0)
+                buffer.insert(batch)
+                steps += stats.steps
+            speeds.append(steps / (time.perf_counter() - start))
+        batch, times = buffer.sample(min(32, len(buffer))), []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            learner.train(batch, 1)
+            times.append(time.perf_counter() - start)
+        for env in envs + test_envs:
+            env.close()
+        rows.append({"method": name, "anchor": name == "qmix", "model": "rnn-agent", "task": cfg.marl.env,
+                     "metric_name": "env steps/s", "metric": statistics.median(speeds), "seeds": 1,
+                     "step_time_s_median": statistics.median(times),
+                     "extra": {"updates_per_s": 1 / statistics.median(times), "collect_steps_per_s": speeds,
+                               "update_s": times, "batch_episodes": batch.size}})  # fmt: skip
+        log(f"  {name}: {rows[-1]['metric']:.0f} env steps/s, {rows[-1]['extra']['updates_per_s']:.2f} updates/s")
+    return rows
+
+
+def lbf_targets(rows: list[dict]) -> dict[str, bool]:
+    r = {row["method"]: row for row in rows}
+    out = {}
+    if "s2q-lbf" in r:
+        out["s2q_lbf_clean>=qmix-0.05"] = r["s2q-lbf"]["metric"] >= r["qmix-lbf"]["metric"] - 0.05
+    if "vanilla-lbf-attacked" in r:
+        v, w = r["vanilla-lbf-attacked"]["extra"]["mean_std"], r["wall-lbf-attacked"]["extra"]["mean_std"]
+        out["wolfpack_drop>random_step_drop"] = v["wolfpack"][0] < v["random_step"][0]
+        out["wolfpack_drop>random_drop"] = v["wolfpack"][0] < v["random"][0]
+        out["wall_attacked>vanilla_attacked"] = w["wolfpack"][0] > v["wolfpack"][0]
+        out["wall_clean_loss<=10%"] = w["clean"][0] >= 0.9 * v["clean"][0]
+    return out
+
+
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS):
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)} (more parts to come)")
+        raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
-    log("matrix games: QMIX, VDN, S2Q on climbing and shifting climbing, 20k episodes each, 1 thread")
-    rows = matrix_rows(seeds or (1 if quick else 5), quick)
-    met = targets(rows)
+    rows, tables, met = [], [], {}
+    if "throughput" in parts:
+        log("throughput: runner env steps/s (epsilon 1, no learning) and learner updates/s, LBF 8x8 2p coop, 1 thread")
+        part = throughput_rows(quick)
+        rows += part
+        for row in part:
+            row.update(updates_per_s=row["extra"]["updates_per_s"])
+        tables.append("Throughput (LBF 8x8, 2 players, cooperative foods, 1 thread)\n"
+                      + markdown_table(part, ["method", "metric", "updates_per_s", "step_time_s_median"]))  # fmt: skip
+    if "matrix" in parts:
+        log("matrix games: QMIX, VDN, S2Q on climbing and shifting climbing, 20k episodes each, 1 thread")
+        part = matrix_rows(seeds or (1 if quick else 5), quick)
+        rows += part
+        met.update(targets(part))
+        for row in part:
+            ex = row["extra"]
+            row.update(finals=ex["final_returns"], steps_per_s=ex["env_steps_per_s_median"],
+                       recovered=ex.get("recovered"), recovery=ex.get("recovery_episodes"))  # fmt: skip
+        cols = ["method", "seeds", "metric", "finals", "recovered", "recovery", "steps_per_s"]
+        tables.append("Matrix games (final greedy return per seed; optimum = 11)\n" + markdown_table(part, cols))
+    if "lbf" in parts:
+        log(f"lbf: QMIX and S2Q {LBF_STEPS} steps, then vanilla / WALL {FINETUNE_STEPS} steps and attacks")
+        part = lbf_rows(seeds or (1 if quick else 3), quick)
+        rows += part
+        met.update(lbf_targets(part))
+        for row in part:
+            ms = row["extra"].get("mean_std", {})
+            row.update({c: f"{m:.3f} ± {s:.3f}" for c, (m, s) in ms.items()})
+            if not ms:
+                row["clean"] = f"{row['metric']:.3f} ± {row['metric_std']:.3f}"
+        cols = ["method", "seeds", "clean", "wolfpack", "random_step", "random"]
+        title = "LBF 8x8, 2 players, cooperative foods (mean greedy return ± std over seeds)"
+        tables.append(title + "\n" + markdown_table(part, cols))
     path = write_results("marl", rows, out_dir, threads=1, quick=quick,
                          extra={"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})  # fmt: skip
-    for row in rows:
-        ex = row["extra"]
-        row.update(finals=ex["final_returns"], steps_per_s=ex["env_steps_per_s_median"],
-                   recovered=ex.get("recovered"), recovery=ex.get("recovery_episodes"))  # fmt: skip
-    cols = ["method", "seeds", "metric", "finals", "recovered", "recovery", "steps_per_s"]
-    print("Matrix games (final greedy return per seed; optimum = 11)\n" + markdown_table(rows, cols))
+    print("\n\n".join(tables))
     print_targets(met, path)

@@ -79,7 +79,7 @@ def evaluate_attacks(run_dir: str | Path, episodes: int = 200, fit_episodes: int
     from leantrain.marl.runner import EpisodeRunner
 
     cfg, envs, mac, learner = load_run(run_dir)
-    config = config or WolfpackConfig()
+    config = config or getattr(learner, "attack", None) or WolfpackConfig()
     planner = fit_planner(mac, learner.mixer, envs, config, fit_episodes, fit_updates, seed=seed)
     out = {"clean": statistics.fmean(_returns(EpisodeRunner(envs, mac, seed=seed + 11), episodes))}
     for name, change in CONDITIONS.items():
