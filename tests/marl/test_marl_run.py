@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from leantrain.config import resolve
@@ -51,3 +52,63 @@ def test_bench_marl_recovery_and_targets():
         {"method": "qmix-climbing", "metric": 0.2, "seeds": 5},
     ]
     assert marl.targets(rows) == {"s2q_climbing_optimum>=4/5": True, "qmix_climbing_optimum<=1/5": True}
+
+
+LBF_SMALL = ["marl.t_max=600", "marl.test_every=300", "marl.test_episodes=2", "marl.batch_episodes=4",
+             "marl.log_every_episodes=4", "progress=none"]  # fmt: skip
+
+
+def test_wall_recipe_trains_clean_then_under_attack_and_tests_both(tmp_path):
+    pytest.importorskip("lbforaging")
+    options = "marl.method_options={clean_steps: 300, budget: 12, test_budget: 8, followups: 1}"
+    result = run(resolve("wall-lbf-8x8", [*LBF_SMALL, options, f"output_dir={tmp_path}"]))
+    s = result.summary
+    assert s["algo"] == "wall" and s["updates"] > 0
+    assert 0.0 <= s["final"]["attacked_test_return"] <= 1.0
+    tests = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"test"' in x]
+    assert all("attacked_return_mean" in r for r in tests)
+    weights = load_file(str(result.run_dir / "model.safetensors"))
+    assert any(k.startswith("planner.world.") for k in weights)
+
+
+def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path):
+    pytest.importorskip("lbforaging")
+    from leantrain.marl.robustness import evaluate_attacks
+    from leantrain.marl.run import build
+
+    first = run(resolve("qmix-lbf-8x8", [*LBF_SMALL, f"output_dir={tmp_path}"]))
+    saved = load_file(str(first.run_dir / "model.safetensors"))
+    cfg = resolve("wall-lbf-8x8", [*LBF_SMALL, f"marl.pretrained_policy={first.run_dir}", f"output_dir={tmp_path}",
+                                   "marl.method_options={clean_steps: 0, followups: 1}"])  # fmt: skip
+    *_, learner, _ = build(cfg)
+    for name, value in learner.mac.state_dict().items():
+        assert torch.equal(value, saved[f"mac.{name}"])
+    for name, value in learner.target_mixer.state_dict().items():
+        assert torch.equal(value, saved[f"mixer.{name}"])
+    result = evaluate_attacks(first.run_dir, episodes=3, fit_episodes=6, fit_updates=2)
+    assert set(result) == {"clean", "wolfpack", "random_step", "random"}
+    assert all(0.0 <= v <= 1.0 for v in result.values())
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        build(resolve("qmix-lbf-8x8", [f"marl.pretrained_policy={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ConfigError, match="does not fit"):
+        build(resolve("qmix-climbing", [f"marl.pretrained_policy={first.run_dir}"]))
+    with pytest.raises(ConfigError, match="method_options for wall"):
+        build(resolve("wall-lbf-8x8", ["marl.method_options={bugdet: 3}"]))
+    with pytest.raises(ConfigError, match="pretrained_policy"):
+        run(resolve("qmix-lbf-8x8", [f"resume={first.run_dir}", f"output_dir={tmp_path}"]))
+
+
+def test_bench_marl_lbf_targets():
+    from leantrain.bench import marl
+
+    def row(method, metric=None, **conditions):
+        stats = {c: (v, 0.0) for c, v in conditions.items()}
+        return {"method": method, "metric": metric, "extra": {"mean_std": stats}}
+
+    rows = [row("qmix-lbf", 0.5), row("s2q-lbf", 0.46),
+            row("vanilla-lbf-attacked", clean=0.5, wolfpack=0.2, random_step=0.3, random=0.1),
+            row("wall-lbf-attacked", clean=0.44, wolfpack=0.3, random_step=0.35, random=0.3)]  # fmt: skip
+    assert marl.lbf_targets(rows) == {
+        "s2q_lbf_clean>=qmix-0.05": True, "wolfpack_drop>random_step_drop": True, "wolfpack_drop>random_drop": False,
+        "wall_attacked>vanilla_attacked": True, "wall_clean_loss<=10%": False,
+    }  # fmt: skip

@@ -79,7 +79,9 @@ def evaluate_attacks(run_dir: str | Path, episodes: int = 200, fit_episodes: int
     from leantrain.marl.runner import EpisodeRunner
 
     cfg, envs, mac, learner = load_run(run_dir)
-    config = config or getattr(learner, "attack", None) or WolfpackConfig()
+    # a WALL run's own attack; otherwise the paper's (2 follow-ups, fewer when the team is smaller)
+    n = mac.info.n_agents
+    config = config or getattr(learner, "attack", None) or WolfpackConfig(followups=min(2, n - 1))
     planner = fit_planner(mac, learner.mixer, envs, config, fit_episodes, fit_updates, seed=seed)
     out = {"clean": statistics.fmean(_returns(EpisodeRunner(envs, mac, seed=seed + 11), episodes))}
     for name, change in CONDITIONS.items():

@@ -4,7 +4,10 @@ The recipe's ``marl:`` section picks the environment, the learner and the budget
 ``n_envs`` episodes collected, the learner takes one update on a batch of ``batch_episodes`` sampled from the
 replay (once it holds that many). Every ``test_every`` steps it runs ``test_episodes`` greedy episodes. The run
 folder holds ``config.yaml``, ``metrics.jsonl`` (``train`` records: t_env, episodes, return, epsilon, loss;
-``test`` records: greedy return), ``summary.json`` and ``model.safetensors`` (the learner's networks).
+``test`` records: greedy return, and for WALL the return under the attack), ``summary.json`` and
+``model.safetensors`` (the learner's networks, rewritten at every test, so a crashed run keeps its latest policy;
+``marl.pretrained_policy=<run folder>`` continues training from it — replay and optimizer state are not kept, so
+this is a warm start, not an exact resume).
 """
 
 from __future__ import annotations
@@ -128,10 +131,18 @@ def run_marl(cfg, run_dir: Path) -> dict:
         emit(record)
         return record
 
+    def save_policy() -> None:
+        """The learner's networks to model.safetensors (written aside, then renamed: never a torn file)."""
+        tensors = {f"{k}.{n}": v.contiguous() for k, sd in learner.state_dict().items() for n, v in sd.items()}
+        save_file(tensors, str(run_dir / "model.safetensors.tmp"))
+        (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
+
     try:
         while t_env < m.t_max:
             if t_env >= next_test:
                 test()
+                if t_env:
+                    save_policy()  # the latest policy survives a crash (continue with marl.pretrained_policy)
                 next_test += m.test_every
             if attack is not None:  # WALL: clean pre-training, then greedy collection under the attack (official)
                 attack.enabled = t_env >= attack.clean_steps
@@ -150,8 +161,7 @@ def run_marl(cfg, run_dir: Path) -> dict:
     except KeyboardInterrupt:
         status = "interrupted"
     final = test()
-    save_file({f"{k}.{n}": v.contiguous() for k, sd in learner.state_dict().items() for n, v in sd.items()},
-              str(run_dir / "model.safetensors"))  # fmt: skip
+    save_policy()
     summary = {
         "name": cfg.name, "run_dir": str(run_dir), "task": "marl", "metric_name": "return", "status": status,
         "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,

@@ -351,7 +351,10 @@ class WolfpackAttack:
                  lr: float = 5e-4, seed: int = 0):  # fmt: skip
         n = mac.info.n_agents
         if config.followups > n - 1:
-            raise ConfigError(f"wolfpack followups={config.followups} needs more than {n} agents")
+            raise ConfigError(
+                f"wolfpack followups={config.followups} needs at least {config.followups + 1} agents; "
+                f"this environment has {n} (set method_options followups <= {n - 1})"
+            )
         if config.step_method == "planner" or config.initial_agent == "planner":
             if planner is None:
                 raise ConfigError("the planner-driven wolfpack attack needs a WolfpackPlanner")

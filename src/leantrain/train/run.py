@@ -64,7 +64,10 @@ def run(cfg: RunConfig) -> RunResult:
         from leantrain.marl.run import run_marl
 
         if cfg.resume is not None:
-            raise ConfigError("resume= is not supported for MARL runs yet")
+            raise ConfigError(
+                "resume= is not supported for MARL runs (replay and optimizer state are not checkpointed); "
+                "continue from the run's latest policy with marl.pretrained_policy=<run folder>"
+            )
         return RunResult(run_dir, run_marl(cfg, run_dir))
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
