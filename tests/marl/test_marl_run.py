@@ -37,8 +37,19 @@ def test_s2q_recipes_run_reduced(tmp_path):
     for recipe in ("s2q-climbing", "s2q-shifting"):
         cfg = resolve(recipe, ["marl.t_max=160", "marl.test_every=80", "marl.switch_episode=80", "progress=none",
                                f"output_dir={tmp_path}"])  # fmt: skip
-        s = run(cfg).summary
+        result = run(cfg)
+        s = result.summary
         assert s["status"] == "completed" and s["algo"] == "s2q" and s["updates"] > 0
+    # the saved S2Q policy restores every sub-value (not only Q1)
+    from leantrain.marl.robustness import load_run
+
+    _, envs, _, learner = load_run(result.run_dir)
+    saved = load_file(str(result.run_dir / "model.safetensors"))
+    for name, value in learner.subs[2].state_dict().items():
+        assert torch.equal(value, saved[f"sub3_mac.{name}"])
+    first = envs[0].reset(seed=0)
+    joints = learner.sub_value_greedy(torch.as_tensor(first.obs), torch.as_tensor(first.avail))
+    assert len(joints) == 3 and all(len(j) == 2 and all(0 <= a < 3 for a in j) for j in joints)
 
 
 def test_bench_marl_recovery_and_targets():

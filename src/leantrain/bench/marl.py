@@ -57,6 +57,16 @@ def _recovery(tests: list[dict], switch: int) -> int | None:
     return None
 
 
+def _sub_value_greedy(run_dir: str) -> list[list[int]]:
+    import torch
+
+    from leantrain.marl.robustness import load_run
+
+    _, envs, _, learner = load_run(run_dir)
+    first = envs[0].reset(seed=0)
+    return learner.sub_value_greedy(torch.as_tensor(first.obs), torch.as_tensor(first.avail))
+
+
 def matrix_rows(seeds: int, quick: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,6 +75,8 @@ def matrix_rows(seeds: int, quick: bool) -> list[dict]:
             for method, (recipe, overrides) in METHODS.items():
                 for game, extra in (("climbing", []), ("shifting", SHIFT)):
                     res = _run(recipe, [*overrides, *extra, *(QUICK if quick else [])], seed, tmp)
+                    if method == "s2q":
+                        res["sub_value_greedy"] = _sub_value_greedy(res["summary"]["run_dir"])
                     results.setdefault((method, game), []).append(res)
                     final = res["summary"]["final"]["test_return"]
                     log(f"  {method:<5} {game:<9} seed {seed}: final greedy return {final:g}, "
@@ -74,6 +86,8 @@ def matrix_rows(seeds: int, quick: bool) -> list[dict]:
             speed = statistics.median(r["summary"]["env_steps_per_s"] for r in runs)
             rate = sum(f == 11.0 for f in finals) / len(finals)
             extra = {"final_returns": finals, "optimum_rate": rate, "env_steps_per_s_median": speed}
+            if method == "s2q":  # which joint actions the sub-values ended up representing
+                extra["sub_value_greedy"] = [r["sub_value_greedy"] for r in runs]
             if game == "shifting":
                 switch = 10_000
                 rec = [_recovery(r["tests"], switch) for r in runs]

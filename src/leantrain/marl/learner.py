@@ -118,13 +118,17 @@ class QLearner:
         from leantrain.errors import ConfigError
 
         tensors = load_file(str(path))
-        for name, net in (("mac", self.mac), ("mixer", self.mixer)):
+        for name, net in self.policy_parts().items():
             part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
             try:
                 net.load_state_dict(part)
             except RuntimeError as err:
-                raise ConfigError(f"{path} does not fit this environment and mixer: {err}") from None
+                raise ConfigError(f"{path} does not fit this environment and learner: {err}") from None
         self.update_targets()
+
+    def policy_parts(self) -> dict[str, nn.Module]:
+        """The networks a saved policy restores (names as in :meth:`state_dict`)."""
+        return {"mac": self.mac, "mixer": self.mixer}
 
     def state_dict(self) -> dict:
         nets = {"mac": self.mac, "mixer": self.mixer, "target_mac": self.target_mac, "target_mixer": self.target_mixer}

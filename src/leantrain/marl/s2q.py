@@ -180,17 +180,21 @@ class S2QLearner(QLearner):
             self.target_central_agent.load_state_dict(self.central_agent.state_dict())
             self.target_central_mixer.load_state_dict(self.central_mixer.state_dict())
 
-    def state_dict(self) -> dict:
-        out = super().state_dict()
+    def policy_parts(self) -> dict[str, nn.Module]:
+        parts = super().policy_parts()
         if self.s2q.k:
             for i, (sub, mixer) in enumerate(zip(self.subs[1:], self.sub_mixers[1:], strict=True), start=2):
-                out[f"sub{i}_mac"], out[f"sub{i}_mixer"] = sub.state_dict(), mixer.state_dict()
-            out["central_agent"], out["central_mixer"] = (
-                self.central_agent.state_dict(),
-                self.central_mixer.state_dict(),
-            )
-            out["selector"] = self.selector.state_dict()
-        return out
+                parts[f"sub{i}_mac"], parts[f"sub{i}_mixer"] = sub, mixer
+            parts.update(central_agent=self.central_agent, central_mixer=self.central_mixer, selector=self.selector)
+        return parts
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), **{k: v.state_dict() for k, v in self.policy_parts().items()}}
+
+    @torch.no_grad()
+    def sub_value_greedy(self, obs: torch.Tensor, avail: torch.Tensor) -> list[list[int]]:
+        """Every sub-value's greedy joint action at an episode's first step: obs (N, O), avail (N, A)."""
+        return [greedy(sub.step(obs[None], None, sub.init_hidden(1))[0], avail[None])[0].tolist() for sub in self.subs]
 
     # ------------------------------------------------------------ behaviour policy
 
