@@ -1,4 +1,4 @@
-"""The ``leantrain`` command: list | run | report | plot | bench.
+"""The ``leantrain`` command: list | run | report | plot | compress | attack | bench.
 
 Errors a user can cause print one line on stderr and exit with code 2 (never a traceback).
 """
@@ -122,6 +122,41 @@ def compress(
     Console().print(table)
     extra = f"RLS {s['selection']['rls']:.3f}, K {s['selection']['num_clusters']}; " if s["selection"] else ""
     typer.echo(f"{extra}fit {s['fit_seconds']:.2f} s; wrote {s['out']}")
+
+
+@app.command()
+def attack(
+    run_dir: Annotated[Path, typer.Argument(help="a finished MARL run folder (qmix, vdn, s2q or wall)")],
+    episodes: Annotated[int, typer.Option(help="greedy episodes per condition")] = 200,
+    budget: Annotated[int, typer.Option(help="attacked steps per episode")] = 8,
+    followups: Annotated[int | None, typer.Option(help="follow-up agents (default: 2, fewer for small teams)")] = None,
+    fit_episodes: Annotated[int, typer.Option(help="episodes collected to fit the attack's planner")] = 200,
+    fit_updates: Annotated[int, typer.Option(help="planner updates")] = 300,
+    seed: Annotated[int, typer.Option(help="seed of the planner and the episodes")] = 0,
+) -> None:
+    """Return of a trained MARL policy under the Wolfpack, random-step and random attacks (same budget)."""
+    import time
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from leantrain.marl.robustness import evaluate_attacks
+
+    torch.set_num_threads(1)
+    changes = {"test_budget": budget} | ({"followups": followups} if followups is not None else {})
+    console, started = Console(stderr=True), time.perf_counter()
+
+    def stage(text: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {text}")
+
+    result = evaluate_attacks(run_dir, episodes, fit_episodes, fit_updates, seed, stage=stage, **changes)
+    table = Table(title=f"{run_dir.name}: mean greedy return over {episodes} episodes, budget {budget}")
+    for col in ("condition", "return", "drop vs clean"):
+        table.add_column(col, justify="right")
+    for name, value in result.items():
+        table.add_row(name, f"{value:.4f}", f"{result['clean'] - value:+.4f}" if name != "clean" else "-")
+    Console().print(table)
 
 
 BENCH_AREAS = {

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runner import run_cli
 from leantrain.config import resolve
 from leantrain.errors import ConfigError
 from leantrain.train.run import run
@@ -82,7 +83,7 @@ def test_wall_recipe_trains_clean_then_under_attack_and_tests_both(tmp_path):
     assert any(k.startswith("planner.world.") for k in weights)
 
 
-def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path):
+def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path, capsys):
     pytest.importorskip("lbforaging")
     from leantrain.marl.robustness import evaluate_attacks
     from leantrain.marl.run import build
@@ -99,6 +100,11 @@ def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path):
     result = evaluate_attacks(first.run_dir, episodes=3, fit_episodes=6, fit_updates=2)
     assert set(result) == {"clean", "wolfpack", "random_step", "random"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
+    code, out, err = run_cli(capsys, "attack", str(first.run_dir), "--episodes", "2", "--fit-episodes", "4",
+                             "--fit-updates", "1", "--budget", "4")  # fmt: skip
+    assert code == 0 and "wolfpack" in out and "random_step" in out and "fitting a Wolfpack planner" in err
+    code, _, err = run_cli(capsys, "attack", str(tmp_path / "nowhere"))
+    assert code == 2 and "not a finished MARL run folder" in err
     with pytest.raises(ConfigError, match="no model.safetensors"):
         build(resolve("qmix-lbf-8x8", [f"marl.pretrained_policy={tmp_path / 'nowhere'}"]))
     with pytest.raises(ConfigError, match="does not fit"):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leantrain.errors import ConfigError
 from leantrain.marl.wolfpack import WolfpackAttack, WolfpackConfig, WolfpackPlanner
 
 CONDITIONS = {
@@ -39,7 +40,11 @@ def load_run(run_dir: str | Path):
     from leantrain.marl.run import build, policy_file
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise ConfigError(f"{run_dir} is not a finished MARL run folder (config.yaml and model.safetensors)")
     cfg = resolve(str(run_dir / "config.yaml"), ["progress=none"])
+    if cfg.marl.env is None:
+        raise ConfigError(f"{run_dir} is not a MARL run (its config has no marl.env)")
     envs, test_envs, mac, learner, _ = build(cfg)
     for env in test_envs:
         env.close()
@@ -74,17 +79,31 @@ def fit_planner(mac, mixer, envs, config: WolfpackConfig, episodes: int = 200, u
 
 
 def evaluate_attacks(run_dir: str | Path, episodes: int = 200, fit_episodes: int = 200, fit_updates: int = 300,
-                     seed: int = 0, config: WolfpackConfig | None = None) -> dict[str, float]:  # fmt: skip
-    """Mean greedy return per condition (clean, wolfpack, random_step, random) of a run's saved policy."""
+                     seed: int = 0, config: WolfpackConfig | None = None, stage=None,
+                     **changes) -> dict[str, float]:  # fmt: skip
+    """Mean greedy return per condition (clean, wolfpack, random_step, random) of a run's saved policy.
+
+    ``config``: the attack (default: a WALL run's own, else the paper's with 2 follow-ups, fewer for smaller
+    teams); ``changes``: fields replaced in it (e.g. ``test_budget=4``); ``stage(text)`` is called before each
+    stage (progress for long evaluations)."""
     from leantrain.marl.runner import EpisodeRunner
 
+    stage = stage or (lambda text: None)
+    if min(episodes, fit_episodes) < 1 or fit_updates < 0:
+        raise ConfigError("evaluate_attacks needs episodes >= 1, fit_episodes >= 1 and fit_updates >= 0")
     cfg, envs, mac, learner = load_run(run_dir)
-    # a WALL run's own attack; otherwise the paper's (2 follow-ups, fewer when the team is smaller)
     n = mac.info.n_agents
     config = config or getattr(learner, "attack", None) or WolfpackConfig(followups=min(2, n - 1))
+    try:
+        config = dataclasses.replace(config, **changes)
+    except TypeError as err:
+        raise ConfigError(f"attack options: {err}") from None
+    stage(f"fitting a Wolfpack planner against the policy: {fit_episodes} episodes, {fit_updates} updates")
     planner = fit_planner(mac, learner.mixer, envs, config, fit_episodes, fit_updates, seed=seed)
+    stage(f"clean: {episodes} greedy episodes")
     out = {"clean": statistics.fmean(_returns(EpisodeRunner(envs, mac, seed=seed + 11), episodes))}
     for name, change in CONDITIONS.items():
+        stage(f"{name} attack: {episodes} greedy episodes, budget {config.test_budget}")
         runner = EpisodeRunner(envs, mac, seed=seed + 11)  # the same episode seeds in every condition
         WolfpackAttack(runner, mac, learner.mixer, planner, dataclasses.replace(config, **change), seed=seed)
         out[name] = statistics.fmean(_returns(runner, episodes))
