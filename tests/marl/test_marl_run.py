@@ -129,3 +129,13 @@ def test_bench_marl_lbf_targets():
         "s2q_lbf_clean>=qmix-0.05": True, "wolfpack_drop>random_step_drop": True, "wolfpack_drop>random_drop": False,
         "wall_attacked>vanilla_attacked": True, "wall_clean_loss<=10%": False,
     }  # fmt: skip
+
+
+def test_bench_marl_throughput_measures_every_learner():
+    pytest.importorskip("lbforaging")
+    from leantrain.bench import marl
+
+    rows = marl.throughput_rows(quick=True)
+    assert [r["method"] for r in rows] == ["qmix", "vdn", "s2q", "wall"]
+    for r in rows:
+        assert r["metric"] > 0 and r["extra"]["updates_per_s"] > 0 and r["extra"]["batch_episodes"] >= 4
