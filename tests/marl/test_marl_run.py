@@ -111,8 +111,8 @@ def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path, capsys):
         build(resolve("qmix-climbing", [f"marl.pretrained_policy={first.run_dir}"]))
     with pytest.raises(ConfigError, match="method_options for wall"):
         build(resolve("wall-lbf-8x8", ["marl.method_options={bugdet: 3}"]))
-    with pytest.raises(ConfigError, match="pretrained_policy"):
-        run(resolve("qmix-lbf-8x8", [f"resume={first.run_dir}", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="differs from the saved run in marl.learning_rate"):
+        run(resolve("qmix-lbf-8x8", [*LBF_SMALL, f"resume={first.run_dir}", "marl.learning_rate=0.1"]))
 
 
 def test_bench_marl_lbf_targets():
@@ -139,3 +139,25 @@ def test_bench_marl_throughput_measures_every_learner():
     assert [r["method"] for r in rows] == ["qmix", "vdn", "s2q", "wall"]
     for r in rows:
         assert r["metric"] > 0 and r["extra"]["updates_per_s"] > 0 and r["extra"]["batch_episodes"] >= 4
+
+
+@pytest.mark.parametrize(
+    ("recipe", "extra"),
+    [("wall-lbf-8x8", ["marl.method_options={clean_steps: 500, followups: 1}"]),  # attack switches on mid-run
+     ("s2q-shifting", ["marl.switch_episode=500", "marl.n_envs=4"])],  # the game shifts after the resume point
+)  # fmt: skip
+def test_resumed_marl_run_equals_the_uninterrupted_run(tmp_path, recipe, extra):
+    if recipe.startswith("wall"):
+        pytest.importorskip("lbforaging")
+    base = ["marl.test_every=300", "marl.test_episodes=2", "marl.batch_episodes=4", "marl.log_every_episodes=4",
+            "progress=none", f"output_dir={tmp_path}", *extra]  # fmt: skip
+    whole = run(resolve(recipe, [*base, "marl.t_max=1200"]))
+    cut = run(resolve(recipe, [*base, "marl.t_max=700"]))  # stops; its last checkpoint is at the test at t = 600
+    resumed = run(resolve(recipe, [*base, "marl.t_max=1200", f"resume={cut.run_dir}"]))
+    a, b = load_file(str(whole.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(x) for x in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in again if r["split"] != "resume"] == records
+    for key in ("t_env", "episodes", "updates"):
+        assert resumed.summary[key] == whole.summary[key]

@@ -111,6 +111,27 @@ class QLearner:
         self.target_mac.load_state_dict(self.mac.state_dict())
         self.target_mixer.load_state_dict(self.mixer.state_dict())
 
+    # ------------------------------------------------------------ saving and restoring
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network of the learner, targets included (the keys of :meth:`state_dict` and model.safetensors)."""
+        return {"mac": self.mac, "mixer": self.mixer, "target_mac": self.target_mac, "target_mixer": self.target_mixer}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"learner": self.optimizer}
+
+    def training_state(self) -> dict:
+        """What an exact resume needs: networks, optimizer states, update counters."""
+        return {"networks": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "updates": self.updates, "last_target_update": self.last_target_update}  # fmt: skip
+
+    def load_training_state(self, state: dict) -> None:
+        for name, net in self.networks().items():
+            net.load_state_dict(state["networks"][name])
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.updates, self.last_target_update = state["updates"], state["last_target_update"]
+
     def load_policy(self, path) -> None:
         """Start from a saved policy (a run's ``model.safetensors``): agent network and mixer, targets included."""
         from safetensors.torch import load_file
@@ -131,5 +152,4 @@ class QLearner:
         return {"mac": self.mac, "mixer": self.mixer}
 
     def state_dict(self) -> dict:
-        nets = {"mac": self.mac, "mixer": self.mixer, "target_mac": self.target_mac, "target_mixer": self.target_mixer}
-        return {name: net.state_dict() for name, net in nets.items()}
+        return {name: net.state_dict() for name, net in self.networks().items()}

@@ -5,9 +5,9 @@ The recipe's ``marl:`` section picks the environment, the learner and the budget
 replay (once it holds that many). Every ``test_every`` steps it runs ``test_episodes`` greedy episodes. The run
 folder holds ``config.yaml``, ``metrics.jsonl`` (``train`` records: t_env, episodes, return, epsilon, loss;
 ``test`` records: greedy return, and for WALL the return under the attack), ``summary.json`` and
-``model.safetensors`` (the learner's networks, rewritten at every test, so a crashed run keeps its latest policy;
-``marl.pretrained_policy=<run folder>`` continues training from it — replay and optimizer state are not kept, so
-this is a warm start, not an exact resume).
+``model.safetensors`` (the learner's networks, rewritten at every test) and ``checkpoints/`` (the full state after
+the latest test: ``resume=<run folder>`` continues exactly, see :mod:`leantrain.marl.checkpoint`;
+``marl.pretrained_policy=<run folder>`` instead starts a new run from its policy, a warm start).
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ def policy_file(path: str | Path) -> Path:
     return file
 
 
-def run_marl(cfg, run_dir: Path) -> dict:
+def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
+    from leantrain.marl import checkpoint
     from leantrain.marl.controller import EpsilonSchedule
     from leantrain.marl.episodes import ReplayBuffer
+    from leantrain.train.checkpoint import load_state_checkpoint, save_state_checkpoint
 
     m = cfg.marl
     started = time.perf_counter()
@@ -93,7 +95,7 @@ def run_marl(cfg, run_dir: Path) -> dict:
     test_runner = type(runner)(test_envs, mac, seed=cfg.seed + 10_007)
     buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
     epsilon = EpsilonSchedule(m.epsilon_start, m.epsilon_finish, m.epsilon_anneal_steps)
-    t_env, episodes, next_test, status = 0, 0, 0, "completed"
+    t_env, episodes, next_test, status, elapsed = 0, 0, 0, "completed", 0.0
     log_path = run_dir / "metrics.jsonl"
     train_returns: list[float] = []
     last_stats: dict = {}
@@ -131,6 +133,24 @@ def run_marl(cfg, run_dir: Path) -> dict:
         emit(record)
         return record
 
+    runners = {"train": runner, "test": test_runner} | ({"attacked": attacked_runner} if attacked_runner else {})
+    clock = getattr(envs[0], "clock", None)
+    if resume_from is not None:
+        _, state = load_state_checkpoint(resume_from)
+        loop = checkpoint.restore(state, learner, buffer, runners, clock)
+        t_env, episodes, next_test, elapsed = loop["t_env"], loop["episodes"], loop["next_test"], loop["elapsed"]
+        train_returns, last_stats = loop["train_returns"], loop["last_stats"]
+        lines = log_path.read_text().splitlines(keepends=True)[: loop["log_lines"]]
+        log_path.write_text("".join(lines))  # records written after the checkpoint are replayed
+        emit({"split": "resume", "t_env": t_env, "episodes": episodes, "from": resume_from.name})
+
+    def save_checkpoint() -> None:
+        loop = {"t_env": t_env, "episodes": episodes, "next_test": next_test, "train_returns": train_returns,
+                "last_stats": last_stats, "log_lines": len(log_path.read_text().splitlines()),
+                "elapsed": elapsed + time.perf_counter() - started}  # fmt: skip
+        state = checkpoint.capture(loop, learner, buffer, runners, clock)
+        save_state_checkpoint(run_dir / "checkpoints", t_env, state, keep=1)
+
     def save_policy() -> None:
         """The learner's networks to model.safetensors (written aside, then renamed: never a torn file)."""
         tensors = {f"{k}.{n}": v.contiguous() for k, sd in learner.state_dict().items() for n, v in sd.items()}
@@ -141,9 +161,10 @@ def run_marl(cfg, run_dir: Path) -> dict:
         while t_env < m.t_max:
             if t_env >= next_test:
                 test()
-                if t_env:
-                    save_policy()  # the latest policy survives a crash (continue with marl.pretrained_policy)
                 next_test += m.test_every
+                if t_env:
+                    save_policy()  # the latest policy and the state to resume from survive a crash
+                    save_checkpoint()
             if attack is not None:  # WALL: clean pre-training, then greedy collection under the attack (official)
                 attack.enabled = t_env >= attack.clean_steps
             batch, stats = runner.run(0.0 if attack is not None and attack.enabled else epsilon(t_env))
@@ -168,8 +189,8 @@ def run_marl(cfg, run_dir: Path) -> dict:
         "updates": learner.updates,
         "final": {"test_return": final["return_mean"]}
         | ({"attacked_test_return": final["attacked_return_mean"]} if attacked_runner is not None else {}),
-        "wall_time_s": round(time.perf_counter() - started, 3),
-        "env_steps_per_s": t_env / max(time.perf_counter() - started, 1e-9),
+        "wall_time_s": round(elapsed + time.perf_counter() - started, 3),
+        "env_steps_per_s": t_env / max(elapsed + time.perf_counter() - started, 1e-9),
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     for env in envs + test_envs:

@@ -188,8 +188,11 @@ class S2QLearner(QLearner):
             parts.update(central_agent=self.central_agent, central_mixer=self.central_mixer, selector=self.selector)
         return parts
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), **{k: v.state_dict() for k, v in self.policy_parts().items()}}
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {**super().networks(), **self.policy_parts()}
+        if self.s2q.k:
+            nets.update(target_central_agent=self.target_central_agent, target_central_mixer=self.target_central_mixer)
+        return nets
 
     @torch.no_grad()
     def sub_value_greedy(self, obs: torch.Tensor, avail: torch.Tensor) -> list[list[int]]:
@@ -198,34 +201,40 @@ class S2QLearner(QLearner):
 
     # ------------------------------------------------------------ behaviour policy
 
-    def behaviour_hook(self, runner, seed: int = 0):
+    def behaviour_hook(self, runner, seed: int = 0) -> S2QBehaviour:
         """The runner hook of S2Q's training behaviour (greedy-Q¹ or sampled-sub-value episodes)."""
-        rng = np.random.default_rng(seed)
-        state = {"mixed": None, "hidden": None}
-        k = self.s2q.k
+        return S2QBehaviour(self, runner, seed)
 
-        @torch.no_grad()
-        def hook(t, actions, q, avail, active):
-            if k == 0 or runner.test:
-                return actions
-            cur = runner.current
-            e = actions.shape[0]
-            if t == 0:
-                state["mixed"] = rng.random(e) >= self.s2q.greedy_episode_prob
-                state["hidden"] = [sub.init_hidden(e) for sub in self.subs[1:]]
-            joints = [greedy(q, avail)]
-            for i, sub in enumerate(self.subs[1:]):
-                q_i, state["hidden"][i] = sub.step(cur["obs"], cur["last_actions"], state["hidden"][i])
-                joints.append(greedy(q_i, avail))
-            log_p, _ = self.selector(cur["hidden"].view(e, self.mac.info.n_agents, -1))
-            choice = torch.multinomial(
-                log_p.exp(), 1, generator=torch.Generator().manual_seed(int(rng.integers(2**31)))
-            )
-            picked = torch.stack(joints)[choice.squeeze(-1), torch.arange(e)]  # (E, N)
-            explored = epsilon_greedy(
-                torch.zeros_like(q).scatter_(-1, picked.unsqueeze(-1), 1.0), avail, cur["epsilon"], rng
-            )
-            mixed = torch.as_tensor(state["mixed"])[:, None]
-            return torch.where(mixed, explored, actions)
 
-        return hook
+class S2QBehaviour:
+    """S2Q's training behaviour as a runner hook: per episode greedy on Q¹ (probability ``greedy_episode_prob``)
+    or, every step, the greedy joint action of a sub-value sampled from the selector, epsilon-greedy on top."""
+
+    def __init__(self, learner: S2QLearner, runner, seed: int = 0):
+        self.learner, self.runner = learner, runner
+        self.rng = np.random.default_rng(seed)
+        self.mixed: np.ndarray | None = None
+        self.hidden: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, t, actions, q, avail, active):
+        learner, runner = self.learner, self.runner
+        if learner.s2q.k == 0 or runner.test:
+            return actions
+        cur = runner.current
+        e = actions.shape[0]
+        if t == 0:
+            self.mixed = self.rng.random(e) >= learner.s2q.greedy_episode_prob
+            self.hidden = [sub.init_hidden(e) for sub in learner.subs[1:]]
+        joints = [greedy(q, avail)]
+        for i, sub in enumerate(learner.subs[1:]):
+            q_i, self.hidden[i] = sub.step(cur["obs"], cur["last_actions"], self.hidden[i])
+            joints.append(greedy(q_i, avail))
+        log_p, _ = learner.selector(cur["hidden"].view(e, learner.mac.info.n_agents, -1))
+        generator = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
+        choice = torch.multinomial(log_p.exp(), 1, generator=generator)
+        picked = torch.stack(joints)[choice.squeeze(-1), torch.arange(e)]  # (E, N)
+        explored = epsilon_greedy(
+            torch.zeros_like(q).scatter_(-1, picked.unsqueeze(-1), 1.0), avail, cur["epsilon"], self.rng
+        )
+        return torch.where(torch.as_tensor(self.mixed)[:, None], explored, actions)

@@ -28,7 +28,15 @@ class WALLLearner(QLearner):
         stats.update(self.planner.fit(batch, self.mac, self.mixer))
         return stats
 
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["planner"] = self.planner.state_dict()
-        return out
+    def networks(self) -> dict:
+        return {**super().networks(), "planner": self.planner}
+
+    def optimizers(self) -> dict:
+        return {**super().optimizers(), "world": self.planner.world_opt, "damage": self.planner.damage_opt}
+
+    def training_state(self) -> dict:
+        return {**super().training_state(), "planner_rng": self.planner.rng.bit_generator.state}
+
+    def load_training_state(self, state: dict) -> None:
+        super().load_training_state(state)
+        self.planner.rng.bit_generator.state = state["planner_rng"]

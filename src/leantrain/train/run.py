@@ -33,7 +33,9 @@ from leantrain.train.schedule import lr_factor
 from leantrain.train.tasks import TASKS
 
 # Fields that may differ between a run and its resumption: training longer is a legitimate resume.
-RESUMABLE_CHANGES = {"resume", "progress", "threads", "train.epochs", "train.max_steps", "federated.stop_after"}
+RESUMABLE_CHANGES = {
+    "resume", "progress", "threads", "train.epochs", "train.max_steps", "federated.stop_after", "marl.t_max",
+}  # fmt: skip
 
 
 @dataclass
@@ -63,12 +65,7 @@ def run(cfg: RunConfig) -> RunResult:
     if cfg.marl.env is not None:
         from leantrain.marl.run import run_marl
 
-        if cfg.resume is not None:
-            raise ConfigError(
-                "resume= is not supported for MARL runs (replay and optimizer state are not checkpointed); "
-                "continue from the run's latest policy with marl.pretrained_policy=<run folder>"
-            )
-        return RunResult(run_dir, run_marl(cfg, run_dir))
+        return RunResult(run_dir, run_marl(cfg, run_dir, resume_from))
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
