@@ -21,7 +21,6 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from leantrain.errors import ConfigError
@@ -66,8 +65,7 @@ def fit_planner(mac, mixer, envs, config: WolfpackConfig, episodes: int = 200, u
     from leantrain.marl.runner import EpisodeRunner
 
     torch.manual_seed(seed)
-    planner = WolfpackPlanner(mac, config, lr=lr)
-    planner.rng = np.random.default_rng(seed)
+    planner = WolfpackPlanner(mac, config, lr=lr, seed=seed)
     runner = EpisodeRunner(envs, mac, seed=seed + 7)
     WolfpackAttack(runner, mac, mixer, None, dataclasses.replace(config, **CONDITIONS["random"]), seed=seed)
     buffer = ReplayBuffer(episodes, seed=seed)

@@ -54,7 +54,7 @@ def build(cfg):
 
         options = dict(m.method_options)
         clean_steps = options.pop("clean_steps", 0)
-        learner = WALLLearner(mac, lc, wolfpack_config(options))
+        learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed)
         attack = WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
         attack.clean_steps = int(clean_steps)
     else:

@@ -18,10 +18,11 @@ from leantrain.marl.wolfpack import WolfpackConfig, WolfpackPlanner
 
 
 class WALLLearner(QLearner):
-    def __init__(self, mac: MultiAgentController, config: LearnerConfig, attack: WolfpackConfig | None = None):
+    def __init__(self, mac: MultiAgentController, config: LearnerConfig, attack: WolfpackConfig | None = None,
+                 seed: int = 0):  # fmt: skip
         super().__init__(mac, config)
         self.attack = attack or WolfpackConfig()
-        self.planner = WolfpackPlanner(mac, self.attack, lr=config.lr)
+        self.planner = WolfpackPlanner(mac, self.attack, lr=config.lr, seed=seed)
 
     def train(self, batch: EpisodeBatch, episodes: int) -> dict[str, float]:
         stats = super().train(batch, episodes)

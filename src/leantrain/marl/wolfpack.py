@@ -172,7 +172,7 @@ def l2_followups(obs: torch.Tensor, initial: torch.Tensor, m: int) -> torch.Tens
 class WolfpackPlanner(nn.Module):
     """The two transformers of the critical-step planner and their training on replay."""
 
-    def __init__(self, mac: MultiAgentController, config: WolfpackConfig, lr: float = 5e-4):
+    def __init__(self, mac: MultiAgentController, config: WolfpackConfig, lr: float = 5e-4, seed: int = 0):
         super().__init__()
         info = mac.info
         self.config = config
@@ -181,7 +181,7 @@ class WolfpackPlanner(nn.Module):
         self.damage = DamagePredictor(info.n_agents, info.state_dim, config.period, config.embed, config.max_steps)
         self.world_opt = torch.optim.Adam(self.world.parameters(), lr=lr)
         self.damage_opt = torch.optim.Adam(self.damage.parameters(), lr=lr)
-        self.rng = np.random.default_rng(0)
+        self.rng = np.random.default_rng(seed)  # the windows sampled for training
 
     # ------------------------------------------------------------ training
 
