@@ -196,5 +196,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     for env in envs + test_envs:
         env.close()
     if status == "interrupted":
-        raise LeantrainError(f"interrupted at t_env {t_env}; the run folder {run_dir} has what was logged")
+        saved = sorted((run_dir / "checkpoints").glob("step-*"))
+        hint = f"; continue with resume={run_dir} (from {saved[-1].name})" if saved else ""
+        raise LeantrainError(f"interrupted at t_env {t_env}; the run folder {run_dir} has what was logged{hint}")
     return summary
