@@ -54,9 +54,8 @@ def build(cfg):
 
         options = dict(m.method_options)
         clean_steps = options.pop("clean_steps", 0)
-        learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed)
-        attack = WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
-        attack.clean_steps = int(clean_steps)
+        learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed, clean_steps=int(clean_steps))
+        WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
     else:
         learner = QLearner(mac, lc)
     if m.pretrained_policy:
@@ -116,7 +115,8 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         attack_envs = [make_env(m.env, m.switch_episode, None, counts=False) for _ in range(m.n_envs)]
         test_envs += attack_envs
         attacked_runner = type(runner)(attack_envs, mac, seed=cfg.seed + 20_011)
-        WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, seed=cfg.seed + 1)
+        WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, lr=m.learning_rate,
+                       seed=cfg.seed + 1)  # fmt: skip
 
     def mean_return(which) -> float:
         returns = []
@@ -125,7 +125,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
             returns += stats.returns
         return statistics.fmean(returns[: m.test_episodes])
 
-    def test() -> float:
+    def test() -> dict:
         value = mean_return(test_runner)
         record = {"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value}
         if attacked_runner is not None:
@@ -166,7 +166,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
                     save_policy()  # the latest policy and the state to resume from survive a crash
                     save_checkpoint()
             if attack is not None:  # WALL: clean pre-training, then greedy collection under the attack (official)
-                attack.enabled = t_env >= attack.clean_steps
+                attack.enabled = t_env >= learner.clean_steps
             batch, stats = runner.run(0.0 if attack is not None and attack.enabled else epsilon(t_env))
             buffer.insert(batch)
             t_env += stats.steps

@@ -19,9 +19,10 @@ from leantrain.marl.wolfpack import WolfpackConfig, WolfpackPlanner
 
 class WALLLearner(QLearner):
     def __init__(self, mac: MultiAgentController, config: LearnerConfig, attack: WolfpackConfig | None = None,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, clean_steps: int = 0):  # fmt: skip
         super().__init__(mac, config)
         self.attack = attack or WolfpackConfig()
+        self.clean_steps = clean_steps  # environment steps of ordinary training before the attack switches on
         self.planner = WolfpackPlanner(mac, self.attack, lr=config.lr, seed=seed)
 
     def train(self, batch: EpisodeBatch, episodes: int) -> dict[str, float]:
