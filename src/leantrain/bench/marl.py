@@ -123,18 +123,21 @@ def _in_worker(fn, *args):
     return fn(*args)
 
 
-def _wall_options(**change) -> str:
+def _wall_recipe_options() -> dict:
     from leantrain.config import load_recipe
 
-    options = {**load_recipe("wall-lbf-8x8")["marl"]["method_options"], **change}
+    return dict(load_recipe("wall-lbf-8x8")["marl"]["method_options"])
+
+
+def _wall_options(**change) -> str:
+    options = {**_wall_recipe_options(), **change}
     return "marl.method_options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"
 
 
 def _wall_attack():
-    from leantrain.config import load_recipe
     from leantrain.marl.run import wolfpack_config
 
-    options = dict(load_recipe("wall-lbf-8x8")["marl"]["method_options"])
+    options = _wall_recipe_options()
     options.pop("clean_steps", None)
     return wolfpack_config(options)
 

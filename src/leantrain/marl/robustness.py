@@ -18,7 +18,6 @@ because of how it was trained.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from pathlib import Path
 
 import torch
@@ -49,13 +48,6 @@ def load_run(run_dir: str | Path):
         env.close()
     learner.load_policy(policy_file(run_dir))
     return cfg, envs, mac, learner
-
-
-def _returns(runner, episodes: int) -> list[float]:
-    out: list[float] = []
-    while len(out) < episodes:
-        out += runner.run(0.0, test=True)[1].returns
-    return out[:episodes]
 
 
 def fit_planner(mac, mixer, envs, config: WolfpackConfig, episodes: int = 200, updates: int = 300,
@@ -99,12 +91,12 @@ def evaluate_attacks(run_dir: str | Path, episodes: int = 200, fit_episodes: int
     stage(f"fitting a Wolfpack planner against the policy: {fit_episodes} episodes, {fit_updates} updates")
     planner = fit_planner(mac, learner.mixer, envs, config, fit_episodes, fit_updates, seed=seed)
     stage(f"clean: {episodes} greedy episodes")
-    out = {"clean": statistics.fmean(_returns(EpisodeRunner(envs, mac, seed=seed + 11), episodes))}
+    out = {"clean": EpisodeRunner(envs, mac, seed=seed + 11).test_return(episodes)}
     for name, change in CONDITIONS.items():
         stage(f"{name} attack: {episodes} greedy episodes, budget {config.test_budget}")
         runner = EpisodeRunner(envs, mac, seed=seed + 11)  # the same episode seeds in every condition
         WolfpackAttack(runner, mac, learner.mixer, planner, dataclasses.replace(config, **change), seed=seed)
-        out[name] = statistics.fmean(_returns(runner, episodes))
+        out[name] = runner.test_return(episodes)
     for env in envs:
         env.close()
     return out

@@ -118,18 +118,11 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, lr=m.learning_rate,
                        seed=cfg.seed + 1)  # fmt: skip
 
-    def mean_return(which) -> float:
-        returns = []
-        while len(returns) < m.test_episodes:
-            _, stats = which.run(0.0, test=True)
-            returns += stats.returns
-        return statistics.fmean(returns[: m.test_episodes])
-
     def test() -> dict:
-        value = mean_return(test_runner)
+        value = test_runner.test_return(m.test_episodes)
         record = {"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value}
         if attacked_runner is not None:
-            record["attacked_return_mean"] = mean_return(attacked_runner)
+            record["attacked_return_mean"] = attacked_runner.test_return(m.test_episodes)
         emit(record)
         return record
 

@@ -16,6 +16,7 @@ batching the agent network over them does. Finished environments wait for the ot
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -102,3 +103,10 @@ class EpisodeRunner:
         episodes = [r.episode() for r in recorders]
         batch = EpisodeBatch({k: torch.cat([e[k] for e in episodes]) for k in episodes[0].data})
         return batch, RunStats(returns.tolist(), lengths.tolist(), int(lengths.sum()))
+
+    def test_return(self, episodes: int) -> float:
+        """Mean return of ``episodes`` greedy test episodes (whole runner batches, the surplus dropped)."""
+        returns: list[float] = []
+        while len(returns) < episodes:
+            returns += self.run(0.0, test=True)[1].returns
+        return statistics.fmean(returns[:episodes])
