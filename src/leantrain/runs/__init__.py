@@ -1,0 +1,1 @@
+"""Runs: the one layer above the areas that turns a recipe into a run folder (dispatch, resume, reports)."""
