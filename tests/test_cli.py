@@ -53,7 +53,6 @@ def test_list_names_recipes_datasets_models(capsys):
         (["run", "quickstart", "model.name=bert"], "error: unknown model 'bert'; valid models: cnn"),
         (["run", "quickstart", "optim.lr=0"], "error: config: optim.lr = 0.0 is out of range (must be > 0.0)"),
         (["run", "quickstart", "batch_size=big"], "error: config: data.batch_size must be an integer, got 'big'"),
-        (["report", "/nonexistent-run"], "error: /nonexistent-run is not a finished run folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, args, message):

@@ -11,9 +11,14 @@ from typing import Annotated
 
 import typer
 
-from leantrain.errors import LeantrainError
+from leantrain.errors import Interrupted, LeantrainError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Resource-efficient training recipes.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Resource-efficient training recipes.",
+)
 
 
 @app.command("list")
@@ -32,21 +37,39 @@ def list_cmd() -> None:
 
 @app.command(context_settings={"allow_extra_args": False})
 def run(
-    recipe: Annotated[str, typer.Argument(help="recipe name (see `leantrain list`) or path to a YAML file")],
+    recipe: Annotated[
+        str | None,
+        typer.Argument(help="recipe name (see `leantrain list`) or path to a YAML file", show_default=False),
+    ] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=0.01")] = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved config and exit")] = False,
 ) -> None:
-    """Train a recipe and write runs/<name>-<time>/ (config.yaml, metrics.jsonl, summary.json, checkpoints)."""
+    """Train a recipe and write runs/<name>-<time>/ (config.yaml, metrics.jsonl, summary.json, checkpoints).
+
+    `leantrain run resume=RUN_DIR` continues a run with its own recipe and overrides (it may add train.epochs,
+    train.max_steps, federated.rounds or marl.max_steps to train longer)."""
     import yaml
 
     from leantrain.config import resolve, to_dict
-    from leantrain.train.report import print_report
-    from leantrain.train.run import run as run_recipe
+    from leantrain.runs.folder import resume_config
 
-    cfg = resolve(recipe, overrides or [])
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe and not Path(recipe).is_file():  # `leantrain run resume=DIR ...`
+        recipe, overrides = None, [recipe, *overrides]
+    resume = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "resume"]
+    if resume:
+        rest = [o for o in overrides if o.partition("=")[0].strip() != "resume"]
+        cfg = resume_config(resume[-1], rest, recipe=recipe)
+    elif recipe is None:
+        raise LeantrainError("give a recipe (see `leantrain list`) or resume=RUN_DIR to continue a run")
+    else:
+        cfg = resolve(recipe, overrides)
     if print_config:
-        typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        typer.echo(yaml.safe_dump(to_dict(cfg, used_only=True), sort_keys=False), nl=False)
         return
+    from leantrain.runs.launch import run as run_recipe
+    from leantrain.runs.report import print_report
+
     result = run_recipe(cfg)
     typer.echo(f"run folder: {result.run_dir}")
     print_report([result.run_dir])
@@ -54,8 +77,8 @@ def run(
 
 @app.command()
 def report(run_dirs: Annotated[list[Path], typer.Argument(help="run folders")]) -> None:
-    """Print a table of the final metrics of one or more runs."""
-    from leantrain.train.report import print_report
+    """Print a table of the final metrics of one or more runs (unfinished runs: their progress so far)."""
+    from leantrain.runs.report import print_report
 
     print_report(run_dirs)
 
@@ -63,12 +86,16 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="run folders")]) 
 @app.command()
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="run folders")],
-    metric: Annotated[str, typer.Option(help="metric in metrics.jsonl: loss, accuracy, perplexity")] = "loss",
-    split: Annotated[str, typer.Option(help="train or val records")] = "val",
+    metric: Annotated[
+        str, typer.Option(help="metric in metrics.jsonl, bare or with its split: loss, accuracy, return, train_loss")
+    ] = "loss",
+    split: Annotated[
+        str | None, typer.Option(help="records: train, val, test (default: val; MARL test; federated every round)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG file to write")] = Path("plot.png"),
 ) -> None:
-    """Plot a metric against steps for one or more runs (PNG)."""
-    from leantrain.train.report import plot_runs
+    """Plot a metric against steps, rounds (federated) or t_env (MARL) for one or more runs (PNG)."""
+    from leantrain.runs.report import plot_runs
 
     typer.echo(f"wrote {plot_runs(run_dirs, metric, out, split=split)}")
 
@@ -91,6 +118,11 @@ def compress(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
     """Remove decoder blocks from a pretrained LLM (LoRP / ShortGPT / last-n) and recover them (Ghosted Layers)."""
+    from leantrain.prune.compress_args import check_compress_args
+
+    # Bad arguments answer at once, before torch and the model load (seconds).
+    check_compress_args(model, remove, select, recover, out, corpus, block, calib_windows, eval_windows,
+                        num_clusters, ridge)  # fmt: skip
     import time
 
     import torch
@@ -107,9 +139,12 @@ def compress(
     def stage(text: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {text}")
 
-    with console.status("compressing", spinner="dots"):
-        s = run_compress(model, remove, select, recover, out, corpus, block, calib_windows, eval_windows,
-                         num_clusters, ridge, stage=stage)  # fmt: skip
+    try:
+        with console.status("compressing", spinner="dots"):
+            s = run_compress(model, remove, select, recover, out, corpus, block, calib_windows, eval_windows,
+                             num_clusters, ridge, stage=stage)  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted(f"nothing was written to {out} (it is written whole, at the end)") from None
     table = Table(title=f"{model}: removed {s['removed']} ({select} + {recover})")
     for col in ("", "before", "after", "after / before"):
         table.add_column(col, justify="right")
@@ -150,7 +185,10 @@ def attack(
     def stage(text: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {text}")
 
-    result = evaluate_attacks(run_dir, episodes, fit_episodes, fit_updates, seed, stage=stage, **changes)
+    try:
+        result = evaluate_attacks(run_dir, episodes, fit_episodes, fit_updates, seed, stage=stage, **changes)
+    except KeyboardInterrupt:
+        raise Interrupted(f"nothing was written ({run_dir} is unchanged)") from None
     table = Table(title=f"{run_dir.name}: mean greedy return over {episodes} episodes, budget {budget}")
     for col in ("condition", "return", "drop vs clean"):
         table.add_column(col, justify="right")
@@ -186,29 +224,67 @@ def bench(
 ) -> None:
     """Compare an area's methods with their anchors in one run; write <out>/<area>.json and print a table."""
     import importlib
+    import time
 
     if area not in BENCH_AREAS:
         raise LeantrainError(f"unknown benchmark area {area!r}; choose from: {', '.join(BENCH_AREAS)}")
     module = importlib.import_module(BENCH_AREAS[area])
-    module.run_bench(quick, out, seeds=seeds, **({"parts": tuple(part)} if part else {}))
+    started = time.time()
+    try:
+        module.run_bench(quick, out, seeds=seeds, **({"parts": tuple(part)} if part else {}))
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C, possibly inside one of the benchmark's own runs
+        raise Interrupted(_bench_kept(out, area, started)) from None
+
+
+def _bench_kept(out: Path, area: str, started: float) -> str:
+    """What an interrupted benchmark left: its JSON holds every row finished before Ctrl-C."""
+    import json
+
+    written = [p for p in out.glob(f"{area}*.json") if p.stat().st_mtime >= started]
+    if not written:
+        return "no row had finished; nothing was written"
+    rows = sum(len(json.loads(p.read_text()).get("rows", [])) for p in written)
+    return f"kept {rows} finished row{'s' if rows != 1 else ''} in {', '.join(str(p) for p in sorted(written))}"
 
 
 def main() -> None:
+    """Console entry point: exit 0, 2 (a problem the user can fix), 130 (interrupted) or 1 (a bug: see the report)."""
+    sys.exit(_main())
+
+
+def _main() -> int:
+    import click
+
+    from leantrain.crash_report import REPORT_ATTR, one_line, write_crash_report
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except Interrupted as err:
+        _ignore_further_ctrl_c()
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
     except LeantrainError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
+        return err.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _ignore_further_ctrl_c()
+        print("interrupted: nothing was written", file=sys.stderr)
+        return Interrupted.exit_code
+    except click.ClickException as err:  # usage errors: unknown option, missing argument, bad type
+        print(f"error: {err.format_message()}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug: one line here, the whole traceback in a file
+        report = getattr(err, REPORT_ATTR, None) or write_crash_report(err)
+        print(f"error: unexpected {one_line(err)} (full traceback in {report})", file=sys.stderr)
+        return 1
 
-        if isinstance(err, click.ClickException):
-            print(f"error: {err.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        raise
+
+def _ignore_further_ctrl_c() -> None:
+    """The work has stopped and what it kept is on disk: another Ctrl-C must not kill the exit with a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

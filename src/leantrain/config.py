@@ -58,15 +58,21 @@ class ModelConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: Literal["full", "lora", "gem", "paca"] = _f("full", "full: train every weight; else a PEFT method")
+    method: str = _f(
+        "full", "full: train every weight; else a PEFT method (lora, gem, paca)",
+        choices="leantrain.finetune.methods:METHODS",
+    )  # fmt: skip
     options: dict = _f({}, "keyword arguments of the method's config (LoraConfig, GemConfig, PacaConfig)")
     score_samples: int = _f(1000, "GEM: training samples in the one gradient pass that picks the mask", ge=1)
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw", "adam", "sam", "lwsam", "asyncsam", "mlbfgs"] = _f(
-        "adamw", "optimizer (sam, lwsam, asyncsam wrap optim.base; mlbfgs: lr, momentum, weight_decay + own fields)"
+    name: str = _f(
+        "adamw",
+        "optimizer: sgd, adamw, adam, sam, lwsam, asyncsam (these three wrap optim.base), mlbfgs (lr, momentum, "
+        "weight_decay + own fields)",
+        choices="leantrain.optim.registry:OPTIMIZERS",
     )
     base: Literal["sgd", "adamw", "adam"] = _f("sgd", "sharpness-aware optimizers: the base optimizer they wrap")
     rho: float = _f(0.05, "sharpness-aware optimizers: radius of the perturbation", gt=0.0)
@@ -120,8 +126,10 @@ class TrainConfig:
 
 @dataclass
 class FederatedConfig:
-    algorithm: Literal["fedavg", "fedlama", "fedluar", "fedpa", "embracingfl"] | None = _f(
-        None, "federated algorithm; None: centralized training (the other federated fields are ignored)"
+    algorithm: str | None = _f(
+        None,
+        "federated algorithm (fedavg, fedlama, fedluar, fedpa, embracingfl); None: not a federated run",
+        choices="leantrain.federated.algorithms:ALGORITHMS",
     )
     options: dict = _f({}, "keyword options of the algorithm (e.g. {phi: 2}, {recycled_layers: 2}, {groups: 10})")
     num_clients: int = _f(100, "clients the training data is split across", ge=1)
@@ -133,7 +141,8 @@ class FederatedConfig:
     devices: dict = _f({}, "device profile shares, e.g. {weak: 0.5, moderate: 0.25}; the rest are strong")
     client_dropout: float = _f(0.0, "probability a sampled client never replies", ge=0.0, lt=1.0)
     client_failure: float = _f(0.0, "probability a sampled client crashes mid-training", ge=0.0, lt=1.0)
-    eval_every_rounds: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)
+    eval_every: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)
+    checkpoint_every: int = _f(1, "save the server state every N rounds (and at the end or on Ctrl-C)", ge=1)
     stop_after: int | None = _f(None, "stop after N rounds in all (continue later with resume=RUN_DIR)", ge=1)
 
 
@@ -178,16 +187,18 @@ class MarlConfig:
         "multi-agent environment: matrix:climbing|penalty|nonmonotonic|shifting, lbf:<id>, rware:<id>, "
         "mpe:simple_spread; None: not a MARL run",
     )
-    algo: Literal["qmix", "vdn", "s2q", "wall"] = _f(
-        "qmix", "learner: plain value decomposition (qmix, vdn), s2q, or wall (training under the Wolfpack attack)"
+    algo: str = _f(
+        "qmix",
+        "learner: plain value decomposition (qmix, vdn), s2q, or wall (training under the Wolfpack attack)",
+        choices="leantrain.marl.learners:LEARNERS",
     )
     mixer: Literal["qmix", "vdn"] = _f("qmix", "mixing network")
-    t_max: int = _f(20_000, "environment steps to train for", ge=1)
+    max_steps: int = _f(20_000, "environment steps to train for", ge=1)
     n_envs: int = _f(8, "environments stepped in lockstep by the runner", ge=1)
     batch_episodes: int = _f(32, "episodes per learner update", ge=1)
     buffer_episodes: int = _f(5000, "replay capacity in episodes", ge=1)
     optimizer: Literal["rmsprop", "adam"] = _f("rmsprop", "learner optimizer (PyMARL: RMSprop; pymarl2: Adam)")
-    learning_rate: float = _f(5e-4, "learner learning rate", gt=0.0)
+    lr: float = _f(5e-4, "learner learning rate", gt=0.0)
     gamma: float = _f(0.99, "discount", ge=0.0, le=1.0)
     td_lambda: float = _f(0.0, "TD(lambda) of the targets (0: one-step)", ge=0.0, le=1.0)
     grad_norm_clip: float = _f(10.0, "learner gradient-norm clip", gt=0.0)
@@ -196,7 +207,10 @@ class MarlConfig:
     epsilon_finish: float = _f(0.05, "exploration after the anneal", ge=0.0, le=1.0)
     epsilon_anneal_steps: int = _f(50_000, "environment steps of the linear epsilon decay", ge=1)
     target_update_episodes: int = _f(200, "hard target-network update every N episodes", ge=1)
-    test_every: int = _f(5_000, "greedy test episodes every N environment steps", ge=1)
+    eval_every: int = _f(5_000, "greedy test episodes every N environment steps (and at the end)", ge=1)
+    checkpoint_every: int | None = _f(
+        None, "save the full state every N environment steps; None: after every evaluation", ge=1
+    )
     test_episodes: int = _f(32, "greedy episodes per test", ge=1)
     log_every_episodes: int = _f(200, "a train record every N episodes", ge=1)
     switch_episode: int = _f(10_000, "matrix:shifting: training episodes (all environments) before the switch", ge=1)
@@ -206,13 +220,17 @@ class MarlConfig:
 
 @dataclass
 class RunConfig:
-    name: str = _f("run", "run name; the run folder is <output_dir>/<name>-<timestamp>")
+    name: str = _f("run", "run name (no path separators); the run folder is <output_dir>/<name>-<timestamp>")
     task: Literal["auto", "classification", "language-modeling"] = _f("auto", "auto: from the dataset kind")
     seed: int = _f(0, "seed for splits, init, data order and dropout", ge=0)
     threads: int | None = _f(None, "torch.set_num_threads; None: torch's default", ge=1)
     output_dir: str = _f("runs", "parent folder of run folders")
     resume: str | None = _f(None, "a run folder to continue from its latest checkpoint")
     progress: Literal["auto", "bar", "plain", "none"] = _f("auto", "auto: a bar on a terminal, log lines otherwise")
+    log_formats: list[str] = _f(
+        ["jsonl"], "metric files: jsonl (always), csv (metrics-<split>.csv), tensorboard (<run>/tensorboard/)",
+        choices="leantrain.train.metric_loggers:LOG_FORMATS",
+    )  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -262,9 +280,15 @@ def load_recipe(recipe: str) -> dict:
                 f"unknown recipe {recipe!r}{_did_you_mean(recipe, names)}; choose from: {', '.join(names)}"
             )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"recipe {path} cannot be read ({err.strerror or err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values")
     raw.pop("description", None)
@@ -300,10 +324,20 @@ def from_dict(raw: dict) -> RunConfig:
         if key not in top:
             raise ConfigError(_unknown_key(key, sorted(top | set(SECTIONS) | {"model", "finetune"})))
     scalars = _build_scalars(RunConfig, raw, top)
+    _check_run_name(scalars.get("name", RunConfig.name))
     _check_names(kwargs["data"])
     _check_lowrank_prune(kwargs["lowrank"], kwargs["prune"])
     _check_marl(kwargs["marl"])
     return RunConfig(**scalars, **kwargs)
+
+
+def _check_run_name(name: str) -> None:
+    """A run name becomes a folder name under output_dir: no separators, no "..", nothing hidden or empty."""
+    if not name or "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\0" in name:
+        raise ConfigError(
+            f"config: name={name!r} is not a valid run name; use letters, digits, '-', '_' and single dots "
+            "(no path separators or '..': the run folder is always created inside output_dir)"
+        )
 
 
 def _check_marl(marl: MarlConfig) -> None:
@@ -352,19 +386,33 @@ def _check_names(data: DataConfig) -> None:
         raise ConfigError(f"config: data.tokenizer={data.tokenizer!r} is not a pretrained tokenizer; use {choices}")
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    """The nested mapping written to config.yaml (model options flattened into the model section)."""
+def to_dict(cfg: RunConfig, used_only: bool = False) -> dict:
+    """The nested mapping of ``cfg`` (model options flattened into the model section); ``used_only`` keeps just
+    the keys its run kind reads (what ``--print-config`` shows and ``config.yaml`` holds)."""
     out = dataclasses.asdict(cfg)
     out["model"] = {"name": cfg.model.name, **cfg.model.options}
     ft = cfg.finetune
     out["finetune"] = {"method": ft.method, "score_samples": ft.score_samples, **ft.options}
     for section in SECTIONS:
         out[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in out[section].items()}
-    return out
+    if not used_only:
+        return out
+    from leantrain.runs.kinds import kind_of
+
+    kind = kind_of(cfg)
+    kept = {}
+    for key, value in out.items():
+        if isinstance(value, dict) and key in (*SECTIONS, "model", "finetune"):
+            inner = {k: v for k, v in value.items() if kind.uses_key(f"{key}.{k}") or kind.uses_key(key)}
+            if inner:
+                kept[key] = inner
+        elif kind.uses_key(key):
+            kept[key] = value
+    return kept
 
 
 def save(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(yaml.safe_dump(to_dict(cfg, used_only=True), sort_keys=False))
 
 
 def apply_override(cfg: RunConfig, key: str, value: Any) -> RunConfig:
@@ -411,8 +459,29 @@ def _build_scalars(cls: type, raw: dict, names: set[str], prefix: str = "") -> d
             where = prefix + f.name
             value = coerce(raw[f.name], hints[f.name], where)
             _check_range(value, f.metadata, where)
+            _check_choice(value, f.metadata, where)
             out[f.name] = value
     return out
+
+
+def registry_names(spec: str) -> list[str]:
+    """The names in a registry given as "module:attribute" (imported on use: the CLI's help stays fast)."""
+    import importlib
+
+    module, attr = spec.split(":")
+    return list(getattr(importlib.import_module(module), attr))
+
+
+def _check_choice(value: Any, meta: Any, where: str) -> None:
+    """Names that come from a registry (optimizers, federated algorithms, MARL learners, ...) must be registered."""
+    if value is None or "choices" not in meta:
+        return
+    names = registry_names(meta["choices"])
+    for item in value if isinstance(value, list | tuple) else [value]:
+        if item not in names:
+            raise ConfigError(
+                f"config: {where} = {item!r} is not one of: {', '.join(names)}{_did_you_mean(str(item), names)}"
+            )
 
 
 def _check_range(value: Any, meta: Any, where: str) -> None:
@@ -430,17 +499,32 @@ def _check_range(value: Any, meta: Any, where: str) -> None:
             raise ConfigError(f"config: {where} = {value!r} is out of range (must be {bounds})")
 
 
+def override_path(cfg: RunConfig, key: str) -> str:
+    """The dotted config key an override ``key`` (dotted, or a unique leaf name) sets on ``cfg``'s kind."""
+    return ".".join(_expand_key(cfg, key))
+
+
 def _expand_key(cfg: RunConfig, key: str) -> list[str]:
-    """Map a dotted or unique-leaf key to its path; unknown or ambiguous keys raise with the choices."""
+    """Map a dotted or unique-leaf key to its path among the keys ``cfg``'s run kind reads. A key of another kind,
+    an unknown or an ambiguous key raises with what to use instead."""
+    from leantrain.runs.kinds import equivalent_key, kind_of
+
+    kind = kind_of(cfg)
     paths = _all_paths(cfg)
-    if key in paths:
-        return paths[key]
-    matches = [dotted for dotted in paths if dotted.rsplit(".", 1)[-1] == key]
+    used = {dotted: path for dotted, path in paths.items() if kind.uses_key(dotted)}
+    if key in used:
+        return used[key]
+    matches = [dotted for dotted in used if dotted.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
-        return paths[matches[0]]
+        return used[matches[0]]
     if len(matches) > 1:
         raise ConfigError(f"override key {key!r} is ambiguous; use one of: {', '.join(sorted(matches))}")
-    raise ConfigError(_unknown_key(key, sorted(paths)))
+    elsewhere = [key] if key in paths else sorted(d for d in paths if d.rsplit(".", 1)[-1] == key)
+    if elsewhere:
+        instead = equivalent_key(elsewhere[0], kind)
+        hint = f"; use {instead}" if instead else f"; {_unknown_key(key, sorted(used)).split('; ', 1)[1]}"
+        raise ConfigError(f"{elsewhere[0]} is not used by {kind.name} recipes (this recipe: {cfg.name}){hint}")
+    raise ConfigError(_unknown_key(key, sorted(used)))
 
 
 def _all_paths(cfg: RunConfig) -> dict[str, list[str]]:
@@ -461,13 +545,22 @@ def _all_paths(cfg: RunConfig) -> dict[str, list[str]]:
     return paths
 
 
+def _close_matches(key: str, choices: list[str], n: int = 5) -> list[str]:
+    by_leaf: dict[str, list[str]] = {}
+    for c in choices:
+        by_leaf.setdefault(c.rsplit(".", 1)[-1], []).append(c)
+    close = difflib.get_close_matches(key, choices, n=n, cutoff=0.6)
+    for leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=n, cutoff=0.6):
+        close += [c for c in by_leaf[leaf] if c not in close]
+    return close[:n]
+
+
 def _did_you_mean(key: str, choices: list[str]) -> str:
-    by_leaf = {c.rsplit(".", 1)[-1]: c for c in choices}
-    close = difflib.get_close_matches(key, choices, n=1) or [
-        by_leaf[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=1)
-    ]
+    close = _close_matches(key, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _unknown_key(key: str, choices: list[str]) -> str:
-    return f"unknown config key {key!r}{_did_you_mean(key, choices)}; valid keys: {', '.join(choices)}"
+    close = _close_matches(key, choices)
+    hint = f"did you mean: {', '.join(close)}?" if close else "no key is close to it"
+    return f"unknown config key {key!r}; {hint} (`leantrain run RECIPE --print-config` shows every key)"

@@ -51,6 +51,12 @@ def test_unknown_dataset_lists_valid_names():
     assert "\n" not in message and all(name in message for name in list_datasets())
 
 
+def test_list_datasets_by_kind_matches_the_loaded_kind(tmp_cache):
+    assert list(list_datasets(kind="lm")) == ["shakespeare"] and "digits" in list_datasets(kind="image")
+    assert {name for kind in ("image", "vector", "text", "lm") for name in list_datasets(kind)} == set(list_datasets())
+    assert load_dataset("digits").kind == "image"
+
+
 def test_unknown_option_names_valid_options():
     with pytest.raises(ConfigError, match="valid options: none"):
         load_dataset("digits", tokenizer=None)

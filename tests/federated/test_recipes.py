@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 
 from leantrain.config import resolve
-from leantrain.train.run import run
+from leantrain.runs.launch import run
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RECIPES = ["fedavg", "fedlama", "fedluar", "fedpa", "embracingfl"]
 REDUCED = ["data.train_subset=600", "federated.num_clients=10", "federated.clients_per_round=4",
-           "federated.eval_every_rounds=2", "progress=none", "threads=1"]  # fmt: skip
+           "federated.eval_every=2", "progress=none", "threads=1"]  # fmt: skip
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Fashion-MNIST package")

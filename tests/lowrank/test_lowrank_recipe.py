@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from leantrain.config import resolve
 from leantrain.errors import ConfigError
+from leantrain.runs.launch import run
 from leantrain.train.checkpoint import list_checkpoints
-from leantrain.train.run import run
 
 BASE = {
     "name": "dra-digits", "threads": 1, "progress": "none",

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 from cli_runner import run_cli
 from leantrain.config import resolve
 from leantrain.errors import ConfigError
-from leantrain.train.run import run
+from leantrain.runs.launch import run
 
 
 def test_qmix_climbing_recipe_runs_reduced(tmp_path):
-    cfg = resolve("qmix-climbing", ["marl.t_max=400", "marl.test_every=200", "marl.log_every_episodes=100",
+    cfg = resolve("qmix-climbing", ["marl.max_steps=400", "marl.eval_every=200", "marl.log_every_episodes=100",
                                     "progress=none", f"output_dir={tmp_path}"])  # fmt: skip
     result = run(cfg)
     s = result.summary
@@ -36,7 +36,7 @@ def test_bad_marl_config_is_refused(tmp_path):
 
 def test_s2q_recipes_run_reduced(tmp_path):
     for recipe in ("s2q-climbing", "s2q-shifting"):
-        cfg = resolve(recipe, ["marl.t_max=160", "marl.test_every=80", "marl.switch_episode=80", "progress=none",
+        cfg = resolve(recipe, ["marl.max_steps=160", "marl.eval_every=80", "marl.switch_episode=80", "progress=none",
                                f"output_dir={tmp_path}"])  # fmt: skip
         result = run(cfg)
         s = result.summary
@@ -66,7 +66,7 @@ def test_bench_marl_recovery_and_targets():
     assert marl.targets(rows) == {"s2q_climbing_optimum>=4/5": True, "qmix_climbing_optimum<=1/5": True}
 
 
-LBF_SMALL = ["marl.t_max=600", "marl.test_every=300", "marl.test_episodes=2", "marl.batch_episodes=4",
+LBF_SMALL = ["marl.max_steps=600", "marl.eval_every=300", "marl.test_episodes=2", "marl.batch_episodes=4",
              "marl.log_every_episodes=4", "progress=none"]  # fmt: skip
 
 
@@ -111,8 +111,8 @@ def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path, capsys):
         build(resolve("qmix-climbing", [f"marl.pretrained_policy={first.run_dir}"]))
     with pytest.raises(ConfigError, match="method_options for wall"):
         build(resolve("wall-lbf-8x8", ["marl.method_options={bugdet: 3}"]))
-    with pytest.raises(ConfigError, match="differs from the saved run in marl.learning_rate"):
-        run(resolve("qmix-lbf-8x8", [*LBF_SMALL, f"resume={first.run_dir}", "marl.learning_rate=0.1"]))
+    with pytest.raises(ConfigError, match="differs from the saved run in marl.lr"):
+        run(resolve("qmix-lbf-8x8", [*LBF_SMALL, f"resume={first.run_dir}", "marl.lr=0.1"]))
 
 
 def test_bench_marl_lbf_targets():
@@ -149,11 +149,11 @@ def test_bench_marl_throughput_measures_every_learner():
 def test_resumed_marl_run_equals_the_uninterrupted_run(tmp_path, recipe, extra):
     if recipe.startswith("wall"):
         pytest.importorskip("lbforaging")
-    base = ["marl.test_every=300", "marl.test_episodes=2", "marl.batch_episodes=4", "marl.log_every_episodes=4",
+    base = ["marl.eval_every=300", "marl.test_episodes=2", "marl.batch_episodes=4", "marl.log_every_episodes=4",
             "progress=none", f"output_dir={tmp_path}", *extra]  # fmt: skip
-    whole = run(resolve(recipe, [*base, "marl.t_max=1200"]))
-    cut = run(resolve(recipe, [*base, "marl.t_max=700"]))  # stops; its last checkpoint is at the test at t = 600
-    resumed = run(resolve(recipe, [*base, "marl.t_max=1200", f"resume={cut.run_dir}"]))
+    whole = run(resolve(recipe, [*base, "marl.max_steps=1200"]))
+    cut = run(resolve(recipe, [*base, "marl.max_steps=700"]))  # stops; its last checkpoint is at the test at t = 600
+    resumed = run(resolve(recipe, [*base, "marl.max_steps=1200", f"resume={cut.run_dir}"]))
     a, b = load_file(str(whole.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(x) for x in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ from leantrain.config import resolve
 from leantrain.errors import ConfigError
 from leantrain.prune import VarianceAmplifyingRegularizer
 from leantrain.prune.recipe import pruned_metrics, var_transforms
-from leantrain.train.run import run
+from leantrain.runs.launch import run
 
 BASE = {
     "name": "var-digits", "threads": 1, "progress": "none",

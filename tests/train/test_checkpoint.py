@@ -73,5 +73,5 @@ def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"split": "train", "step": 5}\n{"split": "train", "step": 10}\n{"split": "tr')  # killed mid-write
-    JsonlLogger(path, drop_after_step=5).close()
+    JsonlLogger(path, drop_after=5).close()
     assert read_jsonl(path) == [{"split": "train", "step": 5}]

@@ -17,81 +17,48 @@ from pathlib import Path
 
 import torch
 
-from leantrain.bench.report import log, markdown_table, print_targets, write_results
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets
 
 REMOVALS = (4, 6, 8)
 SELECTORS = ("lorp", "shortgpt", "last_n")
 RECOVERIES = ("none", "diag", "symmetric", "ghosted")
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ()):
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ()) -> Path:
     from leantrain.models import build_model, load_tokenizer
-    from leantrain.prune.compress import (
-        corpus_streams,
-        perplexity,
-        select_layers,
-        token_windows,
-        tokens_per_second,
-    )
+    from leantrain.prune.compress import corpus_streams, perplexity, token_windows
     from leantrain.prune.depth import boundary_states
-    from leantrain.prune.ghosted import fit_ghosted_layers
 
     del seeds, parts  # deterministic; one part
     started = time.perf_counter()
     block, calib_n, eval_n = (128, 16, 4) if quick else (256, 64, 16)
     removals = (4,) if quick else REMOVALS
+    threads = torch.get_num_threads()
+    results = BenchResults("compress", out_dir, threads=threads, quick=quick)
     model = build_model("smollm2-135m").eval()
     tokenizer = load_tokenizer("smollm2-135m")
     calib_ids, eval_ids = corpus_streams("shakespeare", tokenizer)
     calibration = token_windows(calib_ids, block, calib_n)
     evaluation = token_windows(eval_ids, block, eval_n)
-    threads = torch.get_num_threads()
     log(f"SmolLM2-135M: calibration {calib_n}x{block} tokens, evaluation {eval_n}x{block}, {threads} threads")
     base_ppl = perplexity(model, evaluation)
     t0 = time.perf_counter()
     states = boundary_states(model, calibration)
     capture_s = time.perf_counter() - t0
     log(f"  original perplexity {base_ppl:.3f}; boundary states captured in {capture_s:.1f} s")
-    rows, compressed_for_speed = [], {}
-    for k in removals:
-        for select in SELECTORS:
-            t0 = time.perf_counter()
-            removed, info = select_layers(model, states, k, select)
-            select_s = time.perf_counter() - t0
-            for recover in RECOVERIES:
-                pruned, report = fit_ghosted_layers(copy.deepcopy(model), removed, states, method=recover)
-                ppl = perplexity(pruned, evaluation)
-                log(f"  remove {k} {select:<8} {recover:<9}: blocks {removed}, perplexity {ppl:.3f}, "
-                    f"fit {report.fit_seconds:.2f} s")  # fmt: skip
-                rows.append({
-                    "method": f"{select}+{recover}", "anchor": False, "model": "smollm2-135m", "task": "shakespeare",
-                    "trainable_params": sum(p.numel() for p in {id(p): p for p in pruned.parameters()}.values()),
-                    "metric_name": "perplexity", "metric": ppl, "seeds": 1, "metric_std": None,
-                    "extra": {"removed": removed, "num_remove": k, "select": select, "recover": recover,
-                              "selection": info, "select_s": select_s, "fit_s": report.fit_seconds,
-                              "relative_error": report.relative_error, "gaps": report.gaps,
-                              "antisymmetric_fraction": report.antisymmetric_fraction},
-                })  # fmt: skip
-                if recover == "ghosted":
-                    compressed_for_speed[(k, select)] = pruned
+    rows, ghosted = perplexity_rows(model, states, evaluation, removals, add=results.add)
     log("generation speed: 1 thread, greedy 32 new tokens, interleaved with the original")
     torch.set_num_threads(1)
-    prompt = torch.as_tensor(eval_ids[:32].astype("int64"))[None]
-    speed_rows = []
-    for k in removals:
-        models = {"original": model, **{s: compressed_for_speed[(k, s)] for s in SELECTORS}}
-        tps = tokens_per_second(models, prompt, 32, repeats=1 if quick else 3)
-        for s in SELECTORS:
-            speed_rows.append({"num_remove": k, "select": s, "layers_kept": 30 - k, "tokens_per_s": tps[s],
-                               "original_tokens_per_s": tps["original"], "speedup": tps[s] / tps["original"],
-                               "layer_ratio": 30 / (30 - k)})  # fmt: skip
-        log(f"  remove {k}: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items()))
-    torch.set_num_threads(threads)
+    try:
+        prompt = torch.as_tensor(eval_ids[:32].astype("int64"))[None]
+        speed_rows = generation_speed(model, ghosted, prompt, removals, repeats=1 if quick else 3)
+    finally:
+        torch.set_num_threads(threads)
     met = targets(rows, speed_rows)
     extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "original_perplexity": base_ppl,
              "capture_s": capture_s, "speed": speed_rows, "calibration_tokens": block * calib_n,
              "evaluation_tokens": block * eval_n}  # fmt: skip
-    path = write_results("compress", rows, out_dir, threads=threads, quick=quick, extra=extra)
+    path = results.finish(extra)
     table = []
     for k in removals:
         for select in SELECTORS:
@@ -109,6 +76,63 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
           + markdown_table(speed_rows, ["num_remove", "select", "tokens_per_s", "original_tokens_per_s", "speedup",
                                         "layer_ratio"]))  # fmt: skip
     print_targets(met, path)
+    return path
+
+
+def perplexity_rows(model, states, evaluation, removals: tuple[int, ...], add=discard) -> tuple[list[dict], dict]:
+    """Rows of perplexity per (removal count, selection, recovery), and the Ghosted models for the speed part.
+
+    Every row is passed to ``add`` when measured. The selection is computed once per (removal count, selection),
+    inside the unit of its first recovery; ``ghosted`` maps (removal count, selection) to the Ghosted model.
+    """
+    from leantrain.prune.compress import perplexity, select_layers
+    from leantrain.prune.ghosted import fit_ghosted_layers
+
+    progress = Progress("compress perplexity", len(removals) * len(SELECTORS) * len(RECOVERIES))
+    rows, ghosted = [], {}
+    for k in removals:
+        for select in SELECTORS:
+            for recover in RECOVERIES:
+                with progress.unit(f"remove {k}, {select}+{recover}"):
+                    if recover == RECOVERIES[0]:
+                        t0 = time.perf_counter()
+                        removed, info = select_layers(model, states, k, select)
+                        select_s = time.perf_counter() - t0
+                    pruned, report = fit_ghosted_layers(copy.deepcopy(model), removed, states, method=recover)
+                    ppl = perplexity(pruned, evaluation)
+                    log(f"  remove {k} {select:<8} {recover:<9}: blocks {removed}, perplexity {ppl:.3f}, "
+                        f"fit {report.fit_seconds:.2f} s")  # fmt: skip
+                rows.append({
+                    "method": f"{select}+{recover}", "anchor": False, "model": "smollm2-135m", "task": "shakespeare",
+                    "trainable_params": sum(p.numel() for p in {id(p): p for p in pruned.parameters()}.values()),
+                    "metric_name": "perplexity", "metric": ppl, "seeds": 1, "metric_std": None,
+                    "extra": {"removed": removed, "num_remove": k, "select": select, "recover": recover,
+                              "selection": info, "select_s": select_s, "fit_s": report.fit_seconds,
+                              "relative_error": report.relative_error, "gaps": report.gaps,
+                              "antisymmetric_fraction": report.antisymmetric_fraction},
+                })  # fmt: skip
+                add(rows[-1])
+                if recover == "ghosted":
+                    ghosted[(k, select)] = pruned
+    return rows, ghosted
+
+
+def generation_speed(model, ghosted: dict, prompt, removals: tuple[int, ...], repeats: int) -> list[dict]:
+    """Tokens/s of each selection's Ghosted model against the original, per removal count (JSON ``speed``)."""
+    from leantrain.prune.compress import tokens_per_second
+
+    progress = Progress("compress speed", len(removals))
+    speed_rows = []
+    for k in removals:
+        with progress.unit(f"remove {k}: original, {', '.join(SELECTORS)}"):
+            models = {"original": model, **{s: ghosted[(k, s)] for s in SELECTORS}}
+            tps = tokens_per_second(models, prompt, 32, repeats=repeats)
+            for s in SELECTORS:
+                speed_rows.append({"num_remove": k, "select": s, "layers_kept": 30 - k, "tokens_per_s": tps[s],
+                                   "original_tokens_per_s": tps["original"], "speedup": tps[s] / tps["original"],
+                                   "layer_ratio": 30 / (30 - k)})  # fmt: skip
+            log(f"  remove {k}: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items()))
+    return speed_rows
 
 
 def targets(rows: list[dict], speed_rows: list[dict]) -> dict[str, bool]:

@@ -33,13 +33,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, mean_std, print_targets
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.fedavg import FedAvg
 
@@ -113,36 +114,47 @@ def _subprocess(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _run_all(specs: list[dict], workers: int, log) -> list[dict]:
+def spec_rows(specs: list[dict], anchor: str, part: str, log, add=discard, workers: int = 2) -> list[dict]:
+    """Run ``specs`` in fresh processes, ``workers`` at a time; one row per (label, partition) over the seeds.
+
+    Results are taken in spec order, and a row is passed to ``add`` as soon as its last seed's run is in.
+    """
+    progress = Progress(f"federated {part}", len(specs))
+
     def one(spec):
-        result = _subprocess(spec)
-        log(f"  {spec['label']:<12} {spec['partition']:<9} seed {spec['seed']}: accuracy "
-            f"{result['final_test_accuracy']:.4f}, up {result['up_bytes'] / 1e6:.1f} MB, "
-            f"down {result['down_bytes'] / 1e6:.1f} MB, {result['wall_s']:.0f} s")  # fmt: skip
+        with progress.unit(f"{spec['label']} {spec['partition']} seed {spec['seed']}"):
+            result = _subprocess(spec)
+            log(f"  {spec['label']:<12} {spec['partition']:<9} seed {spec['seed']}: accuracy "
+                f"{result['final_test_accuracy']:.4f}, up {result['up_bytes'] / 1e6:.1f} MB, "
+                f"down {result['down_bytes'] / 1e6:.1f} MB, {result['wall_s']:.0f} s")  # fmt: skip
         return result
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, specs))
-
-
-def _rows(specs: list[dict], results: list[dict], anchor: str) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for spec, res in zip(specs, results, strict=True):
-        groups.setdefault((spec["label"], spec["partition"]), []).append(res)
+    left = Counter((spec["label"], spec["partition"]) for spec in specs)
+    groups: dict[tuple[str, str], list[dict]] = {}
     rows = []
-    for (label, partition), runs in groups.items():
-        mean, std = mean_std([r["final_test_accuracy"] for r in runs])
-        rows.append({
-            "method": label, "anchor": label == anchor, "model": "cnn-16-32", "task": f"{partition}",
-            "metric_name": "accuracy", "metric": mean, "metric_std": std, "seeds": len(runs),
-            "extra": {"up_bytes": statistics.mean(r["up_bytes"] for r in runs),
-                      "down_bytes": statistics.mean(r["down_bytes"] for r in runs),
-                      "up_messages": statistics.mean(r["up_messages"] for r in runs),
-                      "per_seed": [r["final_test_accuracy"] for r in runs],
-                      "wall_s_median": statistics.median(r["wall_s"] for r in runs),
-                      "curve_seed0": runs[0]["curve"]},
-        })  # fmt: skip
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for spec, result in zip(specs, pool.map(one, specs), strict=True):
+            key = (spec["label"], spec["partition"])
+            groups.setdefault(key, []).append(result)
+            left[key] -= 1
+            if left[key] == 0:
+                rows.append(_row(*key, groups[key], anchor))
+                add(rows[-1])
     return rows
+
+
+def _row(label: str, partition: str, runs: list[dict], anchor: str) -> dict:
+    mean, std = mean_std([r["final_test_accuracy"] for r in runs])
+    return {
+        "method": label, "anchor": label == anchor, "model": "cnn-16-32", "task": f"{partition}",
+        "metric_name": "accuracy", "metric": mean, "metric_std": std, "seeds": len(runs),
+        "extra": {"up_bytes": statistics.mean(r["up_bytes"] for r in runs),
+                  "down_bytes": statistics.mean(r["down_bytes"] for r in runs),
+                  "up_messages": statistics.mean(r["up_messages"] for r in runs),
+                  "per_seed": [r["final_test_accuracy"] for r in runs],
+                  "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+                  "curve_seed0": runs[0]["curve"]},
+    }  # fmt: skip
 
 
 def accuracy_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
@@ -177,32 +189,69 @@ def embracing_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
 # ---------------------------------------------------------------------------- throughput and memory
 
 
-def throughput_rows(rounds: int, log) -> list[dict]:
+def throughput_rows(rounds: int, log, add=discard) -> list[dict]:
     """Seconds per round: our simulator vs the same local training as a bare loop, and vs Flower when installed.
 
     Medians over rounds after one warm-up round (torch's lazy initialisation lands in the first optimizer step).
     The simulator evaluates the global model every round, as the Flower strategy does; its training-only round
     time is the round's wall time minus one timed evaluation, and its overhead is that over the raw loop.
     """
+    torch.set_num_threads(1)
+    progress = Progress("federated throughput", 3)
+    with progress.unit(f"leantrain simulator, {1 + rounds} rounds"):
+        sim, with_eval, eval_s = _simulator_round_time(rounds)
+    sim_s = with_eval - eval_s
+    with progress.unit(f"raw local training, {1 + rounds} rounds"):
+        raw_s = _raw_round_time(sim, rounds)
+    log(f"  simulator {with_eval:.3f} s/round with evaluation ({eval_s:.3f} s of it), {sim_s:.3f} s without; "
+        f"raw local training {raw_s:.3f} s/round")  # fmt: skip
+    rows = [
+        {"method": "leantrain-simulator", "anchor": True, "task": "fedavg-100-clients",
+         "step_time_s_median": sim_s, "extra": {"overhead_over_raw": sim_s / raw_s - 1, "rounds": rounds}},
+        {"method": "leantrain-simulator-eval-every-round", "anchor": False, "task": "fedavg-100-clients",
+         "step_time_s_median": with_eval, "extra": {"rounds": rounds, "eval_s": eval_s}},
+        {"method": "raw-local-training", "anchor": False, "task": "fedavg-100-clients",
+         "step_time_s_median": raw_s, "extra": {"rounds": rounds}},
+    ]  # fmt: skip
+    for row in rows:
+        add(row)
+    with progress.unit(f"flower simulation, 1 and {1 + rounds} rounds"):
+        flower = flower_round_time(rounds, log)
+    if flower is not None:
+        rows.append({"method": "flower-simulation", "anchor": False, "task": "fedavg-100-clients",
+                     "step_time_s_median": flower, "extra": {"rounds": rounds}})  # fmt: skip
+        add(rows[-1])
+    return rows
+
+
+def _simulator_round_time(rounds: int):
+    """(simulator, median seconds per round with evaluation, seconds of one evaluation) over 1 + ``rounds``."""
     from leantrain.federated import Simulator
-    from leantrain.federated.algorithms.base import communicated, load_arrays
-    from leantrain.federated.client import local_sgd
-    from leantrain.federated.simulator import seed_for
     from leantrain.models import build_model
 
-    torch.set_num_threads(1)
     model = dict(MODEL)
     name = model.pop("name")
-    dataset = dataset_name()
-    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset, "dirichlet", rounds=1 + rounds,
+    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset_name(), "dirichlet", rounds=1 + rounds,
                     partition_options={"alpha": 0.1}, **{**BASE, "eval_every": 1})  # fmt: skip
     history = sim.run()
     with_eval = statistics.median(r["wall_s"] for r in history.rounds[1:])
     start = time.perf_counter()
     sim.evaluate()
-    eval_s = time.perf_counter() - start
-    sim_s = with_eval - eval_s
-    # the raw compute: the same clients, batches and steps, nothing else (no ledger, checks, aggregation, eval)
+    return sim, with_eval, time.perf_counter() - start
+
+
+def _raw_round_time(sim, rounds: int) -> float:
+    """The raw compute: median seconds per round of ``sim``'s clients, batches and local steps, nothing else.
+
+    No ledger, checks, aggregation or evaluation.
+    """
+    from leantrain.federated.algorithms.base import communicated, load_arrays
+    from leantrain.federated.client import local_sgd
+    from leantrain.federated.simulator import seed_for
+    from leantrain.models import build_model
+
+    model = dict(MODEL)
+    name = model.pop("name")
     raw = build_model(name, **model)
     state = communicated(sim.algorithm.global_state)
     raw_times = []
@@ -214,22 +263,7 @@ def throughput_rows(rounds: int, log) -> list[dict]:
             batches = sim.client_data.batches(cid, BASE["batch_size"], seed_for(sim.seed, r, cid))
             local_sgd(raw, sim.loss_fn, batches, BASE["local_steps"], BASE["lr"], BASE["momentum"])
         raw_times.append(time.perf_counter() - start)
-    raw_s = statistics.median(raw_times[1:])
-    log(f"  simulator {with_eval:.3f} s/round with evaluation ({eval_s:.3f} s of it), {sim_s:.3f} s without; "
-        f"raw local training {raw_s:.3f} s/round")  # fmt: skip
-    rows = [
-        {"method": "leantrain-simulator", "anchor": True, "task": "fedavg-100-clients",
-         "step_time_s_median": sim_s, "extra": {"overhead_over_raw": sim_s / raw_s - 1, "rounds": rounds}},
-        {"method": "leantrain-simulator-eval-every-round", "anchor": False, "task": "fedavg-100-clients",
-         "step_time_s_median": with_eval, "extra": {"rounds": rounds, "eval_s": eval_s}},
-        {"method": "raw-local-training", "anchor": False, "task": "fedavg-100-clients",
-         "step_time_s_median": raw_s, "extra": {"rounds": rounds}},
-    ]  # fmt: skip
-    flower = flower_round_time(rounds, log)
-    if flower is not None:
-        rows.append({"method": "flower-simulation", "anchor": False, "task": "fedavg-100-clients",
-                     "step_time_s_median": flower, "extra": {"rounds": rounds}})  # fmt: skip
-    return rows
+    return statistics.median(raw_times[1:])
 
 
 def flower_round_time(rounds: int, log) -> float | None:
@@ -266,17 +300,18 @@ def flower_round_time(rounds: int, log) -> float | None:
     return (walls[1 + rounds] - walls[1]) / rounds
 
 
-def memory_rows(log) -> list[dict]:
+def memory_rows(log, add=discard) -> list[dict]:
+    """Peak RSS of the simulator with 10 and with 1,000 clients, each in a fresh process; ratios to 10 clients."""
+    progress = Progress("federated memory", 2)
     rows = []
     for n in (10, 1000):
-        spec = {"memory_probe": n}
-        res = _subprocess(spec)
-        log(f"  {n} clients: peak RSS {res['peak_rss_mb']:.0f} MB")
+        with progress.unit(f"{n} clients"):
+            res = _subprocess({"memory_probe": n})
+            log(f"  {n} clients: peak RSS {res['peak_rss_mb']:.0f} MB")
+        res["ratio_to_10_clients"] = res["peak_rss_mb"] / (rows[0]["peak_mem_mb"] if rows else res["peak_rss_mb"])
         rows.append({"method": f"simulator-{n}-clients", "anchor": n == 10, "task": "peak-rss",
                      "peak_mem_mb": res["peak_rss_mb"], "extra": res})  # fmt: skip
-    base = rows[0]["peak_mem_mb"]
-    for r in rows:
-        r["extra"]["ratio_to_10_clients"] = r["peak_mem_mb"] / base
+        add(rows[-1])
     return rows
 
 
@@ -337,27 +372,25 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     if unknown:
         raise ConfigError(f"bench federated: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
+    area = "federated" if set(parts) == set(PARTS) else "federated-" + "-".join(p for p in PARTS if p in parts)
+    results = BenchResults(area, out_dir, threads=1, quick=quick)
     dataset = dataset_name()
     n_seeds = seeds or (1 if quick else 3)
     acc, emb, thr, mem = [], [], [], []
     if "accuracy" in parts:
         log(f"accuracy and bytes: {dataset}, 100 clients, 10 per round, seeds {n_seeds}, two runs at a time")
-        specs = accuracy_specs(n_seeds, quick, dataset)
-        acc = _rows(specs, _run_all(specs, 2, log), "fedavg")
+        acc = spec_rows(accuracy_specs(n_seeds, quick, dataset), "fedavg", "accuracy", log, add=results.add)
     if "embracing" in parts:
         log("EmbracingFL: 50% weak, 25% moderate vs all-strong and strong-only, Dirichlet 0.1")
-        specs = embracing_specs(n_seeds, quick, dataset)
-        emb = _rows(specs, _run_all(specs, 2, log), "all-strong")
+        emb = spec_rows(embracing_specs(n_seeds, quick, dataset), "all-strong", "embracing", log, add=results.add)
     if "throughput" in parts:
         log("throughput: 100-client FedAvg, seconds per round")
-        thr = throughput_rows(3 if quick else 5, log)
+        thr = throughput_rows(3 if quick else 5, log, add=results.add)
     if "memory" in parts:
         log("memory: peak RSS with 10 and 1,000 clients")
-        mem = memory_rows(log)
+        mem = memory_rows(log, add=results.add)
     met = targets(acc, emb, thr, mem)
-    extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset}
-    area = "federated" if set(parts) == set(PARTS) else "federated-" + "-".join(p for p in PARTS if p in parts)
-    path = write_results(area, acc + emb + thr + mem, out_dir, threads=1, quick=quick, extra=extra)
+    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset})
     for title, rows in (("Accuracy and bytes", acc), ("EmbracingFL", emb)):
         if rows:
             for r in rows:

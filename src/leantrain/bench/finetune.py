@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, mean_std, print_targets
 from leantrain.errors import LeantrainError
 
 SMOLLM_TARGETS = ["q_proj", "v_proj"]
@@ -45,60 +45,80 @@ ANCHORS = {"full", "lora"}
 QUICK = ["data.train_subset=960", "data.eval_subset=300"]  # 60 steps per method
 
 
-def accuracy_rows(seeds: int, quick: bool, threads: int, log) -> list[dict]:
+def accuracy_rows(seeds: int, quick: bool, threads: int, log, add=discard) -> list[dict]:
+    """One row per method over ``seeds`` seeds (interleaved), passed to ``add`` when its last seed finishes."""
     from leantrain.config import resolve
-    from leantrain.train.run import run
+    from leantrain.runs.launch import run
 
     results: dict[str, list[dict]] = {name: [] for name in ACCURACY_METHODS}
+    progress = Progress("finetune accuracy", seeds * len(ACCURACY_METHODS))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             for name, (recipe, overrides) in ACCURACY_METHODS.items():
-                extra = [f"seed={seed}", f"threads={threads}", "progress=none", f"output_dir={tmp}"]
-                cfg = resolve(recipe, [*overrides, *(QUICK if quick else []), *extra])
-                summary = run(cfg).summary
-                results[name].append(summary)
-                acc = summary["final"]["test_accuracy"]
-                log(f"  {name:<24} seed {seed}: test accuracy {acc:.4f}  ({summary['train_time_s']:.0f} s)")
-    rows = []
-    for name, runs in results.items():
-        mean, std = mean_std([r["final"]["test_accuracy"] for r in runs])
-        step = statistics.median(r["train_time_s"] / r["steps"] for r in runs)
-        rows.append({
-            "method": name, "anchor": name in ANCHORS, "model": "minilm", "task": "tweets",
-            "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy", "metric": mean,
-            "seeds": len(runs), "metric_std": std, "step_time_s_median": step,
-            "extra": {"per_seed": [r["final"]["test_accuracy"] for r in runs], "steps": runs[0]["steps"]},
-        })  # fmt: skip
+                with progress.unit(f"{name} seed {seed}"):
+                    extra = [f"seed={seed}", f"threads={threads}", "progress=none", f"output_dir={tmp}"]
+                    cfg = resolve(recipe, [*overrides, *(QUICK if quick else []), *extra])
+                    summary = run(cfg).summary
+                    results[name].append(summary)
+                    acc = summary["final"]["test_accuracy"]
+                    log(f"  {name:<24} seed {seed}: test accuracy {acc:.4f}  ({summary['train_time_s']:.0f} s)")
+                if seed == seeds - 1:
+                    rows.append(_accuracy_row(name, results[name]))
+                    add(rows[-1])
     return rows
 
 
-def cost_rows(repeats: int, steps: int, log) -> list[dict]:
+def _accuracy_row(name: str, runs: list[dict]) -> dict:
+    mean, std = mean_std([r["final"]["test_accuracy"] for r in runs])
+    step = statistics.median(r["train_time_s"] / r["steps"] for r in runs)
+    return {
+        "method": name, "anchor": name in ANCHORS, "model": "minilm", "task": "tweets",
+        "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy", "metric": mean,
+        "seeds": len(runs), "metric_std": std, "step_time_s_median": step,
+        "extra": {"per_seed": [r["final"]["test_accuracy"] for r in runs], "steps": runs[0]["steps"]},
+    }  # fmt: skip
+
+
+def cost_rows(repeats: int, steps: int, log, add=discard) -> list[dict]:
+    """One row per method, each in a fresh process per repeat (interleaved), finished in the last repeat."""
     samples: dict[str, list[dict]] = {m: [] for m in COST_METHODS}
+    progress = Progress("finetune cost", repeats * len(COST_METHODS))
+    rows = []
     for rep in range(repeats):
         for method in COST_METHODS:  # interleaved: lora, paca, full, lora, paca, full, ...
-            cmd = [sys.executable, "-m", "leantrain.bench.finetune_cost", "--method", method, "--steps", str(steps)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0 or not done.stdout.strip():
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise LeantrainError(f"cost worker for {method} failed: {last}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            samples[method].append(result)
-            log(f"  {method:<5} repeat {rep}: median step {statistics.median(result['step_times_s']):.3f} s")
-    rows = []
-    for method, runs in samples.items():
-        times = [t for r in runs for t in r["step_times_s"]]
-        rows.append({
-            "method": method, "anchor": method != "paca", "model": "smollm2-135m", "task": "shakespeare-4x64",
-            "trainable_params": runs[0]["trainable_params"], "metric_name": None, "metric": None, "seeds": None,
-            "step_time_s_median": statistics.median(times),
-            "peak_mem_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "saved_activation_mb": runs[0]["saved_activation_mb"],
-            "extra": {"step_time_s_min": min(times), "step_time_s_max": max(times), "steps_timed": len(times),
-                      "saved_in_adapted_layers_mb": runs[0]["saved_in_adapted_layers_mb"],
-                      "peak_mem_source": "ru_maxrss of a fresh process (model load included)",
-                      "saved_bytes_source": "saved_tensors_hooks, one training step"},
-        })  # fmt: skip
+            with progress.unit(f"{method} repeat {rep}"):
+                samples[method].append(_cost_sample(method, steps))
+                median = statistics.median(samples[method][-1]["step_times_s"])
+                log(f"  {method:<5} repeat {rep}: median step {median:.3f} s")
+            if rep == repeats - 1:
+                rows.append(_cost_row(method, samples[method]))
+                add(rows[-1])
     return rows
+
+
+def _cost_sample(method: str, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "leantrain.bench.finetune_cost", "--method", method, "--steps", str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not done.stdout.strip():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LeantrainError(f"cost worker for {method} failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cost_row(method: str, runs: list[dict]) -> dict:
+    times = [t for r in runs for t in r["step_times_s"]]
+    return {
+        "method": method, "anchor": method != "paca", "model": "smollm2-135m", "task": "shakespeare-4x64",
+        "trainable_params": runs[0]["trainable_params"], "metric_name": None, "metric": None, "seeds": None,
+        "step_time_s_median": statistics.median(times),
+        "peak_mem_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "saved_activation_mb": runs[0]["saved_activation_mb"],
+        "extra": {"step_time_s_min": min(times), "step_time_s_max": max(times), "steps_timed": len(times),
+                  "saved_in_adapted_layers_mb": runs[0]["saved_in_adapted_layers_mb"],
+                  "peak_mem_source": "ru_maxrss of a fresh process (model load included)",
+                  "saved_bytes_source": "saved_tensors_hooks, one training step"},
+    }  # fmt: skip
 
 
 def targets(acc: list[dict], cost: list[dict]) -> dict[str, bool | None]:
@@ -124,18 +144,21 @@ def targets(acc: list[dict], cost: list[dict]) -> dict[str, bool | None]:
     return out
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("accuracy", "cost")):
+def run_bench(
+    quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("accuracy", "cost")
+) -> Path:
     started = time.perf_counter()
+    results = BenchResults("finetune", out_dir, threads=1, quick=quick)
     acc, cost = [], []
     if "accuracy" in parts:
         log("accuracy: MiniLM on tweets")
-        acc = accuracy_rows(seeds or (1 if quick else 3), quick, threads=2, log=log)
+        acc = accuracy_rows(seeds or (1 if quick else 3), quick, threads=2, log=log, add=results.add)
     if "cost" in parts:
         log("cost: SmolLM2-135M, batch 4 x 64, 1 thread, fresh process per method")
-        cost = cost_rows(repeats=1 if quick else 3, steps=3 if quick else 5, log=log)
+        cost = cost_rows(repeats=1 if quick else 3, steps=3 if quick else 5, log=log, add=results.add)
     met = targets(acc, cost)
     extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "accuracy_threads": 2}
-    path = write_results("finetune", acc + cost, out_dir, threads=1, quick=quick, extra=extra)
+    path = results.finish(extra)
     if acc:
         cols = ["method", "trainable_params", "metric", "metric_std", "seeds", "step_time_s_median"]
         print("Accuracy (MiniLM, tweets; test accuracy mean over seeds)\n" + markdown_table(acc, cols) + "\n")

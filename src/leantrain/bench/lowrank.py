@@ -26,7 +26,16 @@ from pathlib import Path
 
 import torch
 
-from leantrain.bench.report import log, markdown_table, mean_std, print_targets, save_figure, write_results
+from leantrain.bench.report import (
+    BenchResults,
+    Progress,
+    discard,
+    log,
+    markdown_table,
+    mean_std,
+    print_targets,
+    save_figure,
+)
 from leantrain.errors import ConfigError
 
 RECIPE = "dra-resnet20-fashion-mnist"
@@ -88,7 +97,7 @@ def _phase_step_times(run_dir: Path, phases: list[str], batch: int) -> dict[str,
 
 def run_arm(arm: str, seed: int, quick: bool, tmp: str) -> dict:
     from leantrain.config import resolve
-    from leantrain.train.run import run
+    from leantrain.runs.launch import run
 
     overrides = [*(QUICK if quick else STANDARD), *ARMS[arm], f"seed={seed}", "threads=1", "progress=none",
                  f"output_dir={tmp}"]  # fmt: skip
@@ -112,46 +121,58 @@ def run_arm(arm: str, seed: int, quick: bool, tmp: str) -> dict:
 
 
 def _train_batches(cfg):
-    from leantrain.train.run import prepare_data
+    from leantrain.runs.supervised import prepare_data
 
     return prepare_data(cfg).train
 
 
-def arm_rows(arms: tuple[str, ...], seeds: int, quick: bool, log) -> list[dict]:
+def arm_rows(arms: tuple[str, ...], seeds: int, quick: bool, log, add=discard) -> list[dict]:
+    """One row per arm over ``seeds`` seeds (interleaved), passed to ``add`` when its last seed finishes.
+
+    ``full`` runs first (ARMS order), so every later row's ratios to it are known when the row is finished.
+    """
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    progress = Progress("lowrank", seeds * len(arms))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             for arm in arms:
-                res = run_arm(arm, seed, quick, tmp)
-                results[arm].append(res)
-                steps = ", ".join(f"{p} {s:.3f} s" for p, s in res["phase_step_s"].items())
-                log(f"  {arm:<8} seed {seed}: test accuracy {res['accuracy']:.4f}, train {res['train_time_s']:.0f} s"
-                    f" (step: {steps}), erank {res['erank'][0]:.2f} -> {res['erank'][-1]:.2f}")  # fmt: skip
-    rows = []
-    for arm, runs in results.items():
-        mean, std = mean_std([r["accuracy"] for r in runs])
-        phases = sorted({p for r in runs for p in r["phase_step_s"]})
-        rows.append({
-            "method": arm, "anchor": arm == "full", "model": "resnet20", "task": "fashion-mnist",
-            "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy", "metric": mean,
-            "seeds": len(runs), "metric_std": std,
-            "step_time_s_median": statistics.median(s for r in runs for s in r["phase_step_s"].values()),
-            "extra": {
-                "per_seed": [r["accuracy"] for r in runs], "train_flops": runs[0]["train_flops"],
-                "phases": runs[0]["phases"], "phase_macs_per_sample": runs[0]["phase_macs"],
-                "phase_step_s_median": {p: statistics.median(r["phase_step_s"][p] for r in runs
-                                                             if p in r["phase_step_s"]) for p in phases},
-                "train_time_s_median": statistics.median(r["train_time_s"] for r in runs),
-                "erank_mean_per_epoch": [statistics.fmean(v) for v in zip(*(r["erank"] for r in runs), strict=True)],
-            },
-        })  # fmt: skip
-    full = next((r for r in rows if r["method"] == "full"), None)
-    for r in rows:
-        ex = r["extra"]
-        if full:
-            ex["flops_ratio_to_full"] = ex["train_flops"] / full["extra"]["train_flops"]
-            ex["time_ratio_to_full"] = ex["train_time_s_median"] / full["extra"]["train_time_s_median"]
+                with progress.unit(f"{arm} seed {seed}"):
+                    res = run_arm(arm, seed, quick, tmp)
+                    results[arm].append(res)
+                    steps = ", ".join(f"{p} {s:.3f} s" for p, s in res["phase_step_s"].items())
+                    log(f"  {arm:<8} seed {seed}: test accuracy {res['accuracy']:.4f}, "
+                        f"train {res['train_time_s']:.0f} s (step: {steps}), "
+                        f"erank {res['erank'][0]:.2f} -> {res['erank'][-1]:.2f}")  # fmt: skip
+                if seed == seeds - 1:
+                    full = next((r for r in rows if r["method"] == "full"), None)
+                    rows.append(_arm_row(arm, results[arm], full))
+                    add(rows[-1])
     return rows
+
+
+def _arm_row(arm: str, runs: list[dict], full: dict | None) -> dict:
+    """The row of one arm; ``full`` is the full-rank row when it was measured (None for ``full`` itself)."""
+    mean, std = mean_std([r["accuracy"] for r in runs])
+    phases = sorted({p for r in runs for p in r["phase_step_s"]})
+    ex = {
+        "per_seed": [r["accuracy"] for r in runs], "train_flops": runs[0]["train_flops"],
+        "phases": runs[0]["phases"], "phase_macs_per_sample": runs[0]["phase_macs"],
+        "phase_step_s_median": {p: statistics.median(r["phase_step_s"][p] for r in runs if p in r["phase_step_s"])
+                                for p in phases},
+        "train_time_s_median": statistics.median(r["train_time_s"] for r in runs),
+        "erank_mean_per_epoch": [statistics.fmean(v) for v in zip(*(r["erank"] for r in runs), strict=True)],
+    }  # fmt: skip
+    anchor = ex if arm == "full" else (full or {}).get("extra")
+    if anchor:
+        ex["flops_ratio_to_full"] = ex["train_flops"] / anchor["train_flops"]
+        ex["time_ratio_to_full"] = ex["train_time_s_median"] / anchor["train_time_s_median"]
+    return {
+        "method": arm, "anchor": arm == "full", "model": "resnet20", "task": "fashion-mnist",
+        "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy", "metric": mean,
+        "seeds": len(runs), "metric_std": std,
+        "step_time_s_median": statistics.median(s for r in runs for s in r["phase_step_s"].values()), "extra": ex,
+    }  # fmt: skip
 
 
 def plot_effective_rank(rows: list[dict], path: Path) -> Path:
@@ -189,18 +210,18 @@ def targets(rows: list[dict]) -> dict[str, bool]:
     return out
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("accuracy",)):
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("accuracy",)) -> Path:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"bench lowrank: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
+    results = BenchResults("lowrank", out_dir, threads=1, quick=quick)
     arms = tuple(arm for part in PARTS if part in parts for arm in PARTS[part])
     log(f"low-rank training: ResNet-20 on Fashion-MNIST, arms {', '.join(arms)}, 1 thread")
-    rows = arm_rows(arms, seeds or (1 if quick else 3), quick, log)
+    rows = arm_rows(arms, seeds or (1 if quick else 3), quick, log, add=results.add)
     met = targets(rows)
     png = plot_effective_rank(rows, out_dir / "lowrank-effective-rank.png")
-    extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "plot": str(png)}
-    path = write_results("lowrank", rows, out_dir, threads=1, quick=quick, extra=extra)
+    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "plot": str(png)})
     for row in rows:
         ex = row["extra"]
         steps = {f"step_s_{p}": ex["phase_step_s_median"].get(p) for p in ("lowrank", "full", "adapter")}
@@ -212,3 +233,4 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     print("DRA vs fixed low-rank vs full rank (ResNet-20, Fashion-MNIST)\n" + markdown_table(rows, cols))
     print(f"effective-rank plot: {png}")
     print_targets(met, path)
+    return path

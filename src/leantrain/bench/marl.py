@@ -27,20 +27,20 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from leantrain.bench.report import log, markdown_table, print_targets, write_results
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets, progress
 from leantrain.errors import ConfigError
 
 METHODS = {"qmix": ("qmix-climbing", []), "vdn": ("qmix-climbing", ["marl.mixer=vdn"]), "s2q": ("s2q-climbing", [])}
-SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.test_every=500"]
-QUICK = ["marl.t_max=2000", "marl.epsilon_anneal_steps=1000", "marl.test_every=1000"]
+SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.eval_every=500"]
+QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_every=1000"]
 PARTS = ("matrix", "throughput", "lbf")
 LBF_STEPS, FINETUNE_STEPS, ATTACK_EPISODES = 300_000, 50_000, 200
-LBF_QUICK = ["marl.t_max=1500", "marl.test_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
+LBF_QUICK = ["marl.max_steps=1500", "marl.eval_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
 
 def _run(recipe: str, overrides: list[str], seed: int, tmp: str) -> dict:
     from leantrain.config import resolve
-    from leantrain.train.run import run
+    from leantrain.runs.launch import run
 
     cfg = resolve(recipe, [*overrides, f"seed={seed}", "progress=none", f"output_dir={tmp}"])
     result = run(cfg)
@@ -67,35 +67,44 @@ def _sub_value_greedy(run_dir: str) -> list[list[int]]:
     return learner.sub_value_greedy(torch.as_tensor(first.obs), torch.as_tensor(first.avail))
 
 
-def matrix_rows(seeds: int, quick: bool) -> list[dict]:
+def matrix_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
+    """One row per (method, game) over ``seeds`` seeds (interleaved), passed to ``add`` when its last seed is done."""
+    games = (("climbing", []), ("shifting", SHIFT))
+    units = Progress("marl matrix", seeds * len(METHODS) * len(games))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         results: dict[tuple[str, str], list[dict]] = {}
         for seed in range(seeds):
             for method, (recipe, overrides) in METHODS.items():
-                for game, extra in (("climbing", []), ("shifting", SHIFT)):
-                    res = _run(recipe, [*overrides, *extra, *(QUICK if quick else [])], seed, tmp)
-                    if method == "s2q":
-                        res["sub_value_greedy"] = _sub_value_greedy(res["summary"]["run_dir"])
-                    results.setdefault((method, game), []).append(res)
-                    final = res["summary"]["final"]["test_return"]
-                    log(f"  {method:<5} {game:<9} seed {seed}: final greedy return {final:g}, "
-                        f"{res['summary']['env_steps_per_s']:.0f} env steps/s")  # fmt: skip
-        for (method, game), runs in results.items():
-            finals = [r["summary"]["final"]["test_return"] for r in runs]
-            speed = statistics.median(r["summary"]["env_steps_per_s"] for r in runs)
-            rate = sum(f == 11.0 for f in finals) / len(finals)
-            extra = {"final_returns": finals, "optimum_rate": rate, "env_steps_per_s_median": speed}
-            if method == "s2q":  # which joint actions the sub-values ended up representing
-                extra["sub_value_greedy"] = [r["sub_value_greedy"] for r in runs]
-            if game == "shifting":
-                switch = 10_000
-                rec = [_recovery(r["tests"], switch) for r in runs]
-                extra.update(recovery_episodes=rec, recovered=sum(x is not None for x in rec))
-            rows.append({"method": f"{method}-{game}", "anchor": method == "qmix", "model": "rnn-agent",
-                         "task": f"matrix:{game}", "metric_name": "optimum rate", "metric": extra["optimum_rate"],
-                         "seeds": len(runs), "extra": extra})  # fmt: skip
+                for game, extra in games:
+                    with units.unit(f"{method} {game} seed {seed}"):
+                        res = _run(recipe, [*overrides, *extra, *(QUICK if quick else [])], seed, tmp)
+                        if method == "s2q":
+                            res["sub_value_greedy"] = _sub_value_greedy(res["summary"]["run_dir"])
+                        results.setdefault((method, game), []).append(res)
+                        final = res["summary"]["final"]["test_return"]
+                        log(f"  {method:<5} {game:<9} seed {seed}: final greedy return {final:g}, "
+                            f"{res['summary']['env_steps_per_s']:.0f} env steps/s")  # fmt: skip
+                    if seed == seeds - 1:
+                        rows.append(_matrix_row(method, game, results[(method, game)]))
+                        add(rows[-1])
     return rows
+
+
+def _matrix_row(method: str, game: str, runs: list[dict]) -> dict:
+    finals = [r["summary"]["final"]["test_return"] for r in runs]
+    speed = statistics.median(r["summary"]["env_steps_per_s"] for r in runs)
+    rate = sum(f == 11.0 for f in finals) / len(finals)
+    extra = {"final_returns": finals, "optimum_rate": rate, "env_steps_per_s_median": speed}
+    if method == "s2q":  # which joint actions the sub-values ended up representing
+        extra["sub_value_greedy"] = [r["sub_value_greedy"] for r in runs]
+    if game == "shifting":
+        switch = 10_000
+        rec = [_recovery(r["tests"], switch) for r in runs]
+        extra.update(recovery_episodes=rec, recovered=sum(x is not None for x in rec))
+    return {"method": f"{method}-{game}", "anchor": method == "qmix", "model": "rnn-agent",
+            "task": f"matrix:{game}", "metric_name": "optimum rate", "metric": extra["optimum_rate"],
+            "seeds": len(runs), "extra": extra}  # fmt: skip
 
 
 def targets(rows: list[dict]) -> dict[str, bool]:
@@ -116,11 +125,13 @@ def _workers(jobs: int) -> int:
     return max(1, min(jobs, 2, os.cpu_count() or 1))
 
 
-def _in_worker(fn, *args):
+def _in_worker(unit: tuple[str, int, int], fn, *args):
+    """``fn(*args)`` with 1 torch thread, as the numbered progress ``unit`` (what, index, total)."""
     import torch
 
     torch.set_num_threads(1)
-    return fn(*args)
+    with progress(*unit):
+        return fn(*args)
 
 
 def _wall_recipe_options() -> dict:
@@ -135,7 +146,7 @@ def _wall_options(**change) -> str:
 
 
 def _wall_attack():
-    from leantrain.marl.run import wolfpack_config
+    from leantrain.marl.learners import wolfpack_config
 
     options = _wall_recipe_options()
     options.pop("clean_steps", None)
@@ -148,8 +159,12 @@ def _lbf_chain(seed: int, quick: bool) -> dict:
 
     quick_args = LBF_QUICK if quick else []
     with tempfile.TemporaryDirectory() as tmp:
-        qmix = _run("qmix-lbf-8x8", [f"marl.t_max={LBF_STEPS}", *quick_args], seed, tmp)
-        start = [f"marl.pretrained_policy={qmix['summary']['run_dir']}", f"marl.t_max={FINETUNE_STEPS}", *quick_args]
+        qmix = _run("qmix-lbf-8x8", [f"marl.max_steps={LBF_STEPS}", *quick_args], seed, tmp)
+        start = [
+            f"marl.pretrained_policy={qmix['summary']['run_dir']}",
+            f"marl.max_steps={FINETUNE_STEPS}",
+            *quick_args,
+        ]
         vanilla = _run("qmix-lbf-8x8", [*start, "marl.epsilon_start=0.05"], seed, tmp)
         wall = _run("wall-lbf-8x8", [*start, _wall_options(clean_steps=0)], seed, tmp)
         episodes = 4 if quick else ATTACK_EPISODES
@@ -163,14 +178,17 @@ def _lbf_chain(seed: int, quick: bool) -> dict:
 
 def _lbf_s2q(seed: int, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        res = _run("s2q-lbf-8x8", [f"marl.t_max={LBF_STEPS}", *(LBF_QUICK if quick else [])], seed, tmp)
+        res = _run("s2q-lbf-8x8", [f"marl.max_steps={LBF_STEPS}", *(LBF_QUICK if quick else [])], seed, tmp)
     return {"seed": seed, "s2q": res["summary"]}
 
 
 def lbf_rows(seeds: int, quick: bool) -> list[dict]:
+    """The LBF rows; every one needs every seed's jobs (run in parallel processes), so all finish together."""
     jobs = [(_lbf_s2q, s, quick) for s in range(seeds)] + [(_lbf_chain, s, quick) for s in range(seeds)]
+    what = {_lbf_s2q: "s2q", _lbf_chain: "qmix, then vanilla and wall fine-tuning, attacks"}
     with ProcessPoolExecutor(_workers(len(jobs))) as pool:
-        futures = [pool.submit(_in_worker, *job) for job in jobs]
+        futures = [pool.submit(_in_worker, (f"marl lbf: {what[fn]} seed {seed}", i, len(jobs)), fn, seed, quick)
+                   for i, (fn, seed, quick) in enumerate(jobs, 1)]  # fmt: skip
         results = []
         for future in futures:
             results.append(future.result())
@@ -195,44 +213,54 @@ def lbf_rows(seeds: int, quick: bool) -> list[dict]:
     return rows
 
 
-def throughput_rows(quick: bool) -> list[dict]:
-    """Collection speed (env steps/s, epsilon 1, no learning) and learner speed (updates/s on a fixed batch)."""
+def throughput_rows(quick: bool, add=discard) -> list[dict]:
+    """Collection speed (env steps/s, epsilon 1, no learning) and learner speed (updates/s on a fixed batch).
+
+    One row per learner, passed to ``add`` when measured.
+    """
     import torch
 
     from leantrain.config import resolve
-    from leantrain.marl.episodes import ReplayBuffer
-    from leantrain.marl.run import build
 
     torch.set_num_threads(1)
     arms = {"qmix": ("qmix-lbf-8x8", []), "vdn": ("qmix-lbf-8x8", ["marl.mixer=vdn"]),
             "s2q": ("s2q-lbf-8x8", []), "wall": ("wall-lbf-8x8", [_wall_options(clean_steps=0)])}  # fmt: skip
     episodes, repeats = (4, 2) if quick else (40, 5)
+    units = Progress("marl throughput", len(arms))
     rows = []
     for name, (recipe, overrides) in arms.items():
-        cfg = resolve(recipe, [*overrides, "progress=none"])
-        envs, test_envs, mac, learner, runner = build(cfg)
-        buffer, speeds = ReplayBuffer(episodes * 8), []
-        for _ in range(repeats):
-            start, steps = time.perf_counter(), 0
-            for _ in range(episodes):
-                batch, stats = runner.run(1.0)
-                buffer.insert(batch)
-                steps += stats.steps
-            speeds.append(steps / (time.perf_counter() - start))
-        batch, times = buffer.sample(min(32, len(buffer))), []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            learner.train(batch, 1)
-            times.append(time.perf_counter() - start)
-        for env in envs + test_envs:
-            env.close()
-        rows.append({"method": name, "anchor": name == "qmix", "model": "rnn-agent", "task": cfg.marl.env,
-                     "metric_name": "env steps/s", "metric": statistics.median(speeds), "seeds": 1,
-                     "step_time_s_median": statistics.median(times),
-                     "extra": {"updates_per_s": 1 / statistics.median(times), "collect_steps_per_s": speeds,
-                               "update_s": times, "batch_episodes": batch.size}})  # fmt: skip
-        log(f"  {name}: {rows[-1]['metric']:.0f} env steps/s, {rows[-1]['extra']['updates_per_s']:.2f} updates/s")
+        with units.unit(name):
+            rows.append(_throughput_row(name, resolve(recipe, [*overrides, "progress=none"]), episodes, repeats))
+            log(f"  {name}: {rows[-1]['metric']:.0f} env steps/s, {rows[-1]['extra']['updates_per_s']:.2f} updates/s")
+        add(rows[-1])
     return rows
+
+
+def _throughput_row(name: str, cfg, episodes: int, repeats: int) -> dict:
+    from leantrain.marl.episodes import ReplayBuffer
+    from leantrain.marl.run import build
+
+    envs, test_envs, mac, learner, runner = build(cfg)
+    buffer, speeds = ReplayBuffer(episodes * 8), []
+    for _ in range(repeats):
+        start, steps = time.perf_counter(), 0
+        for _ in range(episodes):
+            batch, stats = runner.run(1.0)
+            buffer.insert(batch)
+            steps += stats.steps
+        speeds.append(steps / (time.perf_counter() - start))
+    batch, times = buffer.sample(min(32, len(buffer))), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        learner.train(batch, 1)
+        times.append(time.perf_counter() - start)
+    for env in envs + test_envs:
+        env.close()
+    return {"method": name, "anchor": name == "qmix", "model": "rnn-agent", "task": cfg.marl.env,
+            "metric_name": "env steps/s", "metric": statistics.median(speeds), "seeds": 1,
+            "step_time_s_median": statistics.median(times),
+            "extra": {"updates_per_s": 1 / statistics.median(times), "collect_steps_per_s": speeds,
+                      "update_s": times, "batch_episodes": batch.size}}  # fmt: skip
 
 
 def lbf_targets(rows: list[dict]) -> dict[str, bool]:
@@ -249,24 +277,23 @@ def lbf_targets(rows: list[dict]) -> dict[str, bool]:
     return out
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS):
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
-    rows, tables, met = [], [], {}
+    results = BenchResults("marl", out_dir, threads=1, quick=quick)
+    tables, met = [], {}
     if "throughput" in parts:
         log("throughput: runner env steps/s (epsilon 1, no learning) and learner updates/s, LBF 8x8 2p coop, 1 thread")
-        part = throughput_rows(quick)
-        rows += part
+        part = throughput_rows(quick, add=results.add)
         for row in part:
             row.update(updates_per_s=row["extra"]["updates_per_s"])
         tables.append("Throughput (LBF 8x8, 2 players, cooperative foods, 1 thread)\n"
                       + markdown_table(part, ["method", "metric", "updates_per_s", "step_time_s_median"]))  # fmt: skip
     if "matrix" in parts:
         log("matrix games: QMIX, VDN, S2Q on climbing and shifting climbing, 20k episodes each, 1 thread")
-        part = matrix_rows(seeds or (1 if quick else 5), quick)
-        rows += part
+        part = matrix_rows(seeds or (1 if quick else 5), quick, add=results.add)
         met.update(targets(part))
         for row in part:
             ex = row["extra"]
@@ -277,7 +304,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     if "lbf" in parts:
         log(f"lbf: QMIX and S2Q {LBF_STEPS} steps, then vanilla / WALL {FINETUNE_STEPS} steps and attacks")
         part = lbf_rows(seeds or (1 if quick else 3), quick)
-        rows += part
+        results.add_rows(part)
         met.update(lbf_targets(part))
         for row in part:
             ms = row["extra"].get("mean_std", {})
@@ -287,7 +314,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         cols = ["method", "seeds", "clean", "wolfpack", "random_step", "random"]
         title = "LBF 8x8, 2 players, cooperative foods (mean greedy return ± std over seeds)"
         tables.append(title + "\n" + markdown_table(part, cols))
-    path = write_results("marl", rows, out_dir, threads=1, quick=quick,
-                         extra={"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})
     print("\n\n".join(tables))
     print_targets(met, path)
+    return path

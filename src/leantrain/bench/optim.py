@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.bench import optim_async, optim_quasi_newton
+from leantrain.bench.optim_step import cycle, one_step, setup
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, mean_std, print_targets
 from leantrain.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "sam", "lwsam", "asyncsam")
@@ -37,66 +39,32 @@ QUICK = ["data.train_subset=6000", "data.eval_subset=2000", "train.epochs=1", "t
 STANDARD = ["data.train_subset=12000", "train.epochs=3", "train.warmup_steps=30"]
 
 
-def setup(name: str, overrides: list[str]):
-    """(model, optimizer, training batches, task) of ``<name>-resnet20-fashion-mnist`` with ``overrides``."""
-    from leantrain.config import resolve
-    from leantrain.train.run import TASKS, build_optimizer, build_run_model, prepare_data
-
-    cfg = resolve(f"{name}-resnet20-fashion-mnist", ["data.train_subset=1280", *overrides])
-    torch.manual_seed(0)
-    data = prepare_data(cfg)
-    model = build_run_model(cfg, data.model_fields)
-    task = TASKS[data.task]()
-    opt = build_optimizer(cfg, model, steps_per_epoch=len(data.train), train=data.train, task=task)
-    data.train.set_epoch(0)
-    return model, opt, list(data.train), task
-
-
-def one_step(model, opt, task, batch) -> float:
-    """Wall time of one optimizer step (forward, backward(s), update) on ``batch``."""
-    start = time.perf_counter()
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = task.loss(model, batch)
-        loss.backward()
-        return loss
-
-    if getattr(opt, "requires_closure", False):
-        opt.step(closure)
-    else:
-        closure()
-        opt.step()
-    return time.perf_counter() - start
-
-
-def _cycle(batches):
-    while True:
-        yield from batches
-
-
-def steptime_rows(repeats: int, steps: int, log) -> list[dict]:
+def steptime_rows(repeats: int, steps: int, log, add=discard) -> list[dict]:
+    """One row per optimizer, each finished (and passed to ``add``) in the last repeat; SGD runs first."""
     torch.set_num_threads(1)
     setups = {name: setup(name, ["threads=1"]) for name in OPTIMIZERS}
-    batches = {name: _cycle(s[2]) for name, s in setups.items()}
+    batches = {name: cycle(s[2]) for name, s in setups.items()}
     times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
+    progress = Progress("optim steptime", repeats * len(OPTIMIZERS))
+    rows = []
     for rep in range(repeats):
         for name, (model, opt, _, task) in setups.items():
-            model.train()
-            for i in range(steps + 2):
-                t = one_step(model, opt, task, next(batches[name]))
-                if i >= 2:  # warm-up
-                    times[name].append(t)
-            log(f"  {name:<9} repeat {rep}: median {statistics.median(times[name][-steps:]):.3f} s")
-    sgd = statistics.median(times["sgd"])
-    rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append({
-            "method": name, "anchor": name == "sgd", "model": "resnet20", "task": "fashion-mnist-b128",
-            "step_time_s_median": med,
-            "extra": {"ratio_to_sgd": med / sgd, "min": min(ts), "max": max(ts), "steps_timed": len(ts)},
-        })  # fmt: skip
+            with progress.unit(f"{name} repeat {rep}"):
+                model.train()
+                for i in range(steps + 2):
+                    t = one_step(model, opt, task, next(batches[name]))
+                    if i >= 2:  # warm-up
+                        times[name].append(t)
+                log(f"  {name:<9} repeat {rep}: median {statistics.median(times[name][-steps:]):.3f} s")
+            if rep == repeats - 1:
+                med, ts = statistics.median(times[name]), times[name]
+                rows.append({
+                    "method": name, "anchor": name == "sgd", "model": "resnet20", "task": "fashion-mnist-b128",
+                    "step_time_s_median": med,
+                    "extra": {"ratio_to_sgd": med / statistics.median(times["sgd"]), "min": min(ts), "max": max(ts),
+                              "steps_timed": len(ts)},
+                })  # fmt: skip
+                add(rows[-1])
     return rows
 
 
@@ -104,13 +72,14 @@ def _grad_norm(run_dir: Path) -> float:
     import yaml
 
     from leantrain.config import from_dict
+    from leantrain.models.build import build_model_for_data
+    from leantrain.runs.supervised import prepare_data
     from leantrain.train.checkpoint import list_checkpoints, load_checkpoint
-    from leantrain.train.run import build_run_model, prepare_data
     from leantrain.train.tasks import ClassificationTask
 
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     data = prepare_data(cfg)
-    model = build_run_model(cfg, data.model_fields)
+    model = build_model_for_data(cfg.model.name, cfg.model.options, data.model_fields)
     load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1], model, None)
     model.eval()
     data.train.set_epoch(0)
@@ -132,36 +101,45 @@ ACCURACY_METHODS = {
 }  # fmt: skip
 
 
-def accuracy_rows(seeds: int, quick: bool, threads: int, log, methods: tuple[str, ...] = tuple(ACCURACY_METHODS)):
+def accuracy_rows(seeds: int, quick: bool, threads: int, log, methods: tuple[str, ...] = tuple(ACCURACY_METHODS),
+                  add=discard) -> list[dict]:  # fmt: skip
+    """One row per method over ``seeds`` seeds (interleaved), passed to ``add`` when its last seed finishes."""
     from leantrain.config import resolve
-    from leantrain.train.run import run
+    from leantrain.runs.launch import run
 
     results: dict[str, list[dict]] = {name: [] for name in methods}
+    progress = Progress("optim accuracy", seeds * len(methods))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             for name in methods:
-                recipe, overrides = ACCURACY_METHODS[name]
-                extra = [f"seed={seed}", f"threads={threads}", "progress=none", f"output_dir={tmp}", *overrides]
-                summary = run(
-                    resolve(f"{recipe}-resnet20-fashion-mnist", [*(QUICK if quick else STANDARD), *extra])
-                ).summary
-                summary["grad_norm"] = _grad_norm(Path(summary["run_dir"]))
-                results[name].append(summary)
-                acc = summary["final"]["test_accuracy"]
-                log(f"  {name:<14} seed {seed}: test accuracy {acc:.4f}, wall {summary['wall_time_s']:.0f} s")
-    rows = []
-    for name, runs in results.items():
-        mean, std = mean_std([r["final"]["test_accuracy"] for r in runs])
-        rows.append({
-            "method": name, "anchor": name == "sgd", "model": "resnet20", "task": "fashion-mnist",
-            "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy", "metric": mean,
-            "seeds": len(runs), "metric_std": std,
-            "extra": {"per_seed": [r["final"]["test_accuracy"] for r in runs],
-                      "wall_time_s_median": statistics.median(r["wall_time_s"] for r in runs),
-                      "grad_norm_median": statistics.median(r["grad_norm"] for r in runs), "steps": runs[0]["steps"],
-                      "asyncsam": [r.get("asyncsam") for r in runs] if "asyncsam" in runs[0] else None},
-        })  # fmt: skip
+                with progress.unit(f"{name} seed {seed}"):
+                    recipe, overrides = ACCURACY_METHODS[name]
+                    extra = [f"seed={seed}", f"threads={threads}", "progress=none", f"output_dir={tmp}", *overrides]
+                    summary = run(
+                        resolve(f"{recipe}-resnet20-fashion-mnist", [*(QUICK if quick else STANDARD), *extra])
+                    ).summary
+                    summary["grad_norm"] = _grad_norm(Path(summary["run_dir"]))
+                    results[name].append(summary)
+                    acc = summary["final"]["test_accuracy"]
+                    log(f"  {name:<14} seed {seed}: test accuracy {acc:.4f}, wall {summary['wall_time_s']:.0f} s")
+                if seed == seeds - 1:
+                    rows.append(_accuracy_row(name, results[name]))
+                    add(rows[-1])
     return rows
+
+
+def _accuracy_row(name: str, runs: list[dict]) -> dict:
+    mean, std = mean_std([r["final"]["test_accuracy"] for r in runs])
+    return {
+        "method": name, "anchor": name == "sgd", "model": "resnet20", "task": "fashion-mnist",
+        "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy", "metric": mean,
+        "seeds": len(runs), "metric_std": std,
+        "extra": {"per_seed": [r["final"]["test_accuracy"] for r in runs],
+                  "wall_time_s_median": statistics.median(r["wall_time_s"] for r in runs),
+                  "grad_norm_median": statistics.median(r["grad_norm"] for r in runs), "steps": runs[0]["steps"],
+                  "asyncsam": [r.get("asyncsam") for r in runs] if "asyncsam" in runs[0] else None},
+    }  # fmt: skip
 
 
 def targets(step: list[dict], acc: list[dict]) -> dict[str, bool]:
@@ -183,34 +161,34 @@ def targets(step: list[dict], acc: list[dict]) -> dict[str, bool]:
 PARTS = ("steptime", "accuracy", "async", "mlbfgs")
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS):
-    from leantrain.bench import optim_async, optim_quasi_newton
-
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"bench optim: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
+    area = "optim" if set(parts) == set(PARTS) else "optim-" + "-".join(p for p in PARTS if p in parts)
+    results = BenchResults(area, out_dir, threads=1, quick=quick)
     step, acc, two, curve, qn_step = [], [], [], [], []
     if "steptime" in parts:
         log("step time: ResNet-20, batch 128, 1 thread, interleaved")
-        step = steptime_rows(repeats=2 if quick else 5, steps=5 if quick else 10, log=log)
+        step = steptime_rows(repeats=2 if quick else 5, steps=5 if quick else 10, log=log, add=results.add)
     if "async" in parts:
         log("AsyncSAM two-process mode: ResNet-20, batch 128, a fresh process per setting, interleaved")
-        two = optim_async.async_rows(repeats=1 if quick else 3, steps=8 if quick else 30, warmup=6, log=log)
+        two = optim_async.async_rows(repeats=1 if quick else 3, steps=8 if quick else 30, warmup=6, log=log,
+                                     add=results.add)  # fmt: skip
     if "mlbfgs" in parts:
         log("mL-BFGS: ill-conditioned digits (loss curves), then step time on the mlbfgs-cnn recipe")
-        curve = optim_quasi_newton.curve_rows(seeds or (2 if quick else 5), quick, log)
-        qn_step = optim_quasi_newton.steptime_rows(repeats=2 if quick else 5, steps=5 if quick else 20, log=log)
+        curve = optim_quasi_newton.curve_rows(seeds or (2 if quick else 5), quick, log, add=results.add)
+        qn_step = optim_quasi_newton.steptime_rows(repeats=2 if quick else 5, steps=5 if quick else 20, log=log,
+                                                   add=results.add)  # fmt: skip
     if "accuracy" in parts:
         log("accuracy: ResNet-20 on Fashion-MNIST through the shipped recipes")
-        acc = accuracy_rows(seeds or (1 if quick else 3), quick, threads=1, log=log)
+        acc = accuracy_rows(seeds or (1 if quick else 3), quick, threads=1, log=log, add=results.add)
     met = targets(step, acc)
     met.update(optim_async.targets(two))
     if curve or qn_step:
         met.update(optim_quasi_newton.targets(curve, qn_step))
-    extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)}
-    area = "optim" if set(parts) == set(PARTS) else "optim-" + "-".join(p for p in PARTS if p in parts)
-    path = write_results(area, step + two + curve + qn_step + acc, out_dir, threads=1, quick=quick, extra=extra)
+    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})
     if step:
         for r in step:
             r["ratio_to_sgd"] = r["extra"]["ratio_to_sgd"]

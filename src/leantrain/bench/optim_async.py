@@ -28,6 +28,9 @@ import time
 
 import torch
 
+from leantrain.bench.optim_step import one_step, setup
+from leantrain.bench.report import Progress, discard
+
 EPOCH_STEPS = 469  # one Fashion-MNIST epoch at batch 128 (60,000 images)
 
 SETTINGS = {
@@ -44,8 +47,6 @@ SETTINGS = {
 
 def measure(setting: dict, steps: int, warmup: int) -> dict:
     """Train ``warmup + steps`` steps in this process under ``setting``; every step's wall time and the stats."""
-    from leantrain.bench.optim import one_step, setup
-
     if setting["cores"] is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(setting["cores"]))
     torch.set_num_threads(setting["threads"])
@@ -90,33 +91,46 @@ def _run_setting(name: str, steps: int, warmup: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def async_rows(repeats: int, steps: int, warmup: int, log, settings: tuple[str, ...] | None = None) -> list[dict]:
-    names = settings or tuple(SETTINGS)
+def async_rows(repeats: int, steps: int, warmup: int, log, settings: tuple[str, ...] | None = None,
+               add=discard) -> list[dict]:  # fmt: skip
+    """One row per setting, finished (and passed to ``add``) in the last repeat.
+
+    The anchor sgd-1core (else the first setting) runs first in every repeat, so every row's ratios to it are known
+    when the row is finished.
+    """
+    names = sorted(settings or tuple(SETTINGS), key=lambda name: name != "sgd-1core")  # stable: anchor first
     results: dict[str, list[dict]] = {name: [] for name in names}
+    progress = Progress("optim async", repeats * len(names))
+    rows = []
     for rep in range(repeats):
         for name in names:
-            r = _run_setting(name, steps, warmup)
-            results[name].append(r)
-            extra = f", b' {r['ascent_batch_mean']:.0f}, misses {r['misses']}" if "misses" in r else ""
-            log(f"  {name:<24} repeat {rep}: median {statistics.median(r['times'][warmup:]):.3f} s/step{extra}")
-    rows = []
-    for name, runs in results.items():
-        steady = [t for r in runs for t in r["times"][warmup:]]
-        med = statistics.median(steady)
-        # the one-time start cost: how much longer the warm-up steps took than steady-state steps
-        start_cost = statistics.median(sum(r["times"][:warmup]) - warmup * med for r in runs)
-        extra = {"steps_timed": len(steady), "repeats": repeats, "start_cost_s": max(start_cost, 0.0),
-                 "epoch_s_projected": max(start_cost, 0.0) + EPOCH_STEPS * med, "setting": SETTINGS[name]}  # fmt: skip
-        for key in ("misses", "wait_s", "ascent_batch_mean"):
-            if key in runs[0]:
-                extra[key] = statistics.median(r[key] for r in runs)
-        rows.append({"method": name, "anchor": name == "sgd-1core", "model": "resnet20",
-                     "task": "fashion-mnist-b128", "step_time_s_median": med, "extra": extra})  # fmt: skip
-    base = next((r for r in rows if r["method"] == "sgd-1core"), rows[0])
-    for r in rows:
-        r["extra"]["ratio_to_sgd_1core"] = r["step_time_s_median"] / base["step_time_s_median"]
-        r["extra"]["epoch_ratio_to_sgd_1core"] = r["extra"]["epoch_s_projected"] / base["extra"]["epoch_s_projected"]
+            with progress.unit(f"{name} repeat {rep}"):
+                r = _run_setting(name, steps, warmup)
+                results[name].append(r)
+                extra = f", b' {r['ascent_batch_mean']:.0f}, misses {r['misses']}" if "misses" in r else ""
+                log(f"  {name:<24} repeat {rep}: median {statistics.median(r['times'][warmup:]):.3f} s/step{extra}")
+            if rep == repeats - 1:
+                rows.append(_setting_row(name, results[name], warmup, repeats, base=rows[0] if rows else None))
+                add(rows[-1])
     return rows
+
+
+def _setting_row(name: str, runs: list[dict], warmup: int, repeats: int, base: dict | None) -> dict:
+    """The row of one setting; ``base`` is the anchor's row (None: this is the anchor)."""
+    steady = [t for r in runs for t in r["times"][warmup:]]
+    med = statistics.median(steady)
+    # the one-time start cost: how much longer the warm-up steps took than steady-state steps
+    start_cost = statistics.median(sum(r["times"][:warmup]) - warmup * med for r in runs)
+    extra = {"steps_timed": len(steady), "repeats": repeats, "start_cost_s": max(start_cost, 0.0),
+             "epoch_s_projected": max(start_cost, 0.0) + EPOCH_STEPS * med, "setting": SETTINGS[name]}  # fmt: skip
+    for key in ("misses", "wait_s", "ascent_batch_mean"):
+        if key in runs[0]:
+            extra[key] = statistics.median(r[key] for r in runs)
+    anchor = base or {"step_time_s_median": med, "extra": extra}  # the anchor's own ratios are 1
+    extra["ratio_to_sgd_1core"] = med / anchor["step_time_s_median"]
+    extra["epoch_ratio_to_sgd_1core"] = extra["epoch_s_projected"] / anchor["extra"]["epoch_s_projected"]
+    return {"method": name, "anchor": name == "sgd-1core", "model": "resnet20", "task": "fashion-mnist-b128",
+            "step_time_s_median": med, "extra": extra}  # fmt: skip
 
 
 def targets(rows: list[dict]) -> dict[str, bool]:

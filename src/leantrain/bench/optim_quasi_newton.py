@@ -65,8 +65,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from leantrain.bench.optim_step import cycle
+from leantrain.bench.report import (
+    BenchResults,
+    Progress,
+    discard,
+    markdown_table,
+    mean_std,
+    print_targets,
+    save_figure,
+)
 from leantrain.bench.report import log as default_log
-from leantrain.bench.report import markdown_table, mean_std, print_targets, save_figure, write_results
 
 METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs", "plain-lbfgs-none", "mlbfgs-none")  # curve rows
 STEP_METHODS = ("sgd", "adam", "plain-lbfgs", "mlbfgs")  # step-time rows
@@ -222,8 +231,12 @@ def run_curve(name: str, data: dict, seed: int, lr: float, iterations: int, eval
 # ----------------------------------------------------------------------------- rows
 
 
-def curve_rows(seeds: int, quick: bool, log=default_log, *, iterations: int | None = None) -> list[dict]:
-    """One row per optimizer on the ill-conditioned digits MLP (see the module docstring for the setting)."""
+def curve_rows(seeds: int, quick: bool, log=default_log, *, iterations: int | None = None, add=discard) -> list[dict]:
+    """One row per optimizer on the ill-conditioned digits MLP (see the module docstring for the setting).
+
+    A row is finished (and passed to ``add``) with its last seed; SGD runs first, so the threshold (SGD's median
+    final loss) is known by then.
+    """
     torch.set_num_threads(1)
     iterations = iterations or (QUICK_ITERATIONS if quick else ITERATIONS)
     data = ill_conditioned_digits()
@@ -233,15 +246,21 @@ def curve_rows(seeds: int, quick: bool, log=default_log, *, iterations: int | No
     log(f"ill-conditioned digits: input covariance condition {cond:.3g}; top Hessian eigenvalue at init "
         f"{lipschitz:.4g}, so lr = {lr:.4g} for sgd and every L-BFGS row (adam {ADAM_LR})")  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in METHODS}
+    progress = Progress("optim mlbfgs curves", seeds * len(METHODS))
+    rows = []
     for seed in range(seeds):
         for name in METHODS:
-            r = run_curve(name, data, seed, lr, iterations)
-            runs[name].append(r)
-            final = "diverged" if r["diverged"] else f"{r['final_loss']:.4g}"
-            log(f"  {name:<16} seed {seed}: final train loss {final}, spikes {r['spikes']}")
-    finals = [r["final_loss"] for r in runs["sgd"] if r["final_loss"] is not None]
-    threshold = statistics.median(finals) if finals else math.nan
-    return [_curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) for name, rs in runs.items()]
+            with progress.unit(f"{name} seed {seed}"):
+                r = run_curve(name, data, seed, lr, iterations)
+                runs[name].append(r)
+                final = "diverged" if r["diverged"] else f"{r['final_loss']:.4g}"
+                log(f"  {name:<16} seed {seed}: final train loss {final}, spikes {r['spikes']}")
+            if seed == seeds - 1:
+                finals = [r["final_loss"] for r in runs["sgd"] if r["final_loss"] is not None]
+                threshold = statistics.median(finals) if finals else math.nan
+                rows.append(_curve_row(name, runs[name], lr, lipschitz, cond, threshold, iterations))
+                add(rows[-1])
+    return rows
 
 
 def _curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) -> dict:
@@ -270,7 +289,7 @@ def _curve_row(name, rs, lr, lipschitz, cond, threshold, iterations) -> dict:
         "trainable_params": sum(p.numel() for p in make_mlp(0).parameters()), "metric_name": "final_train_loss",
         "metric": loss, "seeds": len(rs), "metric_std": loss_std, "step_time_s_median": step, "extra": extra,
     }  # fmt: skip
-    # flat copies for markdown_table(rows, CURVE_COLUMNS); write_results keeps only the standard fields + extra
+    # flat copies for markdown_table(rows, CURVE_COLUMNS); the JSON keeps only the standard fields + extra
     row.update(lr=extra["lr"], final_loss=loss, final_loss_std=loss_std, test_acc=acc, test_acc_std=acc_std,
                diverged=extra["diverged"], spikes=extra["spikes"], step_ms=1e3 * step,
                iters_to_threshold="not reached" if math.isinf(med_iters) else med_iters)  # fmt: skip
@@ -284,7 +303,8 @@ def _scaling(name: str) -> str | None:
 
 def _cnn_setups(update_freq: int | None):
     from leantrain.config import resolve
-    from leantrain.train.run import build_run_model, prepare_data
+    from leantrain.models.build import build_model_for_data
+    from leantrain.runs.supervised import prepare_data
 
     cfg = resolve("mlbfgs-cnn-fashion-mnist", ["data.train_subset=1280", "threads=1"])
     o, sgd = cfg.optim, resolve("cnn-fashion-mnist").optim
@@ -295,7 +315,7 @@ def _cnn_setups(update_freq: int | None):
     setups = {}
     for name in STEP_METHODS:
         torch.manual_seed(0)
-        model = build_run_model(cfg, data.model_fields)
+        model = build_model_for_data(cfg.model.name, cfg.model.options, data.model_fields)
         if name in ("sgd", "adam"):
             opt = make_optimizer(name, model.parameters(), sgd.lr, weight_decay=sgd.weight_decay)
         else:
@@ -308,14 +328,18 @@ def _pairs(opt) -> int:
     return sum(st["hist_sy"].numel() for st in opt.state.values() if "hist_sy" in st)
 
 
-def steptime_rows(repeats: int, steps: int, log=default_log, *, update_freq: int | None = None) -> list[dict]:
-    """Median optimizer-step time (forward, backward, step) on the recipe CNN, interleaved, ratio to SGD."""
+def steptime_rows(repeats: int, steps: int, log=default_log, *, update_freq: int | None = None,
+                  add=discard) -> list[dict]:  # fmt: skip
+    """Median optimizer-step time (forward, backward, step) on the recipe CNN, interleaved, ratio to SGD.
+
+    A row is finished (and passed to ``add``) in the last repeat, SGD's first.
+    """
     from leantrain.train.tasks import ClassificationTask
 
     torch.set_num_threads(1)
     task = ClassificationTask()
     setups, train, T = _cnn_setups(update_freq)
-    batches = {name: _cycle(train) for name in STEP_METHODS}
+    batches = {name: cycle(train) for name in STEP_METHODS}
 
     def one_step(name) -> tuple[float, float, float]:
         """(whole step, optimizer.step() alone, minibatch loss)."""
@@ -331,20 +355,27 @@ def steptime_rows(repeats: int, steps: int, log=default_log, *, update_freq: int
         return end - start, end - mid, loss.item()
 
     warm = 2 * T + 2
+    progress = Progress("optim mlbfgs steptime", (1 + repeats) * len(STEP_METHODS))
     for name in STEP_METHODS:
-        setups[name][0].train()
-        for _ in range(warm):
-            one_step(name)
+        with progress.unit(f"{name} warm-up ({warm} steps)"):
+            setups[name][0].train()
+            for _ in range(warm):
+                one_step(name)
     pairs = {name: _pairs(setups[name][1]) for name in STEP_METHODS}
     records: dict[str, list[tuple[float, float, float]]] = {name: [] for name in STEP_METHODS}
-    for rep in range(repeats):
-        for name in STEP_METHODS:
-            records[name] += [one_step(name) for _ in range(steps)]
-            med = statistics.median(r[0] for r in records[name][-steps:])
-            log(f"  {name:<12} repeat {rep}: median {med * 1e3:.1f} ms")
     # optimizer step k (1-based, warm-up included) updates the curvature history when k % T == 0
     curvature = [i for i in range(repeats * steps) if (warm + i + 1) % T == 0]
-    return [_step_row(name, records, pairs[name], curvature, warm, T) for name in STEP_METHODS]
+    rows = []
+    for rep in range(repeats):
+        for name in STEP_METHODS:
+            with progress.unit(f"{name} repeat {rep}"):
+                records[name] += [one_step(name) for _ in range(steps)]
+                med = statistics.median(r[0] for r in records[name][-steps:])
+                log(f"  {name:<12} repeat {rep}: median {med * 1e3:.1f} ms")
+            if rep == repeats - 1:
+                rows.append(_step_row(name, records, pairs[name], curvature, warm, T))
+                add(rows[-1])
+    return rows
 
 
 def _step_row(name: str, records: dict, pairs: int, curvature: list[int], warm: int, T: int) -> dict:
@@ -372,11 +403,6 @@ def _step_row(name: str, records: dict, pairs: int, curvature: list[int], warm: 
         "step_time_s_median": med, "extra": extra, "min": min(ts), "max": max(ts),
         **{k: extra[k] for k in ("ratio_to_sgd", "mean_ratio_to_sgd", "ratio_to_sgd_on_sgd_fwd_bwd")},
     }  # fmt: skip
-
-
-def _cycle(batches):
-    while True:
-        yield from batches
 
 
 # ----------------------------------------------------------------------------- plot and targets
@@ -454,14 +480,16 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default: OUT/mlbfgs-curves.png)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
+    results = BenchResults("optim-mlbfgs", args.out, threads=1, quick=args.quick)
     default_log("curves: ill-conditioned digits, MLP, 1 thread")
-    curve = curve_rows(args.seeds or (3 if args.quick else 5), args.quick, default_log)
+    curve = curve_rows(args.seeds or (3 if args.quick else 5), args.quick, default_log, add=results.add)
     default_log("step time: recipe CNN on Fashion-MNIST, batch 128, 1 thread, interleaved")
-    step = steptime_rows(repeats=2 if args.quick else 5, steps=50 if args.quick else 20, log=default_log)
+    step = steptime_rows(repeats=2 if args.quick else 5, steps=50 if args.quick else 20, log=default_log,
+                         add=results.add)  # fmt: skip
     met = targets(curve, step)
     png = plot_curves(curve, args.plot or args.out / "mlbfgs-curves.png")
     extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "plot": str(png)}
-    path = write_results("optim-mlbfgs", curve + step, args.out, threads=1, quick=args.quick, extra=extra)
+    path = results.finish(extra)
     print("Ill-conditioned digits (MLP 64-128-10, batch 64, 1 thread)\n" + markdown_table(curve, CURVE_COLUMNS))
     print("\nStep time (recipe CNN, Fashion-MNIST, batch 128, 1 thread)\n" + markdown_table(step, STEP_COLUMNS))
     print_targets(met, path)

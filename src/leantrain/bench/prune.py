@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from leantrain.bench.report import log, markdown_table, mean_std, print_targets, write_results
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, mean_std, print_targets
 from leantrain.errors import ConfigError
 
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.98)
@@ -41,7 +41,7 @@ PARTS = {
 
 def run_arm(recipe: str, overrides: list[str], arm: str, seed: int, tmp: str) -> dict:
     from leantrain.config import resolve
-    from leantrain.train.run import run
+    from leantrain.runs.launch import run
 
     sparsities = "[" + ",".join(f"{s:g}" for s in SPARSITIES) + "]"
     cfg = resolve(recipe, [*overrides, *ARMS[arm], f"prune.eval_sparsities={sparsities}", f"seed={seed}",
@@ -55,34 +55,41 @@ def run_arm(recipe: str, overrides: list[str], arm: str, seed: int, tmp: str) ->
     }
 
 
-def part_rows(part: str, seeds: int, quick: bool, log) -> list[dict]:
+def part_rows(part: str, seeds: int, quick: bool, log, add=discard) -> list[dict]:
+    """One row per arm over ``seeds`` seeds (interleaved), passed to ``add`` when its last seed finishes."""
     recipe, standard, quick_overrides, _ = PARTS[part]
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    progress = Progress(f"prune {part}", seeds * len(ARMS))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             for arm in ARMS:
-                res = run_arm(recipe, quick_overrides if quick else standard, arm, seed, tmp)
-                results[arm].append(res)
-                pruned = ", ".join(f"{s:g}: {a:.3f}" for s, a in res["pruned"].items())
-                log(f"  {part} {arm:<5} seed {seed}: dense {res['dense']:.4f}; pruned {pruned}; "
-                    f"train {res['train_time_s']:.0f} s")  # fmt: skip
-    model = "mlp-256-256" if part == "mlp" else "resnet20"
-    task = "digits" if part == "mlp" else "fashion-mnist"
-    rows = []
-    for arm, runs in results.items():
-        mean, std = mean_std([r["dense"] for r in runs])
-        pruned = {}
-        for s in SPARSITIES:
-            m, sd = mean_std([r["pruned"][s] for r in runs])
-            pruned[f"{s:g}"] = {"mean": m, "std": sd, "per_seed": [r["pruned"][s] for r in runs]}
-        rows.append({
-            "method": f"{part}-{arm}", "anchor": arm == "plain", "model": model, "task": task,
-            "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy (dense)", "metric": mean,
-            "seeds": len(runs), "metric_std": std,
-            "extra": {"per_seed_dense": [r["dense"] for r in runs], "pruned": pruned,
-                      "train_time_s_median": statistics.median(r["train_time_s"] for r in runs)},
-        })  # fmt: skip
+                with progress.unit(f"{arm} seed {seed}"):
+                    res = run_arm(recipe, quick_overrides if quick else standard, arm, seed, tmp)
+                    results[arm].append(res)
+                    pruned = ", ".join(f"{s:g}: {a:.3f}" for s, a in res["pruned"].items())
+                    log(f"  {part} {arm:<5} seed {seed}: dense {res['dense']:.4f}; pruned {pruned}; "
+                        f"train {res['train_time_s']:.0f} s")  # fmt: skip
+                if seed == seeds - 1:
+                    rows.append(_arm_row(part, arm, results[arm]))
+                    add(rows[-1])
     return rows
+
+
+def _arm_row(part: str, arm: str, runs: list[dict]) -> dict:
+    mean, std = mean_std([r["dense"] for r in runs])
+    pruned = {}
+    for s in SPARSITIES:
+        m, sd = mean_std([r["pruned"][s] for r in runs])
+        pruned[f"{s:g}"] = {"mean": m, "std": sd, "per_seed": [r["pruned"][s] for r in runs]}
+    return {
+        "method": f"{part}-{arm}", "anchor": arm == "plain", "model": "mlp-256-256" if part == "mlp" else "resnet20",
+        "task": "digits" if part == "mlp" else "fashion-mnist",
+        "trainable_params": runs[0]["trainable_params"], "metric_name": "accuracy (dense)", "metric": mean,
+        "seeds": len(runs), "metric_std": std,
+        "extra": {"per_seed_dense": [r["dense"] for r in runs], "pruned": pruned,
+                  "train_time_s_median": statistics.median(r["train_time_s"] for r in runs)},
+    }  # fmt: skip
 
 
 def targets(rows: list[dict]) -> dict[str, bool]:
@@ -97,20 +104,22 @@ def targets(rows: list[dict]) -> dict[str, bool]:
     return out
 
 
-def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = tuple(PARTS)):
+def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = tuple(PARTS)) -> Path:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"bench prune: unknown part(s) {unknown}; choose from {list(PARTS)}")
     started = time.perf_counter()
+    area = "prune" if set(parts) == set(PARTS) else "prune-" + "-".join(p for p in PARTS if p in parts)
+    results = BenchResults(area, out_dir, threads=1, quick=quick)
     rows = []
     for part in PARTS:
         if part in parts:
             log(f"{part}: {PARTS[part][0]}, arms {', '.join(ARMS)}, one-shot global magnitude pruning")
-            rows += part_rows(part, seeds or (1 if quick else PARTS[part][3]), quick, log)
+            rows += part_rows(part, seeds or (1 if quick else PARTS[part][3]), quick, log, add=results.add)
     met = targets(rows)
-    extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "sparsities": SPARSITIES}
-    area = "prune" if set(parts) == set(PARTS) else "prune-" + "-".join(p for p in PARTS if p in parts)
-    path = write_results(area, rows, out_dir, threads=1, quick=quick, extra=extra)
+    path = results.finish(
+        {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "sparsities": SPARSITIES}
+    )
     cols = ["method", "seeds", "dense"] + [f"{s:.0%}" for s in SPARSITIES]
     for row in rows:
         row["dense"] = f"{row['metric']:.4f} ± {row['metric_std']:.4f}"
@@ -120,3 +129,4 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     print("Test accuracy, dense and after one-shot global magnitude pruning (no retraining)\n"
           + markdown_table(rows, cols))  # fmt: skip
     print_targets(met, path)
+    return path

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from leantrain.data import array_store, sources
+import leantrain.data.sources as sources
+from leantrain.data.array_store import cached_arrays
 from leantrain.data.dataset import Dataset, Split
 from leantrain.data.splits import SplitConfig, contiguous_bounds
 
@@ -76,10 +77,10 @@ def corpus_ids(name: str, tokenizer: Any) -> tuple[np.ndarray, tuple[str, ...] |
             ids, vocab = encode_chars(_text())
             return {"ids-char": ids, "vocab-char": vocab}
 
-        arrays = array_store.cached_arrays(name, ("ids-char", "vocab-char"), build)
+        arrays = cached_arrays(name, ("ids-char", "vocab-char"), build)
         return arrays["ids-char"].astype(np.int64), tuple(arrays["vocab-char"].tolist())
     key = f"ids-{tokenizer_key(tokenizer)}"
-    arrays = array_store.cached_arrays(name, (key,), lambda: {key: tokenize_corpus(tokenizer, _text())})
+    arrays = cached_arrays(name, (key,), lambda: {key: tokenize_corpus(tokenizer, _text())})
     return arrays[key].astype(np.int64), None
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from leantrain.data import array_store, sources
+import leantrain.data.sources as sources
+from leantrain.data.array_store import cached_arrays
 from leantrain.data.dataset import Dataset, Split
 from leantrain.data.lm_corpus import load_shakespeare
 from leantrain.data.splits import SplitConfig, classification_indices
@@ -56,7 +57,7 @@ class ClassificationSource:
 
     def load(self, config: SplitConfig) -> Dataset:
         """Read (or decode and cache) the source, split it and build the Dataset."""
-        raw = array_store.cached_arrays(self.name, self.keys, getattr(sources, self.reader))
+        raw = cached_arrays(self.name, self.keys, getattr(sources, self.reader))
         x, y = raw["x"], raw["y"]
         test_start = int(raw["test_start"][0]) if "test_start" in raw else None
         train, val, test = classification_indices(y, config, test_start)
@@ -74,8 +75,9 @@ class ClassificationSource:
 
 @dataclass(frozen=True)
 class Entry:
-    """A registered dataset: its one-line description, loader and dataset-specific options."""
+    """A registered dataset: its kind (image, vector, text, lm), one-line description, loader and options."""
 
+    kind: str
     description: str
     load: Callable[..., Dataset]
     options: tuple[str, ...] = ()
@@ -111,14 +113,15 @@ DESCRIPTIONS = {
 }
 
 REGISTRY: dict[str, Entry] = {
-    **{name: Entry(DESCRIPTIONS[name], source.load) for name, source in SOURCES.items()},
-    "shakespeare": Entry(DESCRIPTIONS["shakespeare"], load_shakespeare, options=("tokenizer",)),
+    **{name: Entry(source.kind, DESCRIPTIONS[name], source.load) for name, source in SOURCES.items()},
+    "shakespeare": Entry("lm", DESCRIPTIONS["shakespeare"], load_shakespeare, options=("tokenizer",)),
 }
 
 
-def list_datasets() -> dict[str, str]:
-    """Registered dataset names mapped to a one-line description that names the source package."""
-    return {name: entry.description for name, entry in REGISTRY.items()}
+def list_datasets(kind: str | None = None) -> dict[str, str]:
+    """Registered dataset names (of ``kind`` if given: image, vector, text, lm) mapped to a one-line description
+    that names the source package. Decodes nothing and imports no heavy package."""
+    return {name: entry.description for name, entry in REGISTRY.items() if kind in (None, entry.kind)}
 
 
 def dataset_options(name: str) -> tuple[str, ...]:

@@ -4,8 +4,9 @@ The recipe's ``federated:`` section picks the algorithm and the population; ``da
 momentum, weight_decay) and ``data.batch_size`` mean what they mean elsewhere (the local training of each client).
 The run folder holds ``config.yaml``, ``metrics.jsonl`` (one line per round: accuracy, loss, bytes up/down,
 simulated time, events), ``summary.json`` and ``checkpoints/`` (the server state after every round);
-``resume=RUN_DIR`` continues from the latest round to the same result as an uninterrupted run (after Ctrl-C, which
-loses only the round in progress, or after ``federated.stop_after=N`` rounds).
+``leantrain run resume=RUN_DIR`` continues from the latest round checkpoint to the same result as an uninterrupted
+run (after Ctrl-C, which finishes the round in progress and checkpoints it, or after ``federated.stop_after=N``
+rounds). Rounds are logged to metrics.jsonl as they finish.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from pathlib import Path
 
 import torch
 
-from leantrain.errors import LeantrainError
+from leantrain.errors import Interrupted
 
 
-def run_federated(cfg, run_dir: Path, resume: bool):
-    """Run the recipe's federated simulation into ``run_dir``; returns the summary dict."""
+def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
+    """Run the recipe's federated simulation into ``run_dir`` (continuing ``resume_from``); returns the summary."""
     from leantrain.federated import Simulator, make_algorithm
     from leantrain.federated.simulator import federated_data
-    from leantrain.train.run import build_run_model
+    from leantrain.models.build import build_model_for_data
+    from leantrain.train.interrupt import deferred_sigint
+    from leantrain.train.metric_loggers import open_metric_loggers
+    from leantrain.train.progress import make_progress, start_text
 
     f = cfg.federated
     started = time.perf_counter()
@@ -32,38 +36,47 @@ def run_federated(cfg, run_dir: Path, resume: bool):
                           train_subset=cfg.data.train_subset, **options)  # fmt: skip
     data_fields = {"input_shape": data.input_shape, "num_classes": data.num_classes}
     algorithm = make_algorithm(f.algorithm, **f.options)
-    metrics_path = run_dir / "metrics.jsonl"
-
-    def log(line: str) -> None:
-        if cfg.progress != "none":
-            print(line, flush=True)
-
     sim = Simulator(
-        algorithm, lambda: build_run_model(cfg, data_fields), data,
+        algorithm, lambda: build_model_for_data(cfg.model.name, cfg.model.options, data_fields), data,
         num_clients=f.num_clients, clients_per_round=f.clients_per_round, rounds=f.rounds,
         local_steps=f.local_steps, batch_size=cfg.data.batch_size, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, devices=f.devices or None, dropout=f.client_dropout,
-        failure=f.client_failure, eval_every=f.eval_every_rounds, seed=cfg.seed,
-        checkpoint_dir=run_dir / "checkpoints", log=log,
+        failure=f.client_failure, eval_every=f.eval_every, seed=cfg.seed,
+        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=f.checkpoint_every,
     )  # fmt: skip
-    if resume and not sim.restore():
-        raise LeantrainError(f"resume={run_dir}: no round checkpoint to continue from")
+    if resume_from is not None:
+        sim.restore(resume_from)
     done = sim.next_round
+    budget = f"{f.rounds} rounds of {f.clients_per_round}/{f.num_clients} clients ({f.algorithm})"
+    progress = make_progress(cfg.progress, f.rounds, completed=done, unit="round",
+                             start=start_text(run_dir, budget, done or None))  # fmt: skip
+    logger = open_metric_loggers(run_dir, cfg.log_formats, x_key="round", resume_after=done - 1 if done else None)
+
+    def on_round(row: dict) -> None:
+        logger.log(row)
+        shown = {k: row[k] for k in ("test_accuracy", "train_loss") if row.get(k) is not None}
+        shown["MB up"] = row["up_bytes"] / 1e6
+        progress.update(row["round"] + 1, shown)
+        if row["events"]:
+            progress.message(f"round {row['round'] + 1}: " + "; ".join(row["events"][:3])
+                             + (" ..." if len(row["events"]) > 3 else ""))  # fmt: skip
+
+    sim.on_round = on_round
     status = "completed"
     try:
-        history = sim.run(stop_after=f.stop_after)
-        if sim.next_round < f.rounds:
-            status = "stopped"
-    except KeyboardInterrupt:
-        history, status = sim.history, "interrupted"
+        with deferred_sigint() as interrupted:
+            history = sim.run(stop_after=f.stop_after, should_stop=interrupted.is_set)
+            if interrupted.is_set():
+                status = "interrupted"
+            elif sim.next_round < f.rounds:
+                status = "stopped"
     finally:
-        with metrics_path.open("w") as out:  # rewritten from the history: a resumed run never duplicates lines
-            for row in sim.history.rounds:
-                out.write(json.dumps(row) + "\n")
+        progress.close()
+        logger.close()
     summary = {
-        "name": cfg.name, "run_dir": str(run_dir), "task": "federated-classification", "metric_name": "accuracy",
-        "algorithm": f.algorithm, "status": status, "rounds": f.rounds, "rounds_done": sim.next_round,
-        "resumed_from_round": done or None,
+        "name": cfg.name, "run_dir": str(run_dir), "kind": "federated", "task": "federated-classification",
+        "metric_name": "accuracy", "algorithm": f.algorithm, "status": status, "rounds": f.rounds,
+        "rounds_done": sim.next_round, "resumed_from_round": done or None,
         "trainable_params": sum(p.numel() for p in sim.model.parameters() if p.requires_grad),
         "final": {"test_accuracy": history.last("test_accuracy"), "test_loss": history.last("test_loss")},
         "totals": history.totals, "wall_time_s": round(time.perf_counter() - started, 3),
@@ -71,6 +84,8 @@ def run_federated(cfg, run_dir: Path, resume: bool):
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if status == "interrupted":
-        raise LeantrainError(f"interrupted after round {sim.next_round}; continue with: leantrain run {cfg.name} "
-                             f"resume={run_dir}")  # fmt: skip
+        from leantrain.train.checkpoint import list_checkpoints
+
+        kept = list_checkpoints(run_dir / "checkpoints")[-1]
+        raise Interrupted(f"stopped after round {sim.next_round} of {f.rounds}; kept checkpoint {kept}")
     return summary

@@ -194,11 +194,13 @@ class Simulator:
         checkpoint_dir: str | Path | None = None,
         log: Callable[[str], None] | None = None,
         log_every: int = 1,
+        checkpoint_every: int = 1,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ):
         if not isinstance(algorithm, Algorithm):
             raise ConfigError(f"algorithm={algorithm!r} is not a leantrain federated Algorithm")
         counts = {"num_clients": num_clients, "clients_per_round": clients_per_round, "rounds": rounds,
-                  "eval_every": eval_every, "log_every": log_every}  # fmt: skip
+                  "eval_every": eval_every, "log_every": log_every, "checkpoint_every": checkpoint_every}  # fmt: skip
         for name, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Simulator {name}={value!r} is invalid; expected an integer >= 1")
@@ -213,7 +215,8 @@ class Simulator:
         self.dropout, self.failure, self.fault_hook = float(dropout), float(failure), fault_hook
         self.eval_every, self.eval_batch_size, self.seed = eval_every, eval_batch_size, seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.log, self.log_every = log, log_every
+        self.log, self.log_every, self.on_round = log, log_every, on_round
+        self.checkpoint_every = checkpoint_every
         if isinstance(dataset, FederatedData):
             self.data = dataset
             if len(dataset.parts) != num_clients:
@@ -308,10 +311,13 @@ class Simulator:
 
     # ------------------------------------------------------------------ the run, checkpoints
 
-    def run(self, resume: bool = False, stop_after: int | None = None) -> History:
+    def run(self, resume: bool = False, stop_after: int | None = None,
+            should_stop: Callable[[], bool] | None = None) -> History:  # fmt: skip
         """Run the remaining rounds (all of them, or from the latest checkpoint with ``resume=True``).
 
-        ``stop_after=n`` stops once ``n`` rounds are done (a time box; ``run(resume=True)`` continues later).
+        ``stop_after=n`` stops once ``n`` rounds are done (a time box; ``run(resume=True)`` continues later);
+        ``should_stop()`` is asked after every round (Ctrl-C): the state is then checkpointed and the run stops.
+        With a ``checkpoint_dir`` the state is saved every ``checkpoint_every`` rounds and whenever the run stops.
         """
         if resume:
             self.restore()
@@ -320,10 +326,15 @@ class Simulator:
             row = self.run_round(r)
             self.history.rounds.append(row)
             self.next_round = r + 1
-            if self.checkpoint_dir is not None:
+            stopping = r + 1 == last or (should_stop is not None and should_stop())
+            if self.checkpoint_dir is not None and ((r + 1) % self.checkpoint_every == 0 or stopping):
                 self.save()
+            if self.on_round is not None:
+                self.on_round(row)
             if self.log is not None and ((r + 1) % self.log_every == 0 or r + 1 == self.rounds):
                 self.log(self._progress_line(row))
+            if stopping:
+                break
         self.history.totals = {**self.ledger.totals(), "sim_time_s": self.clock.now,
                                "final_test_accuracy": self.history.last("test_accuracy")}  # fmt: skip
         return self.history
@@ -356,16 +367,18 @@ class Simulator:
 
         return save_state_checkpoint(self.checkpoint_dir, self.next_round, self._state())
 
-    def restore(self) -> bool:
-        """Load the latest round checkpoint from ``checkpoint_dir``; False if there is none."""
+    def restore(self, path: Path | None = None) -> bool:
+        """Load the round checkpoint ``path`` (default: the latest in ``checkpoint_dir``); False if there is none."""
         from leantrain.train.checkpoint import list_checkpoints, load_state_checkpoint
 
-        if self.checkpoint_dir is None:
-            raise LeantrainError("resume needs checkpoint_dir")
-        found = list_checkpoints(self.checkpoint_dir)
-        if not found:
-            return False
-        _, state = load_state_checkpoint(found[-1])
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise LeantrainError("resume needs checkpoint_dir")
+            found = list_checkpoints(self.checkpoint_dir)
+            if not found:
+                return False
+            path = found[-1]
+        _, state = load_state_checkpoint(path)
         self.algorithm.load_state_dict(state["algorithm"])
         self.ledger.load_state_dict(state["ledger"])
         self.history.rounds = state["history"]

@@ -15,7 +15,9 @@ from torch import nn
 
 from leantrain.errors import ConfigError, MissingDependencyError
 
-METHOD_CONFIGS = {
+# The registry recipes, the config and the tests iterate: name -> (module, config class), None for ``full``.
+METHODS: dict[str, tuple[str, str] | None] = {
+    "full": None,
     "lora": ("peft", "LoraConfig"),
     "gem": ("leantrain.finetune.peft_tuners.gem", "GemConfig"),
     "paca": ("leantrain.finetune.peft_tuners.paca", "PacaConfig"),
@@ -24,11 +26,11 @@ METHOD_CONFIGS = {
 
 def method_config_class(method: str) -> type | None:
     """The config dataclass of a PEFT method, or None for ``full``."""
-    if method == "full":
+    if method not in METHODS:
+        raise ConfigError(f"unknown fine-tuning method {method!r}; choose from: {', '.join(METHODS)}")
+    if METHODS[method] is None:
         return None
-    if method not in METHOD_CONFIGS:
-        raise ConfigError(f"unknown fine-tuning method {method!r}; choose from: full, {', '.join(METHOD_CONFIGS)}")
-    module, name = METHOD_CONFIGS[method]
+    module, name = METHODS[method]
     try:
         return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError as err:

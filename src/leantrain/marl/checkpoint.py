@@ -5,7 +5,7 @@ A checkpoint (``checkpoints/step-<t_env>/``, written after every periodic test t
 states and counters, the filled part of the replay, every runner's episode counter and random generator (and
 its hook's: S2Q's behaviour, the Wolfpack attack), torch's generator, the shifting game's episode clock and the
 loop's counters. ``leantrain run <recipe> resume=<run folder>`` then continues as if never stopped: the final
-networks and the metrics are the same as an uninterrupted run's (tested), and ``marl.t_max`` may be raised.
+networks and the metrics are the same as an uninterrupted run's (tested), and ``marl.max_steps`` may be raised.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The recipe's ``marl:`` section picks the environment, the learner and the budget (environment steps). Every
 ``n_envs`` episodes collected, the learner takes one update on a batch of ``batch_episodes`` sampled from the
-replay (once it holds that many). Every ``test_every`` steps it runs ``test_episodes`` greedy episodes. The run
+replay (once it holds that many). Every ``eval_every`` steps it runs ``test_episodes`` greedy episodes. The run
 folder holds ``config.yaml``, ``metrics.jsonl`` (``train`` records: t_env, episodes, return, epsilon, loss;
 ``test`` records: greedy return, and for WALL the return under the attack), ``summary.json`` and
 ``model.safetensors`` (the learner's networks, rewritten at every test) and ``checkpoints/`` (the full state after
@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from leantrain.errors import ConfigError, LeantrainError
+from leantrain.errors import ConfigError, Interrupted
 
 
 def build(cfg):
     """(training envs, test envs, controller, learner, runner) of a run config's ``marl`` section."""
     from leantrain.marl.controller import MultiAgentController
     from leantrain.marl.envs import make_env
-    from leantrain.marl.learner import LearnerConfig, QLearner
+    from leantrain.marl.learner import LearnerConfig
+    from leantrain.marl.learners import build_learner
     from leantrain.marl.matrix_games import EpisodeClock
     from leantrain.marl.runner import EpisodeRunner
 
@@ -36,41 +37,14 @@ def build(cfg):
     clock = EpisodeClock()
     envs = [make_env(m.env, m.switch_episode, clock) for _ in range(m.n_envs)]
     mac = MultiAgentController(envs[0].info, hidden=m.agent_hidden)
-    lc = LearnerConfig(mixer=m.mixer, gamma=m.gamma, td_lambda=m.td_lambda, lr=m.learning_rate, optimizer=m.optimizer,
+    lc = LearnerConfig(mixer=m.mixer, gamma=m.gamma, td_lambda=m.td_lambda, lr=m.lr, optimizer=m.optimizer,
                        grad_clip=m.grad_norm_clip, target_update_episodes=m.target_update_episodes)  # fmt: skip
     runner = EpisodeRunner(envs, mac, seed=cfg.seed)
-    if m.algo == "s2q":
-        from leantrain.marl.s2q import S2QConfig, S2QLearner
-
-        try:
-            options = S2QConfig(**m.method_options)
-        except TypeError as err:
-            raise ConfigError(f"marl.method_options for s2q: {err}") from None
-        learner = S2QLearner(mac, lc, options)
-        runner.action_hook = learner.behaviour_hook(runner, seed=cfg.seed)
-    elif m.algo == "wall":
-        from leantrain.marl.wall import WALLLearner
-        from leantrain.marl.wolfpack import WolfpackAttack
-
-        options = dict(m.method_options)
-        clean_steps = options.pop("clean_steps", 0)
-        learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed, clean_steps=int(clean_steps))
-        WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
-    else:
-        learner = QLearner(mac, lc)
+    learner = build_learner(cfg, mac, lc, runner)
     if m.pretrained_policy:
         learner.load_policy(policy_file(m.pretrained_policy))
     test_envs = [make_env(m.env, m.switch_episode, clock, counts=False) for _ in range(m.n_envs)]
     return envs, test_envs, mac, learner, runner
-
-
-def wolfpack_config(options: dict):
-    from leantrain.marl.wolfpack import WolfpackConfig
-
-    try:
-        return WolfpackConfig(**options)
-    except TypeError as err:
-        raise ConfigError(f"marl.method_options for wall: {err}") from None
 
 
 def policy_file(path: str | Path) -> Path:
@@ -87,6 +61,9 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     from leantrain.marl.controller import EpsilonSchedule
     from leantrain.marl.episodes import ReplayBuffer
     from leantrain.train.checkpoint import load_state_checkpoint, save_state_checkpoint
+    from leantrain.train.interrupt import deferred_sigint
+    from leantrain.train.metric_loggers import open_metric_loggers
+    from leantrain.train.progress import make_progress, start_text
 
     m = cfg.marl
     started = time.perf_counter()
@@ -95,17 +72,13 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
     epsilon = EpsilonSchedule(m.epsilon_start, m.epsilon_finish, m.epsilon_anneal_steps)
     t_env, episodes, next_test, status, elapsed = 0, 0, 0, "completed", 0.0
-    log_path = run_dir / "metrics.jsonl"
+    next_checkpoint = m.checkpoint_every or 0
     train_returns: list[float] = []
     last_stats: dict = {}
-
-    def emit(record: dict) -> None:
-        with log_path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
-        if cfg.progress != "none":
-            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-            print(shown, flush=True)
-
+    resumed = _resumed_t_env(resume_from)
+    logger = open_metric_loggers(run_dir, cfg.log_formats, x_key="t_env", resume_after=resumed)
+    start = start_text(run_dir, f"{m.max_steps} environment steps ({m.env}, {m.algo})", resumed)
+    progress = make_progress(cfg.progress, m.max_steps, completed=resumed or 0, unit="env step", start=start)
     attack = runner.action_hook if m.algo == "wall" else None
     attacked_runner = None
     if attack is not None:  # WALL runs also test under the Wolfpack attack (test budget)
@@ -115,7 +88,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         attack_envs = [make_env(m.env, m.switch_episode, None, counts=False) for _ in range(m.n_envs)]
         test_envs += attack_envs
         attacked_runner = type(runner)(attack_envs, mac, seed=cfg.seed + 20_011)
-        WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, lr=m.learning_rate,
+        WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, lr=m.lr,
                        seed=cfg.seed + 1)  # fmt: skip
 
     def test() -> dict:
@@ -123,26 +96,28 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         record = {"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value}
         if attacked_runner is not None:
             record["attacked_return_mean"] = attacked_runner.test_return(m.test_episodes)
-        emit(record)
+        logger.log(record)
+        progress.message(f"test @ t_env {t_env}: " + "  ".join(f"{k} {record[k]:.4g}" for k in record
+                                                                  if k.endswith("return_mean")))  # fmt: skip
         return record
 
     runners = {"train": runner, "test": test_runner} | ({"attacked": attacked_runner} if attacked_runner else {})
     clock = getattr(envs[0], "clock", None)
+    last_test: dict | None = None
     if resume_from is not None:
         _, state = load_state_checkpoint(resume_from)
         loop = checkpoint.restore(state, learner, buffer, runners, clock)
         t_env, episodes, next_test, elapsed = loop["t_env"], loop["episodes"], loop["next_test"], loop["elapsed"]
         train_returns, last_stats = loop["train_returns"], loop["last_stats"]
-        lines = log_path.read_text().splitlines(keepends=True)[: loop["log_lines"]]
-        log_path.write_text("".join(lines))  # records written after the checkpoint are replayed
-        emit({"split": "resume", "t_env": t_env, "episodes": episodes, "from": resume_from.name})
+        next_checkpoint, last_test = loop.get("next_checkpoint", next_checkpoint), loop.get("last_test")
+        logger.log({"split": "resume", "t_env": t_env, "episodes": episodes, "from": resume_from.name})
 
-    def save_checkpoint() -> None:
+    def save_checkpoint() -> Path:
         loop = {"t_env": t_env, "episodes": episodes, "next_test": next_test, "train_returns": train_returns,
-                "last_stats": last_stats, "log_lines": len(log_path.read_text().splitlines()),
+                "last_stats": last_stats, "next_checkpoint": next_checkpoint, "last_test": last_test,
                 "elapsed": elapsed + time.perf_counter() - started}  # fmt: skip
         state = checkpoint.capture(loop, learner, buffer, runners, clock)
-        save_state_checkpoint(run_dir / "checkpoints", t_env, state, keep=1)
+        return save_state_checkpoint(run_dir / "checkpoints", t_env, state, keep=1)
 
     def save_policy() -> None:
         """The learner's networks to model.safetensors (written aside, then renamed: never a torn file)."""
@@ -150,13 +125,19 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         save_file(tensors, str(run_dir / "model.safetensors.tmp"))
         (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
 
-    try:
-        while t_env < m.t_max:
+    kept = None
+    with deferred_sigint() as interrupted:
+        while t_env < m.max_steps:
             if t_env >= next_test:
-                test()
-                next_test += m.test_every
-                if t_env:
+                last_test = test()
+                next_test += m.eval_every
+                if t_env and m.checkpoint_every is None:
                     save_policy()  # the latest policy and the state to resume from survive a crash
+                    save_checkpoint()
+            if m.checkpoint_every is not None and t_env >= next_checkpoint:
+                next_checkpoint += m.checkpoint_every
+                if t_env:
+                    save_policy()
                     save_checkpoint()
             if attack is not None:  # WALL: clean pre-training, then greedy collection under the attack (official)
                 attack.enabled = t_env >= learner.clean_steps
@@ -168,20 +149,37 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
             if buffer.can_sample(m.batch_episodes):
                 last_stats = learner.train(buffer.sample(m.batch_episodes), episodes)
             if episodes % m.log_every_episodes < len(stats.returns) and train_returns:
-                mean = statistics.fmean(train_returns)
-                emit({"split": "train", "t_env": t_env, "episodes": episodes, "return_mean": mean,
-                      "epsilon": epsilon(t_env), **last_stats})  # fmt: skip
+                record = {
+                    "split": "train",
+                    "t_env": t_env,
+                    "episodes": episodes,
+                    "return_mean": statistics.fmean(train_returns),
+                    "epsilon": epsilon(t_env),
+                    **last_stats,
+                }
+                logger.log(record)
+                progress.update(t_env, {k: record[k] for k in ("return_mean", "epsilon", "loss") if k in record})
                 train_returns = []
-    except KeyboardInterrupt:
-        status = "interrupted"
-    final = test()
-    save_policy()
+            else:
+                progress.advance(t_env)
+            if interrupted.is_set():  # Ctrl-C: keep everything up to this batch, resume continues exactly here
+                status = "interrupted"
+                save_policy()
+                kept = save_checkpoint()
+                break
+    if status == "completed":
+        progress.message(f"final test: {m.test_episodes} greedy episodes")
+        last_test = test()
+        save_policy()
+    progress.close()
+    logger.close()
+    final = last_test or {}
     summary = {
-        "name": cfg.name, "run_dir": str(run_dir), "task": "marl", "metric_name": "return", "status": status,
-        "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,
+        "name": cfg.name, "run_dir": str(run_dir), "kind": "marl", "task": "marl", "metric_name": "return",
+        "status": status, "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,
         "updates": learner.updates,
-        "final": {"test_return": final["return_mean"]}
-        | ({"attacked_test_return": final["attacked_return_mean"]} if attacked_runner is not None else {}),
+        "final": {"test_return": final.get("return_mean")}
+        | ({"attacked_test_return": final.get("attacked_return_mean")} if attacked_runner is not None else {}),
         "wall_time_s": round(elapsed + time.perf_counter() - started, 3),
         "env_steps_per_s": t_env / max(elapsed + time.perf_counter() - started, 1e-9),
     }  # fmt: skip
@@ -189,7 +187,10 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     for env in envs + test_envs:
         env.close()
     if status == "interrupted":
-        saved = sorted((run_dir / "checkpoints").glob("step-*"))
-        hint = f"; continue with resume={run_dir} (from {saved[-1].name})" if saved else ""
-        raise LeantrainError(f"interrupted at t_env {t_env}; the run folder {run_dir} has what was logged{hint}")
+        raise Interrupted(f"stopped at t_env {t_env} of {m.max_steps}; kept checkpoint {kept} and the policy")
     return summary
+
+
+def _resumed_t_env(path: Path | None) -> int | None:
+    """The t_env a checkpoint was written at (its folder's step), or None."""
+    return None if path is None else int(json.loads((path / "state.json").read_text())["step"])

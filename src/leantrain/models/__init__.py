@@ -1,10 +1,10 @@
 """Model zoo: a registry of small from-scratch models and offline pretrained ones.
 
-Importing this package registers every model; use :func:`build_model` with a name from
-:func:`list_models` and keyword overrides of that model's config dataclass.
+Use :func:`build_model` with a name from :func:`list_models` and keyword overrides of that model's config
+dataclass. A built-in model's module (torch, for the pretrained ones transformers) is imported when the model is
+first used, not with this package: listing names costs nothing.
 """
 
-from leantrain.models import cnn, lstm, mlp, pretrained, resnet, tinygpt  # noqa: F401  (registers the models)
 from leantrain.models.registry import (
     build_model,
     list_models,

@@ -66,7 +66,7 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model("cnn", CNNConfig, "LeNet-style CNN: conv3x3-ReLU-maxpool stages, then an MLP head")
+@register_model("cnn", CNNConfig)
 def build_cnn(config: CNNConfig) -> CNN:
     """Build a :class:`CNN` from its config."""
     return CNN(config)

@@ -80,7 +80,7 @@ class LSTMClassifier(nn.Module):
         return self.head(self.drop(final))
 
 
-@register_model("lstm", LSTMClassifierConfig, "bidirectional LSTM text classifier over packed (unpadded) tokens")
+@register_model("lstm", LSTMClassifierConfig)
 def build_lstm(config: LSTMClassifierConfig) -> LSTMClassifier:
     """Build an :class:`LSTMClassifier` from its config."""
     return LSTMClassifier(config)

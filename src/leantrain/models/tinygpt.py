@@ -171,7 +171,7 @@ class GPT(nn.Module):
         return idx
 
 
-@register_model("tinygpt", GPTConfig, "nanoGPT-style pre-LN causal transformer LM with tied embeddings")
+@register_model("tinygpt", GPTConfig)
 def build_tinygpt(config: GPTConfig) -> GPT:
     """Build a :class:`GPT` from its config."""
     return GPT(config)

@@ -232,6 +232,15 @@ def _worker_main(replica, index: list[int], adaptive: list[bool], shared: _Share
             shared.cond.notify_all()
 
 
+class AscentProcessError(RuntimeError):
+    """The ascent process raised: one line (its last) as the message, the whole traceback in ``details``."""
+
+    def __init__(self, traceback_text: str):
+        last = traceback_text.strip().splitlines()[-1] if traceback_text.strip() else "no traceback"
+        super().__init__(f"AsyncSAM's ascent process failed: {last}")
+        self.details = traceback_text
+
+
 @dataclass
 class AscentResult:
     """One published ascent: the vectors (None where no gradient), their norm, and what it was computed on."""
@@ -292,7 +301,7 @@ class AscentWorker:
         if shared is not None and shared.error[0] != b"\x00":
             message = bytes(shared.error[:]).split(b"\x00", 1)[0].decode("utf-8", "replace")
             self.close()
-            raise LeantrainError(f"AsyncSAM's ascent process failed:\n{message}")
+            raise AscentProcessError(message)
         if self.process is not None and not self.process.is_alive():
             code = self.process.exitcode
             self.close()

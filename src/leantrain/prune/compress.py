@@ -7,23 +7,24 @@ over fixed windows; generation speed is greedy decoding with the KV cache, batch
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from leantrain.errors import ConfigError
+from leantrain.prune.compress_args import SELECTORS, check_compress_args
 from leantrain.prune.depth import BoundaryStates, boundary_states, check_budget, decoder_layers
 from leantrain.prune.ghosted import METHODS, GhostReport, fit_ghosted_layers
 from leantrain.prune.lorp import PROTECT, select_layers_last_n, select_layers_lorp, select_layers_shortgpt
 
-SELECTORS = ("lorp", "shortgpt", "last_n")
-CAUSAL_LMS = ("smollm2-135m",)  # the pretrained decoder models shipped offline here
 Batch = dict[str, torch.Tensor]
 
 
@@ -178,21 +179,15 @@ def run_compress(
     """Load ``model_name``, compress it, measure perplexity / parameters / generation speed before and after.
 
     Writes the compressed model, its tokenizer and ``compress.json`` to ``out`` when given; returns the summary.
+    Arguments are checked first (:func:`~leantrain.prune.compress_args.check_compress_args`), before any loading.
     """
     import copy
-    import json
     from pathlib import Path
 
     from leantrain.models import build_model, load_tokenizer
 
-    if model_name not in CAUSAL_LMS:
-        raise ConfigError(f"--model {model_name!r} is not a pretrained decoder LM here; use one of {list(CAUSAL_LMS)}")
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
-    check_choices(select, recover, prefix="--")
-    for name, value in (("block", block), ("calib-windows", calib_windows), ("eval-windows", eval_windows)):
-        if value < 1:
-            raise ConfigError(f"--{name} {value} is invalid; it must be >= 1")
+    check_compress_args(model_name, num_remove, select, recover, out, corpus, block, calib_windows, eval_windows,
+                        num_clusters, ridge)  # fmt: skip
     stage(f"loading {model_name} and the {corpus} corpus")
     model = build_model(model_name).eval()
     tokenizer = load_tokenizer(model_name)
@@ -226,8 +221,30 @@ def run_compress(
     if out is not None:
         out = Path(out)
         stage(f"saving to {out}")
-        result.model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "compress.json").write_text(json.dumps(summary, indent=1))
+        _save_whole(out, lambda folder: _write_folder(folder, result.model, tokenizer, summary))
         summary["out"] = str(out)
     return summary
+
+
+def _write_folder(folder: Path, model, tokenizer, summary: dict) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "compress.json").write_text(json.dumps(summary, indent=1))
+
+
+def _save_whole(out: Path, write) -> None:
+    """``write(folder)`` into a hidden sibling of ``out``, then rename it to ``out``: an interrupted or failed save
+    leaves no half-written model folder behind (and the empty ``out`` it may replace stays until the rename)."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir()
+        write(partial)
+        if out.is_dir():
+            out.rmdir()  # the argument check allowed only an empty folder
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

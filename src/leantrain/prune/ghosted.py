@@ -10,10 +10,10 @@ and inserts h ← h · W* at the gap. Baselines (``method=``): ``"none"`` (remov
 per-channel scale mean|X_post| / mean|X_pre|) and ``"symmetric"`` (the least-squares optimum over symmetric
 M, the class LinearPatch's H·D·Hᵀ operators live in, solved exactly in the eigenbasis of X_preᵀX_pre).
 
-The operator is a real module (:class:`GhostOperator`, an ``nn.Linear(C, C)`` holding W*ᵀ) on the block that
-follows the gap, applied to that block's input, so it saves with the model; the model becomes a
-``leantrain_ghosted_<type>`` model (a subclass of its own class) that ``save_pretrained`` writes and
-``AutoModelForCausalLM.from_pretrained`` reloads after ``import leantrain``.
+The operator is a real module (:class:`~leantrain.prune.ghost_operator.GhostOperator`, an ``nn.Linear(C, C)``
+holding W*ᵀ) on the block that follows the gap, applied to that block's input, so it saves with the model; the
+model becomes a ``leantrain_ghosted_<type>`` model (a subclass of its own class, :mod:`leantrain.prune.ghosted_models`)
+that ``save_pretrained`` writes and ``AutoModelForCausalLM.from_pretrained`` reloads after ``import leantrain``.
 
 Deliberate departures and choices:
 
@@ -49,6 +49,7 @@ from leantrain.prune.depth import (
     remove_layers,
     resolve_indices,
 )
+from leantrain.prune.ghost_operator import attach_ghosts
 
 METHODS = ("none", "diag", "symmetric", "ghosted")
 
@@ -85,54 +86,6 @@ def fit_operator(x_pre: torch.Tensor, x_post: torch.Tensor, method: str = "ghost
     lam, q = torch.linalg.eigh(gram)
     rhs = q.T @ (cross + cross.T) @ q
     return eye + q @ (rhs / (lam[:, None] + lam[None, :] + 2 * ridge)) @ q.T
-
-
-class GhostOperator(nn.Module):
-    """h -> h @ W for hidden states (..., C); holds ``linear.weight`` = Wᵀ in float32."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size, bias=False, dtype=torch.float32)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.eye(hidden_size))
-
-    def set_operator(self, w: torch.Tensor) -> GhostOperator:
-        with torch.no_grad():
-            self.linear.weight.copy_(w.T.to(torch.float32))
-        return self
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h.to(torch.float32)).to(h.dtype)
-
-
-def _pre_hook(layer: nn.Module, args: tuple, kwargs: dict):
-    if args:
-        return (layer.ghost_pre(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": layer.ghost_pre(kwargs["hidden_states"])}
-
-
-def _post_hook(layer: nn.Module, _args, output):
-    if isinstance(output, tuple):
-        return (layer.ghost_post(output[0]), *output[1:])
-    return layer.ghost_post(output)
-
-
-def attach_ghosts(model: nn.Module, placement: dict[str, str]) -> None:
-    """Give the blocks named in ``placement`` ({block index: "pre" | "post"}) identity operators and hooks."""
-    layers = decoder_layers(model)
-    hidden = model.config.hidden_size
-    for key, where in placement.items():
-        layer = layers[int(key)]
-        if where not in ("pre", "post"):
-            raise ConfigError(f"ghost placement {where!r} for layer {key} must be 'pre' or 'post'")
-        name = f"ghost_{where}"
-        if hasattr(layer, name):
-            continue
-        layer.add_module(name, GhostOperator(hidden))
-        if where == "pre":
-            layer.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-        else:
-            layer.register_forward_hook(_post_hook)
 
 
 @dataclass
@@ -207,6 +160,6 @@ def fit_ghosted_layers(
         attach_ghosts(model, {str(at): where})
         getattr(decoder_layers(model)[at], f"ghost_{where}").set_operator(w)
     report.fit_seconds = time.perf_counter() - started
-    from leantrain.prune.ghosted_models import as_ghosted_model
+    from leantrain.prune.ghosted_models import as_ghosted_model  # imports transformers' model code: seconds
 
     return as_ghosted_model(model, report.placement), report

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from leantrain.errors import ConfigError
-from leantrain.prune.ghosted import attach_ghosts
+from leantrain.prune.ghost_operator import attach_ghosts
 
 PREFIX = "leantrain_ghosted_"
 FAMILIES = {

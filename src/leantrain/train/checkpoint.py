@@ -8,14 +8,18 @@ A checkpoint folder ``checkpoints/step-00000120/`` holds:
 - ``state.json``: step, epoch, batches done in the epoch, and whatever the loop adds (best metric, ...).
 
 The folder is written under a temporary name and renamed, so a crash mid-write never leaves a checkpoint
-that looks complete.
+that looks complete. ``state.json`` also records the SHA-256 of every other file, so a checkpoint damaged later
+(a truncated copy, a full disk, a torn ``state.json``) is recognised: :func:`latest_intact_checkpoint` skips it
+with a one-line warning, moves it aside as ``corrupt-step-XXXXXXXX`` and resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from leantrain.errors import LeantrainError
+from leantrain.errors import ConfigError, LeantrainError
 
 _TENSOR = "__tensor__"
 _PAIRS = "__pairs__"
@@ -80,6 +84,7 @@ def save_checkpoint(
         meta["optimizer"] = pack_state(optimizer.state_dict(), opt_tensors)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    meta["files"] = _digests(tmp)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     _fsync_tree(tmp)  # the data is on disk before the name says the checkpoint is complete
     shutil.rmtree(final, ignore_errors=True)
@@ -98,8 +103,9 @@ def save_state_checkpoint(directory: Path, step: int, state: dict, keep: int = 2
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors: dict[str, torch.Tensor] = {}
-    meta = {"step": step, "state": pack_state(state, tensors)}
+    packed = pack_state(state, tensors)
     save_file(tensors, str(tmp / "tensors.safetensors"))
+    meta = {"step": step, "state": packed, "files": _digests(tmp)}
     (tmp / "state.json").write_text(json.dumps(meta))
     _fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
@@ -129,6 +135,65 @@ def _fsync_tree(folder: Path, files: bool = True) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name != "state.json"}
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` is not intact (unreadable state.json, a file missing, changed or
+    truncated), or None if it is."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"state.json is unreadable ({type(err).__name__})"
+    if not isinstance(meta, dict) or "step" not in meta:
+        return "state.json holds no loop state"
+    files = meta.get("files")
+    if files is None:  # written before digests were recorded: check that every safetensors file parses whole
+        return _safetensors_problem(path)
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its recorded SHA-256 (truncated or overwritten)"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            load_file(str(file))
+        except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for damaged files
+            return f"{file.name} cannot be read ({type(err).__name__})"
+    return None
+
+
+def latest_intact_checkpoint(directory: Path, what: str = "resume") -> Path:
+    """The newest intact checkpoint in ``directory``; damaged newer ones are moved aside with a one-line warning.
+
+    Raises :class:`ConfigError` (one line) when there is no checkpoint or none is intact."""
+    candidates = sorted(p for p in directory.glob("step-*") if p.is_dir()) if directory.is_dir() else []
+    if not candidates:
+        raise ConfigError(f"{what}: no checkpoint to resume from in {directory}")
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        aside = path.with_name(f"corrupt-{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        print(f"warning: skipping damaged checkpoint {path.name} ({problem}); moved to {aside.name}", file=sys.stderr)
+    raise ConfigError(
+        f"{what}: none of the {len(candidates)} checkpoints in {directory} is intact (moved aside as "
+        "corrupt-step-*); start the run again"
+    )
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from torch import nn
 from leantrain.errors import NonFiniteLossError
 from leantrain.optim import bn_stats_frozen
 from leantrain.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from leantrain.train.interrupt import deferred_sigint
 from leantrain.train.progress import NoProgress
 from leantrain.train.tasks import Task
 
@@ -163,7 +163,7 @@ class Trainer:
             self.last_checkpoint = resume_from
         self._call("on_train_begin")
         self.model.train()
-        with _deferred_sigint() as interrupted:
+        with deferred_sigint() as interrupted:
             while self.state.step < self.total_steps and not self.should_stop:
                 self._run_epoch(interrupted)
         self._checkpoint()
@@ -190,6 +190,8 @@ class Trainer:
             if st.step % self.log_every == 0 or st.step == self.total_steps:
                 self._log_train(window)
                 window = {}
+            else:
+                self.progress.advance(st.step)
             if self.eval_every and st.step % self.eval_every == 0 and i + 1 < n_batches:
                 self._log_eval()
             self._call("on_step_end", counts)
@@ -254,25 +256,3 @@ class Trainer:
             hook = getattr(cb, event, None)
             if hook is not None:
                 hook(self, *args)
-
-
-@contextlib.contextmanager
-def _deferred_sigint():
-    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if event.is_set():
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        event.set()
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGINT, previous)

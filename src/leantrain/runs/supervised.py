@@ -1,9 +1,9 @@
-"""Run a resolved recipe: data → model → loop → run folder.
+"""Supervised recipes: data -> model -> (fine-tuning method, low-rank schedule, regularizer) -> the loop.
 
-A run folder ``runs/<name>-<YYYYmmdd-HHMMSS>/`` holds ``config.yaml`` (the resolved config),
+The runner of the ``supervised`` run kind (see :mod:`leantrain.runs.kinds`): it fills a run folder with
 ``metrics.jsonl`` (train and val records), ``summary.json`` (status and final metrics) and
-``checkpoints/step-XXXXXXXX/`` (see :mod:`leantrain.train.checkpoint`). ``resume=RUN_DIR`` continues the
-run in its own folder from its latest checkpoint.
+``checkpoints/step-XXXXXXXX/`` (see :mod:`leantrain.train.checkpoint`); ``resume_from`` continues the run from one.
+:func:`prepare_data` and :func:`build_optimizer` are also what the benchmarks use to build a recipe's pieces.
 """
 
 from __future__ import annotations
@@ -11,37 +11,23 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from leantrain import config as config_mod
 from leantrain.config import RunConfig
-from leantrain.errors import ConfigError, LeantrainError, NonFiniteLossError
+from leantrain.errors import ConfigError, Interrupted, LeantrainError, NonFiniteLossError
 from leantrain.finetune.methods import apply_method
 from leantrain.lowrank.recipe import lowrank_callbacks
+from leantrain.models.build import build_model_for_data
 from leantrain.prune.recipe import pruned_metrics, var_transforms
-from leantrain.train.checkpoint import list_checkpoints
 from leantrain.train.loop import Trainer, TrainingInterrupted, evaluate, total_steps
-from leantrain.train.metric_loggers import JsonlLogger
-from leantrain.train.progress import make_progress
+from leantrain.train.metric_loggers import open_metric_loggers
+from leantrain.train.progress import make_progress, start_text
 from leantrain.train.schedule import lr_factor
 from leantrain.train.tasks import TASKS
-
-# Fields that may differ between a run and its resumption: training longer is a legitimate resume.
-RESUMABLE_CHANGES = {
-    "resume", "progress", "threads", "train.epochs", "train.max_steps", "federated.stop_after", "marl.t_max",
-}  # fmt: skip
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    summary: dict
 
 
 @dataclass
@@ -53,25 +39,14 @@ class PreparedData:
     model_fields: dict  # data-dependent model config fields (input_shape, num_classes, vocab_size, ...)
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Train and evaluate ``cfg``; write the run folder; return its path and summary."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run_dir, resume_from = _open_run_dir(cfg)
-    if cfg.federated.algorithm is not None:
-        from leantrain.federated.run import run_federated
-
-        return RunResult(run_dir, run_federated(cfg, run_dir, resume=cfg.resume is not None))
-    if cfg.marl.env is not None:
-        from leantrain.marl.run import run_marl
-
-        return RunResult(run_dir, run_marl(cfg, run_dir, resume_from))
+def run_supervised(cfg: RunConfig, run_dir: Path, resume_from: Path | None) -> dict:
+    """Train and evaluate ``cfg`` into ``run_dir``; returns the summary (also written to summary.json)."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     data = prepare_data(cfg)
     task = TASKS[data.task]()
-    model = build_run_model(cfg, data.model_fields)
+    model = build_model_for_data(cfg.model.name, cfg.model.options, data.model_fields)
     model = apply_method(
         model, cfg.finetune.method, cfg.finetune.options,
         score_batches=_first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
@@ -81,14 +56,17 @@ def run(cfg: RunConfig) -> RunResult:
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg, m, steps_per_epoch=len(data.train), train=data.train, task=task)
 
-    start_epoch = _checkpoint_state(resume_from).get("epoch", 0)
-    callbacks, lowrank_info = lowrank_callbacks(cfg.lowrank, model, cfg.train.epochs, start_epoch, make_optimizer)
+    resumed = _checkpoint_state(resume_from)
+    callbacks, lowrank_info = lowrank_callbacks(cfg.lowrank, model, cfg.train.epochs, resumed.get("epoch", 0),
+                                                make_optimizer)  # fmt: skip
     grad_transforms = var_transforms(cfg.prune, model)
     optimizer = make_optimizer(model)
     total = total_steps(len(data.train), cfg.train.epochs, cfg.train.max_steps)
-    progress = make_progress(cfg.progress, total)
-    logger = JsonlLogger(run_dir / "metrics.jsonl", drop_after_step=_checkpoint_state(resume_from).get("step"))
     t = cfg.train
+    budget = f"{total} steps" + ("" if t.max_steps else f" ({t.epochs} epochs of {len(data.train)} batches)")
+    progress = make_progress(cfg.progress, total, completed=resumed.get("step", 0),
+                             start=start_text(run_dir, budget, resumed.get("step")))  # fmt: skip
+    logger = open_metric_loggers(run_dir, cfg.log_formats, x_key="step", resume_after=resumed.get("step"))
     trainer = Trainer(
         model, optimizer, task, data.train,
         epochs=t.epochs, max_steps=t.max_steps,
@@ -98,8 +76,8 @@ def run(cfg: RunConfig) -> RunResult:
         checkpoint_dir=run_dir / "checkpoints", checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints, logger=logger, progress=progress,
     )  # fmt: skip
-    summary = {"name": cfg.name, "run_dir": str(run_dir), "task": data.task, "metric_name": task.metric_name}
-    summary["optimizer"] = type(optimizer).__name__
+    summary = {"name": cfg.name, "run_dir": str(run_dir), "kind": "supervised", "task": data.task,
+               "metric_name": task.metric_name, "optimizer": type(optimizer).__name__}  # fmt: skip
     summary.update(_param_counts(model))
     if lowrank_info:
         summary["lowrank"] = lowrank_info
@@ -114,10 +92,12 @@ def run(cfg: RunConfig) -> RunResult:
         ) from None
     except TrainingInterrupted as err:
         _finish(run_dir, summary, trainer, "interrupted", started, logger, progress)
-        raise LeantrainError(f"interrupted at step {trainer.state.step}; checkpoint {err.checkpoint}. "
-                             f"Continue with: leantrain run {cfg.name} resume={run_dir}") from None  # fmt: skip
+        raise Interrupted(
+            f"stopped after step {trainer.state.step} of {total}; kept checkpoint {err.checkpoint}"
+        ) from None
     finally:
         _close(trainer.optimizer, summary)
+    progress.message("final evaluation on the val and test splits")
     fresh = trainer.last_val is not None and trainer.last_val[0] == trainer.state.step
     val = trainer.last_val[1] if fresh else trainer.evaluate(data.val)
     summary["final"] = {
@@ -131,7 +111,7 @@ def run(cfg: RunConfig) -> RunResult:
             lambda pruned: {f"test_{k}": v for k, v in evaluate(pruned, task, data.test).items()},
         )  # fmt: skip
     _finish(run_dir, summary, trainer, "completed", started, logger, progress)
-    return RunResult(run_dir, summary)
+    return summary
 
 
 def _close(optimizer, summary: dict) -> None:
@@ -159,52 +139,12 @@ def _finish(run_dir: Path, summary: dict, trainer: Trainer, status: str, started
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-# ---------------------------------------------------------------- run folder
-
-
-def _open_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
-    if cfg.resume is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
-        suffix = 1
-        while run_dir.exists():
-            suffix += 1
-            run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{suffix}"
-        run_dir.mkdir(parents=True)
-        config_mod.save(cfg, run_dir / "config.yaml")
-        return run_dir, None
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"resume={run_dir} is not a run folder (no config.yaml)")
-    saved = config_mod.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    changed = _diff(config_mod.to_dict(saved), config_mod.to_dict(cfg)) - RESUMABLE_CHANGES
-    if changed:
-        raise ConfigError(f"resume={run_dir}: the config differs from the saved run in {', '.join(sorted(changed))}")
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
-    if not checkpoints:
-        raise ConfigError(f"resume={run_dir}: no checkpoint to resume from")
-    config_mod.save(cfg, run_dir / "config.yaml")
-    return run_dir, checkpoints[-1]
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
-    keys = set(a) | set(b)
-    out = set()
-    for key in keys:
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.add(prefix + key)
-    return out
+# ---------------------------------------------------------------- data, model, optimizer
 
 
 def _checkpoint_state(path: Path | None) -> dict:
     """The loop state saved with a checkpoint (step, epoch, ...), or {} without one."""
     return {} if path is None else json.loads((path / "state.json").read_text())
-
-
-# ---------------------------------------------------------------- data, model, optimizer
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
@@ -268,19 +208,6 @@ def _tokenizer_for(cfg: RunConfig):
     return None if name is None else load_tokenizer(name)
 
 
-def build_run_model(cfg: RunConfig, data_fields: dict) -> nn.Module:
-    """Build the model, filling data-dependent config fields the recipe left unset."""
-    from leantrain.models import build_model, model_config_class
-
-    names = {f for f in model_config_class(cfg.model.name).__dataclass_fields__}
-    kwargs = {k: v for k, v in data_fields.items() if k in names and v is not None}
-    kwargs.update(cfg.model.options)
-    return build_model(cfg.model.name, **kwargs)
-
-
-BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
-
-
 def build_optimizer(
     cfg: RunConfig, model: nn.Module, steps_per_epoch: int = 1, train=None, task=None
 ) -> torch.optim.Optimizer:
@@ -293,8 +220,11 @@ def build_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LeantrainError("the model has no trainable parameters")
+    from leantrain.optim.registry import OptimizerRequest
+    from leantrain.optim.registry import build_optimizer as build_named
+
     try:
-        return _make_optimizer(o, model, params, steps_per_epoch, _ascent(cfg, train, task))
+        return build_named(OptimizerRequest(o, model, params, steps_per_epoch, _ascent(cfg, train, task)), o.name)
     except ValueError as err:  # torch's own argument checks (betas, nesterov without momentum, ...)
         raise ConfigError(f"optim: {err}") from None
 
@@ -308,32 +238,6 @@ def _ascent(cfg: RunConfig, train, task):
     if train is None or task is None or not hasattr(train, "tensors"):
         raise ConfigError("optim: AsyncSAM with an ascent batch needs the training rows and task (run through `run`)")
     return Ascent(task.loss, train.tensors, batch_size=o.ascent_batch_size or "auto", seed=cfg.seed)
-
-
-def _make_optimizer(o, model: nn.Module, params: list, steps_per_epoch: int, ascent) -> torch.optim.Optimizer:
-    from leantrain.optim import MLBFGS, SAM, AsyncSAM, LayerwiseSAM
-
-    if o.name == "mlbfgs":
-        return MLBFGS(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, beta_param=o.beta,
-                      beta_grad=o.beta, beta_pair=o.beta_pair, update_freq=o.update_freq,
-                      history_size=o.history_size, damping=o.damping, direction_scaling=o.direction_scaling,
-                      kl_clip=o.kl_clip)  # fmt: skip
-    base = o.base if o.name in ("sam", "lwsam", "asyncsam") else o.name
-    if base == "sgd":
-        kwargs = {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay}
-    else:
-        kwargs = {"lr": o.lr, "betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}
-    if o.name == "sam":
-        return SAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, adaptive=o.adaptive, **kwargs)
-    if o.name == "asyncsam":
-        return AsyncSAM(params, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, staleness=o.staleness,
-                        adaptive=o.adaptive, model=model, ascent=ascent, mode=o.mode, on_miss=o.on_miss,
-                        slowdown=o.slowdown, worker_cpu=o.worker_cpu, **kwargs)  # fmt: skip
-    if o.name == "lwsam":
-        every = o.reselect_every or steps_per_epoch
-        return LayerwiseSAM(model, base_optimizer=BASE_OPTIMIZERS[base], rho=o.rho, num_layers=o.num_layers,
-                            reselect_every=every, **kwargs)  # fmt: skip
-    return BASE_OPTIMIZERS[base](params, **kwargs)
 
 
 def _param_counts(model: nn.Module) -> dict:

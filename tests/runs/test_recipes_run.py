@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from leantrain.config import resolve
-from leantrain.train.run import run
+from leantrain.runs.launch import run
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 REDUCED = {

@@ -1,0 +1,75 @@
+"""MARL learners by name, for recipes: ``marl.algo`` picks a builder registered here.
+
+A builder gets the run config, the agents' controller, the shared learner settings and the training runner, and
+returns the learner (installing the runner hooks its method needs: S2Q's behaviour policy, WALL's attack).
+Register another with :func:`register_learner`; the config accepts every registered name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from leantrain.errors import ConfigError
+
+LearnerBuilder = Callable[..., object]  # (cfg, mac, learner_config, runner) -> learner
+LEARNERS: dict[str, LearnerBuilder] = {}
+
+
+def register_learner(name: str) -> Callable[[LearnerBuilder], LearnerBuilder]:
+    def add(builder: LearnerBuilder) -> LearnerBuilder:
+        LEARNERS[name] = builder
+        return builder
+
+    return add
+
+
+@register_learner("qmix")
+@register_learner("vdn")
+def _value_decomposition(cfg, mac, lc, runner):
+    """Plain value decomposition; the mixer (``marl.mixer``) is what makes it QMIX or VDN."""
+    from leantrain.marl.learner import QLearner
+
+    return QLearner(mac, lc)
+
+
+@register_learner("s2q")
+def _s2q(cfg, mac, lc, runner):
+    from leantrain.marl.s2q import S2QConfig, S2QLearner
+
+    try:
+        options = S2QConfig(**cfg.marl.method_options)
+    except TypeError as err:
+        raise ConfigError(f"marl.method_options for s2q: {err}") from None
+    learner = S2QLearner(mac, lc, options)
+    runner.action_hook = learner.behaviour_hook(runner, seed=cfg.seed)
+    return learner
+
+
+@register_learner("wall")
+def _wall(cfg, mac, lc, runner):
+    from leantrain.marl.wall import WALLLearner
+    from leantrain.marl.wolfpack import WolfpackAttack
+
+    options = dict(cfg.marl.method_options)
+    clean_steps = options.pop("clean_steps", 0)
+    learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed, clean_steps=int(clean_steps))
+    WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
+    return learner
+
+
+def wolfpack_config(options: dict):
+    """The Wolfpack attack's config from ``marl.method_options`` (WALL) or ``leantrain attack``'s options."""
+    from leantrain.marl.wolfpack import WolfpackConfig
+
+    try:
+        return WolfpackConfig(**options)
+    except TypeError as err:
+        raise ConfigError(f"marl.method_options for wall: {err}") from None
+
+
+def build_learner(cfg, mac, lc, runner):
+    """The learner ``cfg.marl.algo`` names."""
+    algo = cfg.marl.algo
+    if algo not in LEARNERS:
+        raise ConfigError(f"unknown MARL learner {algo!r}; choose from: {', '.join(LEARNERS)}")
+    return LEARNERS[algo](cfg, mac, lc, runner)
