@@ -511,7 +511,7 @@ def _expand_key(cfg: RunConfig, key: str) -> list[str]:
 
     kind = kind_of(cfg)
     paths = _all_paths(cfg)
-    used = {dotted: path for dotted, path in paths.items() if kind.uses_key(dotted)}
+    used = {dotted: path for dotted, path in paths.items() if kind.accepts_override(dotted)}
     if key in used:
         return used[key]
     matches = [dotted for dotted in used if dotted.rsplit(".", 1)[-1] == key]

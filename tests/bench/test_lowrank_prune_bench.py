@@ -45,3 +45,22 @@ def test_unknown_parts_are_config_errors(tmp_path):
         lowrank.run_bench(True, tmp_path, parts=("speed",))
     with pytest.raises(ConfigError, match="unknown part"):
         prune.run_bench(True, tmp_path, parts=("cnn",))
+
+
+def test_lowrank_rows_are_added_with_their_last_seed_and_ratios_to_full(monkeypatch):
+    flops = {"full": 100.0, "lowrank": 60.0, "dra": 65.0}
+
+    def run_arm(arm, seed, quick, tmp):
+        return {"accuracy": 0.9 - 0.01 * seed, "train_time_s": flops[arm] / 10, "phases": ["full"],
+                "phase_macs": {"full": 1}, "train_flops": flops[arm], "phase_step_s": {"full": 0.1},
+                "erank": [3.0, 2.0], "trainable_params": 7}  # fmt: skip
+
+    monkeypatch.setattr(lowrank, "run_arm", run_arm)
+    added = []
+    rows = lowrank.arm_rows(("full", "lowrank", "dra"), 2, True, lambda m: None, add=added.append)
+    assert added == rows and [r["method"] for r in rows] == ["full", "lowrank", "dra"]
+    ratios = {r["method"]: (r["extra"]["flops_ratio_to_full"], r["extra"]["time_ratio_to_full"]) for r in rows}
+    assert ratios == {"full": (1.0, 1.0), "lowrank": (0.6, 0.6), "dra": (0.65, 0.65)}
+    assert rows[0]["metric"] == pytest.approx(0.895) and rows[0]["seeds"] == 2
+    svd = lowrank.arm_rows(("dra-svd",), 1, True, lambda m: None)  # no full-rank arm: no ratios
+    assert "flops_ratio_to_full" not in svd[0]["extra"]

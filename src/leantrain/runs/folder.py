@@ -99,7 +99,7 @@ def check_resumable(cfg: RunConfig, saved: RunConfig | None = None) -> None:
     may change (what the run computes must stay what it was)."""
     saved = saved or saved_config(Path(cfg.resume))
     allowed = resumable_keys(saved)
-    changed = sorted(_diff(config_mod.to_dict(saved), config_mod.to_dict(cfg)) - set(allowed))
+    changed = sorted(_diff(config_mod.to_dict(saved, True), config_mod.to_dict(cfg, True)) - set(allowed))
     if changed:
         raise ConfigError(
             f"resume={cfg.resume}: the config differs from the saved run in {', '.join(changed)}; only "

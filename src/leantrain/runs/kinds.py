@@ -35,9 +35,13 @@ class RunKind:
 
     def uses_key(self, dotted: str) -> bool:
         """Whether a recipe of this kind reads the config key ``dotted`` (e.g. "optim.lr", "seed")."""
-        if dotted in COMMON_KEYS or any(k.selector == dotted for k in RUN_KINDS.values()):
+        if dotted in COMMON_KEYS or dotted == self.selector:
             return True
         return any(dotted == use or dotted.startswith(f"{use}.") for use in self.uses)
+
+    def accepts_override(self, dotted: str) -> bool:
+        """Keys a recipe of this kind may be given: the ones it reads, and the selectors that change its kind."""
+        return self.uses_key(dotted) or any(k.selector == dotted for k in RUN_KINDS.values())
 
 
 RUN_KINDS: dict[str, RunKind] = {}
