@@ -48,7 +48,7 @@ def test_unknown_parts_are_config_errors(tmp_path):
 
 
 def test_lowrank_rows_are_added_with_their_last_seed_and_ratios_to_full(monkeypatch):
-    flops = {"full": 100.0, "lowrank": 60.0, "dra": 65.0}
+    flops = {"full": 100.0, "lowrank": 60.0, "dra": 65.0, "dra-svd": 65.0}
 
     def run_arm(arm, seed, quick, tmp):
         return {"accuracy": 0.9 - 0.01 * seed, "train_time_s": flops[arm] / 10, "phases": ["full"],

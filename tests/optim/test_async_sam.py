@@ -9,6 +9,7 @@ from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.optim import SAM
+from leantrain.optim.ascent_worker import AscentProcessError
 from leantrain.optim.async_sam import AsyncSAM
 
 
@@ -258,8 +259,11 @@ def test_two_process_auto_batch_size_and_worker_failure():
     model = _dropout_model()
     opt = AsyncSAM(model.parameters(), lr=0.1, model=model, ascent=Ascent(bad_loss, rows, batch_size=8),
                    mode="two_process")  # fmt: skip
-    with pytest.raises(LeantrainError, match="boom in the ascent"):
+    with pytest.raises(
+        AscentProcessError, match="^AsyncSAM's ascent process failed: RuntimeError: boom in the ascent$"
+    ) as err:
         _train(model, opt, rows, steps=3)
+    assert err.value.details.startswith("Traceback") and "bad_loss" in err.value.details  # kept for the crash report
     assert opt._worker.process is None
 
 

@@ -110,8 +110,8 @@ def test_a_key_the_recipe_kind_ignores_is_an_error_naming_the_key_that_applies(r
 @pytest.mark.parametrize(
     "recipe, leaf, path",
     [("qmix-climbing", "lr", "marl.lr"), ("quickstart", "lr", "optim.lr"), ("fedavg-fashion-mnist", "lr", "optim.lr"),
-     ("qmix-climbing", "eval_every", "marl.eval_every"), ("fedavg-fashion-mnist", "eval_every", "federated.eval_every"),
-     ("quickstart", "eval_every", "train.eval_every"), ("qmix-climbing", "max_steps", "marl.max_steps"),
+     ("qmix-climbing", "eval_every", "marl.eval_every"), ("quickstart", "eval_every", "train.eval_every"),
+     ("fedavg-fashion-mnist", "eval_every", "federated.eval_every"), ("qmix-climbing", "max_steps", "marl.max_steps"),
      ("quickstart", "checkpoint_every", "train.checkpoint_every"),
      ("fedavg-fashion-mnist", "checkpoint_every", "federated.checkpoint_every")],
 )  # fmt: skip
