@@ -72,8 +72,8 @@ def test_a_concurrent_reader_never_sees_a_torn_file(tmp_path):
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        for i in range(150):  # rows of ~20 KB each: a file of several MB rewritten 150 times
-            results.add(row(f"m{i}", curve=list(range(2000))))
+        for i in range(100):  # rows of ~4 KB each: a file growing to ~400 KB, rewritten 100 times
+            results.add(row(f"m{i}", curve=list(range(500))))
     finally:
         done.set()
         thread.join()
