@@ -14,9 +14,9 @@ from leantrain.train.metric_loggers import csv_name, read_jsonl
 
 SMALL = {
     "supervised": ("var-mlp-digits", ["train.max_steps=30", "train.log_every=10", "prune.eval_sparsities=[]"], "step"),
-    "federated": ("fedavg-fashion-mnist", ["data.dataset=digits", "model.channels=[4,8]", "federated.rounds=3", "federated.num_clients=4",
-                                           "federated.clients_per_round=2", "federated.local_steps=2",
-                                           "federated.eval_every=1"], "round"),
+    "federated": ("fedavg-fashion-mnist", ["data.dataset=digits", "model.channels=[4,8]", "federated.rounds=3",
+                                           "federated.num_clients=4", "federated.clients_per_round=2",
+                                           "federated.local_steps=2", "federated.eval_every=1"], "round"),
     "marl": ("qmix-climbing", ["marl.max_steps=120", "marl.eval_every=60", "marl.test_episodes=2",
                                "marl.log_every_episodes=8"], "t_env"),
 }  # fmt: skip
