@@ -10,17 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from leantrain.errors import ConfigError
+from leantrain.registry import Registry
 
 LearnerBuilder = Callable[..., object]  # (cfg, mac, learner_config, runner) -> learner
-LEARNERS: dict[str, LearnerBuilder] = {}
-
-
-def register_learner(name: str) -> Callable[[LearnerBuilder], LearnerBuilder]:
-    def add(builder: LearnerBuilder) -> LearnerBuilder:
-        LEARNERS[name] = builder
-        return builder
-
-    return add
+LEARNERS: Registry[LearnerBuilder] = Registry("MARL learner")
+register_learner = LEARNERS.register
 
 
 @register_learner("qmix")
@@ -69,7 +63,4 @@ def wolfpack_config(options: dict):
 
 def build_learner(cfg, mac, lc, runner):
     """The learner ``cfg.marl.algo`` names."""
-    algo = cfg.marl.algo
-    if algo not in LEARNERS:
-        raise ConfigError(f"unknown MARL learner {algo!r}; choose from: {', '.join(LEARNERS)}")
-    return LEARNERS[algo](cfg, mac, lc, runner)
+    return LEARNERS.pick(cfg.marl.algo)(cfg, mac, lc, runner)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from leantrain.registry import Registry
+
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
@@ -29,15 +31,8 @@ class OptimizerRequest:
 
 
 OptimizerBuilder = Callable[[OptimizerRequest], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, OptimizerBuilder] = {}
-
-
-def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
-    def add(builder: OptimizerBuilder) -> OptimizerBuilder:
-        OPTIMIZERS[name] = builder
-        return builder
-
-    return add
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
+register_optimizer = OPTIMIZERS.register
 
 
 def base_kwargs(o, base: str) -> dict:
@@ -90,8 +85,4 @@ def _mlbfgs(r: OptimizerRequest) -> torch.optim.Optimizer:
 
 
 def build_optimizer(request: OptimizerRequest, name: str) -> torch.optim.Optimizer:
-    from leantrain.errors import ConfigError
-
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](request)
+    return OPTIMIZERS.pick(name)(request)
