@@ -232,10 +232,9 @@ def run_curve(name: str, data: dict, seed: int, lr: float, iterations: int, eval
 
 
 def curve_rows(seeds: int, quick: bool, log=default_log, *, iterations: int | None = None, add=discard) -> list[dict]:
-    """One row per optimizer on the ill-conditioned digits MLP (see the module docstring for the setting).
+    """One row per optimizer on the ill-conditioned digits MLP (setting: the module docstring).
 
-    A row is finished (and passed to ``add``) with its last seed; SGD runs first, so the threshold (SGD's median
-    final loss) is known by then.
+    A row goes to ``add`` with its last seed; SGD runs first, so its median final loss (the threshold) is known.
     """
     torch.set_num_threads(1)
     iterations = iterations or (QUICK_ITERATIONS if quick else ITERATIONS)
@@ -332,7 +331,7 @@ def steptime_rows(repeats: int, steps: int, log=default_log, *, update_freq: int
                   add=discard) -> list[dict]:  # fmt: skip
     """Median optimizer-step time (forward, backward, step) on the recipe CNN, interleaved, ratio to SGD.
 
-    A row is finished (and passed to ``add``) in the last repeat, SGD's first.
+    A row goes to ``add`` in the last repeat, SGD's first.
     """
     from leantrain.train.tasks import ClassificationTask
 

@@ -45,6 +45,7 @@ class BenchResults:
         self._write()
 
     def add_rows(self, rows: list[dict]) -> None:
+        """Several rows finished together (one rewrite)."""
         self.rows += rows
         self._write()
 
@@ -102,8 +103,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def log(msg: str) -> None:
-    """Progress of a benchmark, on stderr (stdout carries the tables)."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress of a benchmark, on stderr (stdout carries the tables).
+
+    One write per line, so lines from parallel workers (threads or processes) do not interleave mid-line.
+    """
+    sys.stderr.write(f"{msg}\n")
+    sys.stderr.flush()
 
 
 @contextmanager
@@ -127,7 +132,7 @@ class Progress:
         self._count = itertools.count(1)  # next() on it is atomic: parts that run units on threads share one
 
     def unit(self, what: str):
-        """Context manager around one unit (``with steps.unit(f"{name} seed {seed}"):``)."""
+        """Context manager around one unit (``with units.unit(f"{name} seed {seed}"):``)."""
         return progress(f"{self.label}: {what}", next(self._count), self.total)
 
 
