@@ -160,3 +160,20 @@ def test_ctrl_c_compress_writes_nothing(tmp_path):
     assert code == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: nothing was written")
     assert not (tmp_path / "small").exists()
+
+
+def test_ctrl_c_attack_writes_nothing(tmp_path):
+    from leantrain.config import resolve
+    from leantrain.runs.launch import run
+
+    overrides = ["marl.max_steps=64", "marl.eval_every=32", "marl.test_episodes=2", "progress=none",
+                 f"output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    run_dir = run(resolve("qmix-climbing", overrides)).run_dir
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    proc = _start(["attack", str(run_dir), "--episodes", "1000000", "--fit-episodes", "1000000", "--followups", "1"],
+                  tmp_path)  # fmt: skip
+    time.sleep(4)
+    code, _, err = _ctrl_c(proc)
+    assert code == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"interrupted: nothing was written ({run_dir} is unchanged)"
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
