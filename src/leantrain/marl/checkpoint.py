@@ -4,7 +4,7 @@ A checkpoint (``checkpoints/step-<t_env>/``, written after every periodic test t
 :func:`leantrain.train.checkpoint.save_state_checkpoint`, atomically) holds the learner's networks, optimizer
 states and counters, the filled part of the replay, every runner's episode counter and random generator (and
 its hook's: S2Q's behaviour, the Wolfpack attack), torch's generator, the shifting game's episode clock and the
-loop's counters. ``leantrain run <recipe> resume=<run folder>`` then continues as if never stopped: the final
+loop's counters. ``leantrain run resume=<run folder>`` then continues as if never stopped: the final
 networks and the metrics are the same as an uninterrupted run's (tested), and ``marl.max_steps`` may be raised.
 """
 

@@ -6,8 +6,10 @@ replay (once it holds that many). Every ``eval_every`` steps it runs ``test_epis
 folder holds ``config.yaml``, ``metrics.jsonl`` (``train`` records: t_env, episodes, return, epsilon, loss;
 ``test`` records: greedy return, and for WALL the return under the attack), ``summary.json`` and
 ``model.safetensors`` (the learner's networks, rewritten at every test) and ``checkpoints/`` (the full state after
-the latest test: ``resume=<run folder>`` continues exactly, see :mod:`leantrain.marl.checkpoint`;
-``marl.pretrained_policy=<run folder>`` instead starts a new run from its policy, a warm start).
+the latest test, every ``checkpoint_every`` environment steps if set, and where Ctrl-C stopped the run, which
+finishes the batch of episodes in flight first): ``leantrain run resume=<run folder>`` continues exactly, see
+:mod:`leantrain.marl.checkpoint`; ``marl.pretrained_policy=<run folder>`` instead starts a new run from its policy,
+a warm start).
 """
 
 from __future__ import annotations
