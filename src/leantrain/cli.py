@@ -1,6 +1,9 @@
 """The ``leantrain`` command: list | run | report | plot | compress | attack | bench.
 
-Errors a user can cause print one line on stderr and exit with code 2 (never a traceback).
+Exit codes: 0 done; 2 a problem the user can fix (one ``error:`` line on stderr); 130 interrupted by Ctrl-C (one
+``interrupted:`` line saying what was kept and how to continue); 1 a bug (one line pointing to a file with the full
+traceback, never a traceback on the terminal). Progress goes to stderr, results to stdout. Heavy imports happen
+inside the commands, so ``--help``, ``list`` and argument errors answer at once.
 """
 
 from __future__ import annotations
