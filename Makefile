@@ -12,15 +12,16 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-slow bench lint install system-data clean
 
-# The main job: full fine-tuning, LoRA, GEM and PaCA on MiniLM + tweet sentiment, same data and steps
-# (1,600 tweets, 100 steps each), then one table of the four runs.
+# The main job: full fine-tuning, LoRA, GEM and PaCA on MiniLM + tweet sentiment, the shipped recipes as they are
+# (same data and steps: 1,600 tweets, 100 steps; each method at its own learning rate, chosen on validation by
+# `leantrain bench finetune`), then one table (trainable %, test accuracy, median step time, peak memory) and one
+# line per PEFT method saying whether it came within 4 points of full fine-tuning.
 DEMO_OUT := runs/demo
-DEMO_ARGS := data.train_subset=1600 data.eval_subset=600 train.log_every=25 output_dir=$(DEMO_OUT)
 
 demo: install system-data
 	rm -rf $(DEMO_OUT)
-	for method in full lora gem paca; do $(BIN)/leantrain run $$method-minilm-tweets $(DEMO_ARGS) || exit 1; done
-	$(BIN)/leantrain report $(DEMO_OUT)/*
+	for method in full lora gem paca; do $(BIN)/leantrain run $$method-minilm-tweets output_dir=$(DEMO_OUT) || exit 1; done
+	$(BIN)/leantrain report $(DEMO_OUT)/* --baseline full-minilm-tweets --tolerance 0.04
 
 test: install system-data lint
 	$(BIN)/python -m pytest -q

@@ -79,11 +79,21 @@ def run(
 
 
 @app.command()
-def report(run_dirs: Annotated[list[Path], typer.Argument(help="run folders")]) -> None:
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders")],
+    baseline: Annotated[
+        str | None, typer.Option(help="compare every run's test metric with this run (recipe or folder name)")
+    ] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="with --baseline: say for each run whether it is within this gap")
+    ] = None,
+) -> None:
     """Print a table of the final metrics of one or more runs (unfinished runs: their progress so far)."""
     from leantrain.runs.report import print_report
 
-    print_report(run_dirs)
+    if tolerance is not None and baseline is None:
+        raise LeantrainError("--tolerance needs --baseline (the run to compare with)")
+    print_report(run_dirs, baseline, tolerance)
 
 
 @app.command()

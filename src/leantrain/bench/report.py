@@ -49,9 +49,14 @@ class BenchResults:
         self.rows += rows
         self._write()
 
+    def set_extra(self, key: str, value) -> None:
+        """A top-level field that grows while the benchmark runs (e.g. a learning-rate grid); rewritten now."""
+        self.extra[key] = value
+        self._write()
+
     def finish(self, extra: dict) -> Path:
         """Write the complete document with ``extra``'s top-level fields and return its path."""
-        self.extra, self.complete = extra, True
+        self.extra, self.complete = {**self.extra, **extra}, True
         self._write()
         return self.path
 

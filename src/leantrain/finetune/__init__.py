@@ -18,6 +18,8 @@ _LAZY = {
     "compute_gem_masks": "leantrain.finetune.gem",
     "GemMaskResult": "leantrain.finetune.gem",
     "PacaLinear": "leantrain.finetune.paca",
+    "PacaPeftLinear": "leantrain.finetune.peft_tuners.paca",
+    "default_target_modules": "leantrain.finetune.target_modules",
 }
 
 __all__ = sorted(_LAZY)

@@ -9,9 +9,11 @@ budget of ``density * P`` entries is split across layers in proportion to s_l = 
 norm of the ratio map times the entropy of its normalised distribution, and each layer keeps its top-n_l entries of
 R. The mask is computed once, before training, and never changes.
 
-This module is plain PyTorch (no PEFT): :func:`compute_gem_masks` computes the masks, :class:`GemLinear` trains a
-sparse delta on one Linear, :func:`apply_gem_masks` wraps a model in place. The PEFT tuner lives in
-:mod:`leantrain.finetune.peft_tuners.gem`.
+This module is plain PyTorch (no PEFT): :func:`compute_gem_masks` computes the masks, :class:`GemSparseDeltaLinear`
+trains a sparse delta on one Linear, :func:`apply_gem_masks` wraps a model in place. The scoring rules, the official
+ablations and our floored variant live in :mod:`leantrain.finetune.gem_scores`, the head warm-up in
+:mod:`leantrain.finetune.gem_head_warmup`, mask diagnostics in :mod:`leantrain.finetune.gem_analysis`, the PEFT
+tuner in :mod:`leantrain.finetune.peft_tuners.gem`.
 
 Departures from the official code, on purpose:
 
@@ -24,13 +26,16 @@ Departures from the official code, on purpose:
   draws a separate seed-0 subset that can overlap the dev split), and target names are configurable (the
   official code is hard-wired to ``q_proj``/``v_proj``).
 - A layer's count is capped at its size (only reachable with ``budget_base="all_params"`` and a large density).
+- With ``modules_to_save`` (a new head), that head is first trained alone for ``head_warmup_steps`` steps, so the
+  scoring gradient flows through a trained head (the paper scores through its pretrained LM head; see
+  :mod:`leantrain.finetune.gem_head_warmup`). ``head_warmup_steps=0`` scores through the head as built.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +44,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
+from leantrain.finetune.gem_head_warmup import find_head_modules, warm_up_head
+from leantrain.finetune.gem_scores import (
+    ALLOCATIONS,
+    SCORES,
+    allocate_budget,  # noqa: F401  (re-exported: callers import it from here)
+    entry_scores,
+    layer_counts,
+    layer_score,
+    random_indices,
+    top_k_indices,
+)
 
 BUDGET_BASES = ("all_params", "target_params")
-ALLOCATIONS = ("norm_x_entropy", "proportional", "uniform")
-SCORES = ("grad_over_weight", "gradient", "random")
 GRAD_ACCUMULATIONS = ("signed_sum", "abs_sum")
 INITS = ("zeros", "copy")
 # The paper's targets are q/v projections; BERT-style models call them query/value.
@@ -82,7 +96,10 @@ class GemMaskConfig:
         metadata={
             "help": (
                 "How the budget is split over layers: 'norm_x_entropy' (paper: proportional to ||R||_F * H), "
-                "'proportional' (to layer size) or 'uniform' (equal counts)."
+                "'norm_x_entropy_softmax' (official temp_softmax, off there: (1 + s)^(1/10)), 'norm' (no "
+                "entropy: proportional to ||R||_F), 'uniform' (equal counts N // L; the official gradient_masking, "
+                "gradweight_masking and random_masking modes) or 'proportional' (ours: to layer size). See "
+                "leantrain.finetune.gem_scores."
             )
         },
     )
@@ -90,8 +107,21 @@ class GemMaskConfig:
         default="grad_over_weight",
         metadata={
             "help": (
-                "Entry score: 'grad_over_weight' (paper: |G|/(|W|+eps)), 'gradient' (ablation: |G|, used for the "
-                "allocation too) or 'random' (ablation: GEM's per-layer counts, random entries from random_seed)."
+                "Entry score R: 'grad_over_weight' (paper: |G|/(|W|+eps)), 'gradient' (ablation: |G|, used for "
+                "the allocation too), 'random' (ablation: random entries from random_seed, counts from the paper's "
+                "R) or 'grad_over_weight_floor' (ours: |G|/(max(|W|, weight_floor * mean|W_layer|)+eps)). The "
+                "official run modes are these with allocation/init as in gem_scores.OFFICIAL_MODES, e.g. "
+                "gradient_masking = score 'gradient' + allocation 'uniform'."
+            )
+        },
+    )
+    weight_floor: float = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "Ours, only for score='grad_over_weight_floor': c in the denominator max(|W|, c * mean|W_layer|), "
+                "a float >= 0. It caps R at |G| / (c * mean|W_layer|) so near-zero weights cannot dominate; 0 "
+                "gives the paper's rule. 0.1 floors the smallest few percent of a Gaussian-like layer."
             )
         },
     )
@@ -119,6 +149,20 @@ class GemMaskConfig:
         default=True,
         metadata={"help": "Run the gradient pass in train mode (dropout on), as the official code does."},
     )
+    head_warmup_steps: int = field(
+        default=20,
+        metadata={
+            "help": (
+                "Ours, not the paper's: before scoring, train only the modules_to_save (a new head) for this many "
+                "AdamW steps on the scoring batches, so the gradient flows through a trained head (the paper "
+                "scores through its pretrained LM head). An integer >= 0; 0, or no modules_to_save, turns it off."
+            )
+        },
+    )
+    head_warmup_lr: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate of the head warm-up (AdamW, no weight decay), a float > 0."},
+    )
 
     def __post_init__(self) -> None:
         self.validate_gem()
@@ -140,6 +184,13 @@ class GemMaskConfig:
                 raise ConfigError(f"{name}.{fname}={value!r} is invalid; accepted: one of {', '.join(choices)}")
         if not isinstance(self.eps, (int, float)) or not self.eps > 0:
             raise ConfigError(f"{name}.eps={self.eps!r} is invalid; accepted: a float > 0")
+        if not isinstance(self.weight_floor, (int, float)) or not 0.0 <= self.weight_floor < math.inf:
+            raise ConfigError(f"{name}.weight_floor={self.weight_floor!r} is invalid; accepted: a float >= 0")
+        steps = self.head_warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"{name}.head_warmup_steps={steps!r} is invalid; accepted: an integer >= 0")
+        if not isinstance(self.head_warmup_lr, (int, float)) or not 0.0 < self.head_warmup_lr < math.inf:
+            raise ConfigError(f"{name}.head_warmup_lr={self.head_warmup_lr!r} is invalid; accepted: a float > 0")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
 
@@ -150,10 +201,13 @@ class GemMaskResult:
 
     indices: dict[str, torch.Tensor]  # name -> (n_l,) int32, sorted
     counts: dict[str, int]  # name -> n_l
-    scores: dict[str, float]  # name -> s_l (allocation weight); nan/inf for skipped layers
+    scores: dict[str, float]  # name -> s_l = ||R||_F * H, whatever the allocation; nan/inf for skipped layers
     budget: int  # N_total
     budget_base_params: int  # P the density was applied to
     skipped: list[str] = field(default_factory=list)  # layers with a non-finite score (no budget)
+    # the accumulated G of the scoring pass (name -> fp32, the weight's shape), for mask_statistics
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    head_warmup_losses: list[float] = field(default_factory=list)  # one per warm-up step; empty without warm-up
 
     def mask(self, name: str, shape: torch.Size) -> torch.Tensor:
         """Dense bool mask of layer ``name`` with the weight's ``shape``."""
@@ -194,6 +248,12 @@ def find_target_linears(model: nn.Module, targets: list[str] | str | None) -> di
 
 def default_gem_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``out.loss`` when the model returns one, else cross-entropy of the logits against ``batch['labels']``."""
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+        raise ConfigError(
+            f"GEM scoring batches must be dicts with a 'labels' entry for the default loss (got {got}); add the "
+            "labels to the batches or pass loss_fn(model, batch) -> loss"
+        )
     out = model(batch["x"]) if "x" in batch else model(**batch)
     loss = getattr(out, "loss", None)
     if loss is not None:
@@ -201,6 +261,26 @@ def default_gem_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     logits = getattr(out, "logits", out)
     labels = batch["labels"]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def scoring_loss(loss_fn: LossFn | None) -> LossFn:
+    """``loss_fn`` (default :func:`default_gem_loss`), turning a key the batches lack into a :class:`ConfigError`."""
+    if loss_fn is None:
+        return default_gem_loss
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        try:
+            return loss_fn(model, batch)
+        except KeyError as err:
+            key = err.args[0] if err.args else None
+            if not isinstance(batch, Mapping) or key in batch:
+                raise
+            raise ConfigError(
+                f"GEM scoring batches lack the entry {key!r} that loss_fn reads (they have {sorted(batch)}); pass "
+                "batches that contain it"
+            ) from None
+
+    return loss
 
 
 def accumulate_gradients(
@@ -253,32 +333,7 @@ def accumulate_gradients(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scores, allocation, selection
-
-
-def layer_score(R: torch.Tensor, eps: float) -> float:
-    """s = ||R||_F * H(p), p = R / sum R, H = -sum p log(p + eps) (natural log); float64 sums."""
-    r = R.double().flatten()
-    p = r / r.sum()
-    entropy = -(p * torch.log(p + eps)).sum()
-    return float(torch.linalg.vector_norm(r) * entropy)
-
-
-def allocate_budget(budget: int, weights: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
-    """n_l = floor(budget * w_l / sum w) over finite weights (official ``int(N * b_l)``), capped at layer size."""
-    finite = {n: w for n, w in weights.items() if math.isfinite(w)}
-    total = sum(finite.values())
-    if not finite or not total > 0:
-        raise LeantrainError(f"GEM allocation: no layer has a finite positive score ({weights})")
-    return {n: min(int(budget * (finite[n] / total)), sizes[n]) if n in finite else 0 for n in weights}
-
-
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted int32 flat positions of exactly ``k`` largest entries (ties broken by torch.topk)."""
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.int32, device=scores.device)
-    idx = torch.topk(scores.flatten(), k, sorted=False).indices
-    return torch.sort(idx).values.to(torch.int32)
+# Masks
 
 
 def compute_gem_masks(
@@ -286,21 +341,33 @@ def compute_gem_masks(
     dataloader: Iterable[dict[str, torch.Tensor]],
     config: Any = None,
     loss_fn: LossFn | None = None,
+    head_modules: Sequence[str] | None = None,
 ) -> GemMaskResult:
     """GEM masks for the target Linear layers of ``model`` from one gradient pass over ``dataloader``.
 
     ``config`` is a :class:`GemMaskConfig` (or the PEFT ``GemConfig``, which extends it); ``loss_fn(model, batch)``
-    defaults to :func:`default_gem_loss`. The model's weights, requires_grad flags, grads and mode are unchanged.
+    defaults to :func:`default_gem_loss`. ``head_modules`` (default: the config's ``modules_to_save``) are trained
+    alone for ``config.head_warmup_steps`` steps first and stay trained; everything else (weights, requires_grad
+    flags, grads, train/eval mode) is left as found.
     """
     config = config if config is not None else GemMaskConfig()
     targets = find_target_linears(model, config.target_modules)
+    loss = scoring_loss(loss_fn)
+    head_names = head_modules if head_modules is not None else getattr(config, "modules_to_save", None)
+    warmup_losses: list[float] = []
+    if head_names and config.head_warmup_steps > 0:
+        dataloader = dataloader if isinstance(dataloader, (list, tuple)) else list(dataloader)  # iterated twice
+        heads = find_head_modules(model, list(head_names))
+        warmup_losses = warm_up_head(
+            model, dataloader, heads, config.head_warmup_steps, config.head_warmup_lr, loss, config.score_train_mode
+        )
     # fp32 snapshot: in half precision many small weights round to 0 and would dominate R.
     W0 = {n: m.weight.detach().float().clone() for n, m in targets.items()}
     G = accumulate_gradients(
         model,
         dataloader,
         targets,
-        loss_fn or default_gem_loss,
+        loss,
         absolute=config.grad_accumulation == "abs_sum",
         train_mode=config.score_train_mode,
     )
@@ -310,34 +377,20 @@ def compute_gem_masks(
         base_params = sum(w.numel() for w in W0.values())
     budget = int(config.density * base_params)
 
-    if config.score == "gradient":
-        R = {n: G[n].abs() for n in W0}
-    else:
-        R = {n: G[n].abs() / (W0[n].abs() + config.eps) for n in W0}
+    R = entry_scores(G, W0, config.score, config.eps, config.weight_floor)
     scores = {n: layer_score(r, config.eps) for n, r in R.items()}
-    sizes = {n: w.numel() for n, w in W0.items()}
-    skipped = [n for n, s in scores.items() if not math.isfinite(s)]
-    if config.allocation == "norm_x_entropy":
-        weights = scores
-    elif config.allocation == "proportional":
-        weights = {n: float(sizes[n]) if n not in skipped else math.nan for n in sizes}
-    else:
-        weights = {n: 1.0 if n not in skipped else math.nan for n in sizes}
-    counts = allocate_budget(budget, weights, sizes)
+    counts = layer_counts(config.allocation, budget, R, scores)
     if sum(counts.values()) == 0:
         raise LeantrainError(
             f"GEM density={config.density} gives a budget of {budget} entries, too few for any target layer; "
             "raise the density"
         )
-
     if config.score == "random":
-        gen = torch.Generator().manual_seed(int(config.random_seed))
-        indices = {
-            n: torch.sort(torch.randperm(sizes[n], generator=gen)[: counts[n]]).values.to(torch.int32) for n in sizes
-        }
+        indices = random_indices(counts, {n: r.numel() for n, r in R.items()}, config.random_seed)
     else:
         indices = {n: top_k_indices(r, counts[n]).cpu() for n, r in R.items()}
-    return GemMaskResult(indices, counts, scores, budget, base_params, skipped)
+    skipped = [n for n, s in scores.items() if not math.isfinite(s)]
+    return GemMaskResult(indices, counts, scores, budget, base_params, skipped, G, warmup_losses)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,13 +410,13 @@ def init_values(weight: torch.Tensor, indices: torch.Tensor, init: str) -> torch
     return torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
 
 
-class GemLinear(nn.Module):
+class GemSparseDeltaLinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable sparse delta at fixed flat positions: y = x (W + S(values))^T + b."""
 
     def __init__(self, base: nn.Linear, indices: torch.Tensor, init: str = "zeros") -> None:
         super().__init__()
         if init not in INITS:
-            raise ConfigError(f"GemLinear init={init!r} is invalid; accepted: one of {', '.join(INITS)}")
+            raise ConfigError(f"GemSparseDeltaLinear init={init!r} is invalid; accepted: one of {', '.join(INITS)}")
         self.base = base
         base.requires_grad_(False)
         self.register_buffer("gem_indices", indices.to(device=base.weight.device, dtype=torch.int32))
@@ -398,12 +451,12 @@ class GemLinear(nn.Module):
 
 
 def apply_gem_masks(model: nn.Module, masks: GemMaskResult, init: str = "zeros") -> nn.Module:
-    """Replace each masked Linear of ``model`` by a :class:`GemLinear` in place; freeze everything else."""
+    """Replace each masked Linear of ``model`` by a :class:`GemSparseDeltaLinear` in place; freeze everything else."""
     model.requires_grad_(False)
     for name, idx in masks.indices.items():
         if idx.numel() == 0:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GemLinear(getattr(parent, child), idx, init=init))
+        setattr(parent, child, GemSparseDeltaLinear(getattr(parent, child), idx, init=init))
     return model

@@ -213,6 +213,9 @@ def _delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 class PacaLinear(nn.Module):
     """An ``nn.Linear`` whose ``r`` input columns ``paca_indices`` are fine-tuned through ``paca_delta``.
 
+    Plain PyTorch, one adapter, no PEFT. The PEFT tuner layer is
+    :class:`leantrain.finetune.peft_tuners.paca.PacaPeftLinear`.
+
     Args:
         base: the pretrained layer; its weight (and bias) are frozen.
         r: number of trained input columns, in [1, in_features].

@@ -152,8 +152,10 @@ def _summary_row(run: RunFolder) -> dict:
     row[kind.progress] = progress if progress is not None else run.last_position()
     if s.get("error"):
         row["error"] = s["error"]
-    for key in ("trainable_params", "train_time_s", "wall_time_s"):
-        row[key] = s.get(key)
+    for key in ("trainable_params", "trainable_pct", "step_time_s_median", "peak_rss_mb", "train_time_s",
+                "wall_time_s"):  # fmt: skip
+        if key in s or key in ("trainable_params", "train_time_s", "wall_time_s"):
+            row[key] = s.get(key)
     # An interrupted or diverged run has no final metrics: its last logged evaluation stands in.
     row.update(s.get("final") or last_eval(run))
     return row
@@ -178,12 +180,16 @@ def last_eval(run: RunFolder) -> dict:
     return {names.get(k, f"{split}_{k}"): v for k, v in last.items() if k not in skip and _is_number(v)}
 
 
-def print_report(run_dirs: list[Path]) -> None:
-    """Print the rows as a rich table on stdout (notes on skipped and incomplete runs go to stderr)."""
+def print_report(run_dirs: list[Path], baseline: str | None = None, tolerance: float | None = None) -> None:
+    """Print the rows as a rich table on stdout (notes on skipped and incomplete runs go to stderr).
+
+    With ``baseline`` (a run's recipe name or folder name) every run's main test metric is compared with the
+    baseline's: a column of the differences, and one verdict line per run when ``tolerance`` is given."""
     from rich.console import Console
     from rich.table import Table
 
     rows = report_rows(run_dirs)
+    verdicts = compare_to_baseline(rows, run_dirs, baseline, tolerance) if baseline else []
     columns = list(dict.fromkeys(k for row in rows for k in row))
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     table = Table(*columns)
@@ -192,6 +198,45 @@ def print_report(run_dirs: list[Path]) -> None:
     # Wide enough that no cell wraps, whatever the terminal (a table is read whole or piped to a file).
     width = sum(max(len(c), *(len(line[i]) for line in cells)) + 3 for i, c in enumerate(columns)) + 1
     Console(width=width).print(table)
+    for line in verdicts:
+        print(line)
+
+
+# Metrics where smaller is better; every other test metric (accuracy, return) is better when larger.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def compare_to_baseline(rows: list[dict], run_dirs: list[Path], baseline: str, tolerance: float | None) -> list[str]:
+    """Add ``vs <baseline>`` (this run's test metric minus the baseline's) to each row; verdict lines if
+    ``tolerance`` is given: within it, or how far behind (a run that fell short is said so, never hidden)."""
+    names = {Path(d).name: _recipe_name(Path(d)) for d in run_dirs}
+    base = [r for r in rows if baseline in (r["run"], names.get(r["run"]))]
+    if not base:
+        raise LeantrainError(f"--baseline {baseline!r} is none of the reported runs ({', '.join(names.values())})")
+    metric = next((k for k in base[0] if k.startswith("test_") and not k.endswith("_loss")), None)
+    if metric is None or not _is_number(base[0][metric]):
+        raise LeantrainError(f"--baseline {baseline!r} has no final test metric to compare with")
+    sign = -1 if metric.removeprefix("test_") in LOWER_IS_BETTER else 1
+    column, lines = f"vs {baseline}", []
+    for row in rows:
+        value = row.get(metric)
+        if not _is_number(value) or row is base[0]:
+            continue
+        gap = sign * (value - base[0][metric])
+        row[column] = value - base[0][metric]
+        if tolerance is not None:
+            verdict = "within" if gap >= -tolerance else "NOT within"
+            lines.append(f"{names.get(row['run'], row['run'])}: {metric} {value:.4f} vs {base[0][metric]:.4f} "
+                         f"({gap:+.4f}): {verdict} {tolerance:g} of {baseline}")  # fmt: skip
+    return lines
+
+
+def _recipe_name(run_dir: Path) -> str | None:
+    path = run_dir / "config.yaml"
+    try:
+        return (yaml.safe_load(path.read_text()) or {}).get("name") if path.is_file() else None
+    except yaml.YAMLError:
+        return None
 
 
 def _cell(value, limit: int = 60) -> str:

@@ -125,8 +125,15 @@ def _close(optimizer, summary: dict) -> None:
 
 
 def _finish(run_dir: Path, summary: dict, trainer: Trainer, status: str, started: float, logger, progress) -> None:
+    import resource
+    import statistics
+
     progress.close()
     logger.close()
+    if trainer.step_times:
+        summary["step_time_s_median"] = round(statistics.median(trainer.step_times), 5)
+    # Peak resident memory of this process (Linux reports KiB): the run's whole footprint, model and data included.
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary.update(
         status=status,
         steps=trainer.state.step,
@@ -243,4 +250,4 @@ def _ascent(cfg: RunConfig, train, task):
 def _param_counts(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total_params": total, "trainable_params": trainable}
+    return {"total_params": total, "trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 4)}

@@ -111,6 +111,7 @@ class Trainer:
         self.should_stop = False
         self.last_checkpoint: Path | None = None
         self.last_val: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest evaluation
+        self.step_times: list[float] = []  # seconds of each optimizer step of this session (data loading included)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
@@ -185,6 +186,7 @@ class Trainer:
             for key, value in counts.items():
                 window[key] = window.get(key, 0.0) + value
             now = time.perf_counter()
+            self.step_times.append(now - tick)
             st.elapsed_s += now - tick
             window["seconds"] = window.get("seconds", 0.0) + now - tick
             if st.step % self.log_every == 0 or st.step == self.total_steps:

@@ -63,7 +63,8 @@ class GemConfig(PeftConfig, GemMaskConfig):
         metadata={
             "help": (
                 "Modules outside the GEM layers to train fully and save, e.g. ['classifier'] for a freshly "
-                "initialised head. The paper trains none (its budget counts only the masked entries)."
+                "initialised head. The paper trains none (its budget counts only the masked entries). Before "
+                "scoring they are warmed up alone for head_warmup_steps steps (ours)."
             )
         },
     )
@@ -106,8 +107,9 @@ class GemLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
 
-class GemLinear(nn.Module, GemLayer):
-    """GEM applied to a ``torch.nn.Linear``."""
+class GemPeftLinear(nn.Module, GemLayer):
+    """GEM's PEFT tuner layer on a ``torch.nn.Linear`` (multi-adapter; the PEFT-free wrapper is
+    :class:`leantrain.finetune.gem.GemSparseDeltaLinear`)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GemConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -163,7 +165,7 @@ class GemLinear(nn.Module, GemLayer):
 
 
 class GemModel(BaseTuner):
-    """PEFT tuner of GEM; each Linear named in ``GemConfig.layer_budgets`` with a count > 0 becomes a GemLinear."""
+    """PEFT tuner of GEM; each Linear named in ``GemConfig.layer_budgets`` with a count > 0 becomes a GemPeftLinear."""
 
     prefix: str = "gem_"
     tuner_layer_cls = GemLayer
@@ -190,7 +192,7 @@ class GemModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
             raise ConfigError(f"GEM supports nn.Linear targets only; {current_key!r} is {type(base).__name__}")
-        new_module = GemLinear(target, adapter_name, config, count=count, indices=indices)
+        new_module = GemPeftLinear(target, adapter_name, config, count=count, indices=indices)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an additional adapter is not trainable until activated
         self._replace_module(parent, target_name, new_module, target)
@@ -205,8 +207,11 @@ def apply_gem(
 ) -> PeftModel:
     """Compute GEM masks on ``dataloader`` and wrap ``model`` as a PEFT model training only those entries.
 
-    The returned config (``peft_model.peft_config[adapter_name]``) holds the resolved ``target_modules`` (the full
-    names of the scored layers) and ``layer_budgets``; the mask result is attached as ``peft_model.gem_masks``.
+    With ``modules_to_save`` and ``head_warmup_steps > 0`` those modules are first trained alone on ``dataloader``
+    (see :mod:`leantrain.finetune.gem_head_warmup`) and enter the adapter warmed up. The returned config
+    (``peft_model.peft_config[adapter_name]``) holds the resolved ``target_modules`` (the full names of the scored
+    layers) and ``layer_budgets``; the mask result, with the scoring pass's gradients, is attached as
+    ``peft_model.gem_masks`` (:func:`leantrain.finetune.gem_analysis.mask_statistics` reads it).
     """
     config = config if config is not None else GemConfig()
     find_target_linears(model, config.target_modules)  # clear error listing the Linear names before the pass

@@ -36,16 +36,9 @@ from leantrain.finetune.paca import (
     validate_paca_args,
 )
 from leantrain.finetune.peft_tuners.registration import add_peft_type, register_tuner
+from leantrain.finetune.target_modules import default_target_mapping
 
-__all__ = ["PacaConfig", "PacaLayer", "PacaLinearLayer", "PacaModel"]
-
-# Default targets when `target_modules` is None (the README example: every projection of the decoder block).
-PACA_DEFAULT_TARGETS = {
-    "bert": ["query", "key", "value"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+__all__ = ["PacaConfig", "PacaLayer", "PacaPeftLinear", "PacaModel"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -67,7 +60,8 @@ class PacaConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Names (suffix match) or a regex of the nn.Linear modules to adapt, e.g. ['query', 'value'], or "
-            "'all-linear'. None uses the per-architecture default when one is known."
+            "'all-linear' (the paper's README example). None uses LoRA's per-architecture default from PEFT's table "
+            "(bert: query/value; llama: q_proj/v_proj), the same as GemConfig."
         },
     )
     exclude_modules: list[str] | str | None = field(
@@ -129,7 +123,7 @@ class PacaConfig(PeftConfig):
 
 
 class PacaLayer(BaseTunerLayer):
-    """Per-adapter PaCA state on a wrapped ``nn.Linear``: ``paca_delta`` (trainable) and ``paca_indices`` (saved).
+    """PEFT tuner-layer mixin (like PEFT's ``LoraLayer``): per-adapter ``paca_delta`` (trainable), ``paca_indices``.
 
     With ``quantize="int8"`` the layer also owns ``paca_int8`` (the quantized frozen weight, shared by the layer, not
     keyed by adapter) and ``base_layer.weight`` is ``None`` except while an adapter is merged.
@@ -195,8 +189,11 @@ class PacaLayer(BaseTunerLayer):
         return self.paca_int8.dtype if self.paca_int8 is not None else self.get_base_layer().weight.dtype
 
 
-class PacaLinearLayer(nn.Module, PacaLayer):
-    """PaCA on a ``torch.nn.Linear`` base layer."""
+class PacaPeftLinear(nn.Module, PacaLayer):
+    """The PEFT tuner layer PaCA puts in place of a ``torch.nn.Linear`` (several adapters, merge, QPaCA).
+
+    Not to be confused with :class:`leantrain.finetune.paca.PacaLinear`, the plain-PyTorch wrapper without PEFT.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PacaConfig, module_name: str = "") -> None:
         super().__init__()
@@ -317,7 +314,7 @@ class PacaLinearLayer(nn.Module, PacaLayer):
 
 
 class PacaModel(BaseTuner):
-    """Wrap every targeted ``nn.Linear`` of ``model`` in a :class:`PacaLinearLayer` (use via ``get_peft_model``).
+    """Wrap every targeted ``nn.Linear`` of ``model`` in a :class:`PacaPeftLinear` (use via ``get_peft_model``).
 
     Example::
 
@@ -328,7 +325,15 @@ class PacaModel(BaseTuner):
 
     prefix: str = "paca_"
     tuner_layer_cls = PacaLayer
-    target_module_mapping = PACA_DEFAULT_TARGETS
+    target_module_mapping = default_target_mapping()  # LoRA's defaults, shared with GEM (finetune.target_modules)
+
+    def _prepare_adapter_config(self, peft_config: PacaConfig, model_config: dict) -> PacaConfig:
+        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
+            raise ConfigError(
+                f"PacaConfig.target_modules=None, and there is no default for model_type "
+                f"{model_config.get('model_type')!r}; pass target_modules (names, a regex, or 'all-linear')"
+            )
+        return super()._prepare_adapter_config(peft_config, model_config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:
@@ -350,10 +355,10 @@ class PacaModel(BaseTuner):
                 f"PaCA supports nn.Linear only; target {module_name!r} is {type(base).__name__}. "
                 "Remove it from PacaConfig.target_modules."
             )
-        return PacaLinearLayer(target, adapter_name, config, module_name)
+        return PacaPeftLinear(target, adapter_name, config, module_name)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
-        if isinstance(target, PacaLinearLayer):
+        if isinstance(target, PacaPeftLinear):
             target.update_layer(adapter_name, config, current_key)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key)

@@ -5,6 +5,9 @@ tuner needs the enum extended at run time. This module does that for the PEFT mi
 against (the enum internals it touches are private) and refuses others with a clear error, rather than
 half-registering. After registration, ``get_peft_model``, ``save_pretrained``, ``PeftModel.from_pretrained``
 and ``merge_and_unload`` work with our configs as with PEFT's own tuners.
+
+Registration also gives each tuner PEFT's post-injection hook a check that warns when a newly initialised head
+(e.g. a fresh ``classifier``) would stay frozen (:func:`leantrain.finetune.target_modules.warn_frozen_new_modules`).
 """
 
 from __future__ import annotations
@@ -54,4 +57,25 @@ def register_tuner(name: str, config_cls: type, model_cls: type, prefix: str) ->
     peft_type = add_peft_type(name)
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
         return
+    _add_new_head_check(model_cls)
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+
+
+def _add_new_head_check(model_cls: type) -> None:
+    """Run :func:`warn_frozen_new_modules` after the tuner's own ``_post_injection_hook`` (idempotent).
+
+    PEFT calls ``_post_injection_hook`` once the adapter layers and ``modules_to_save`` wrappers are in place, which
+    is the first moment it is known whether a new head is trained.
+    """
+    own_hook = model_cls._post_injection_hook
+    if getattr(own_hook, "_checks_new_heads", False):
+        return
+
+    def _post_injection_hook(self, model, config, adapter_name: str) -> None:
+        from leantrain.finetune.target_modules import warn_frozen_new_modules
+
+        own_hook(self, model, config, adapter_name)
+        warn_frozen_new_modules(model, config)
+
+    _post_injection_hook._checks_new_heads = True
+    model_cls._post_injection_hook = _post_injection_hook
