@@ -251,3 +251,30 @@ def test_plot_with_no_records_at_all_says_why(runs_of_every_status, tmp_path):
     no_metrics = make_run(tmp_path, "summary-only", CONFIGS["marl"], None, summary_of("marl", "failed"))
     with pytest.raises(LeantrainError, match="nothing to plot: no metrics.jsonl in the given runs"):
         plot_curves([no_metrics, runs_of_every_status["marl", "empty"]], "return")
+
+
+def _finetune_run(root: Path, name: str, accuracy: float, pct: float) -> Path:
+    summary = {"name": name, "kind": "supervised", "status": "completed", "steps": 100, "trainable_pct": pct,
+               "step_time_s_median": 0.3, "peak_rss_mb": 900.0,
+               "final": {"val_accuracy": accuracy, "test_loss": 0.8, "test_accuracy": accuracy}}  # fmt: skip
+    return make_run(root, f"{name}-20261207-000000", {"name": name}, [], summary)
+
+
+def test_report_against_a_baseline_says_which_runs_fall_short(tmp_path, capsys):
+    runs = [_finetune_run(tmp_path, "full-minilm-tweets", 0.72, 100.0), _finetune_run(tmp_path, "lora", 0.70, 0.33),
+            _finetune_run(tmp_path, "gem", 0.64, 0.1)]  # fmt: skip
+    code, out, err = run_cli(capsys, "report", *map(str, runs), "--baseline", "full-minilm-tweets", "--tolerance",
+                             "0.04")  # fmt: skip
+    assert code == 0, err
+    assert "trainable_pct" in out and "step_time_s_median" in out and "peak_rss_mb" in out
+    lines = [line for line in out.splitlines() if "of full-minilm-tweets" in line]
+    assert lines == [
+        "lora: test_accuracy 0.7000 vs 0.7200 (-0.0200): within 0.04 of full-minilm-tweets",
+        "gem: test_accuracy 0.6400 vs 0.7200 (-0.0800): NOT within 0.04 of full-minilm-tweets",
+    ]
+
+
+def test_report_baseline_that_is_not_among_the_runs(tmp_path, capsys):
+    run = _finetune_run(tmp_path, "lora", 0.70, 0.33)
+    code, _, err = run_cli(capsys, "report", str(run), "--baseline", "full")
+    assert code == 2 and err.startswith("error: --baseline 'full' is none of the reported runs (lora)")
