@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -67,12 +68,15 @@ def apply_method(
     config = make_method_config(method, options)
     if config is None:
         return model
-    if method == "gem":
-        from leantrain.finetune.peft_tuners.gem import apply_gem
+    with warnings.catch_warnings():
+        # PEFT reads a transformers attribute that transformers 5 deprecates; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if method == "gem":
+            from leantrain.finetune.peft_tuners.gem import apply_gem
 
-        if score_batches is None:
-            raise ConfigError("finetune.method=gem needs training batches for its gradient pass")
-        return apply_gem(model, score_batches, config, loss_fn=loss_fn)
-    import peft
+            if score_batches is None:
+                raise ConfigError("finetune.method=gem needs training batches for its gradient pass")
+            return apply_gem(model, score_batches, config, loss_fn=loss_fn)
+        import peft
 
-    return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, config)
