@@ -79,4 +79,8 @@ def apply_method(
             return apply_gem(model, score_batches, config, loss_fn=loss_fn)
         import peft
 
-        return peft.get_peft_model(model, config)
+        from leantrain.finetune.target_modules import warn_frozen_new_modules
+
+        peft_model = peft.get_peft_model(model, config)
+        warn_frozen_new_modules(peft_model, config)
+        return peft_model
