@@ -93,3 +93,10 @@ def test_sam_settings_validate():
     assert (cfg.optim.name, cfg.optim.base, cfg.optim.rho, cfg.optim.adaptive) == ("sam", "sgd", 0.1, True)
     with pytest.raises(ConfigError, match=r"optim.rho = 0.0 is out of range \(must be > 0.0\)"):
         resolve("sam-resnet20-fashion-mnist", ["rho=0"])
+
+
+def test_method_options_given_as_text_get_their_field_type():
+    """`finetune.density=1e-2` is the string "1e-2" to YAML 1.1; it used to reach GemConfig as text and fail."""
+    cfg = resolve("gem-minilm-tweets", ["finetune.density=1e-2", "finetune.head_warmup_lr=5e-4"])
+    assert cfg.finetune.options["density"] == 0.01 and cfg.finetune.options["head_warmup_lr"] == 5e-4
+    assert resolve("lora-minilm-tweets", ["finetune.lora_dropout=1e-1"]).finetune.options["lora_dropout"] == 0.1

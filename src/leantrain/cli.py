@@ -230,8 +230,9 @@ def bench(
     part: Annotated[
         list[str] | None,
         typer.Option(
-            help="only these parts (finetune: accuracy, cost; optim: steptime, accuracy, async, mlbfgs; "
-            "federated: accuracy, embracing, throughput, memory; lowrank: accuracy, deflate-svd; prune: mlp, resnet)"
+            help="only these parts (finetune: scoring, accuracy, cost, profile; optim: steptime, accuracy, async, "
+            "mlbfgs; federated: accuracy, embracing, throughput, memory; lowrank: accuracy, deflate-svd; "
+            "prune: mlp, resnet)"
         ),
     ] = None,
 ) -> None:

@@ -372,8 +372,30 @@ def _build_finetune(raw: dict) -> FinetuneConfig:
     own = {k: raw.pop(k) for k in ("method", "score_samples") if k in raw}
     raw.update(raw.pop("options", None) or {})
     cfg = FinetuneConfig(**_build_scalars(FinetuneConfig, own, set(own), prefix="finetune."), options=raw)
+    cfg.options = _coerce_method_options(cfg.method, cfg.options)
     make_method_config(cfg.method, cfg.options)
     return cfg
+
+
+def _coerce_method_options(method: str, options: dict) -> dict:
+    """Numbers and booleans given as text (``finetune.density=1e-2`` arrives as the string "1e-2": YAML 1.1 reads a
+    float only with a dot) become the type the method config's field declares; other fields pass unchanged."""
+    from leantrain.finetune.methods import method_config_class
+
+    cls = method_config_class(method)
+    if cls is None:
+        return options
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 -- a third-party config whose annotations do not resolve: leave it as given
+        return options
+    out = dict(options)
+    for key, value in options.items():
+        hint = hints.get(key)
+        plain = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+        if isinstance(value, str) and len(plain) == 1 and plain[0] in (int, float, bool):
+            out[key] = coerce(value, hint, f"finetune.{key}")
+    return out
 
 
 def _check_names(data: DataConfig) -> None:

@@ -71,7 +71,7 @@ def test_scores_come_from_the_warmed_up_head():
     warmed = compute_gem_masks(tiny_bert(), iter(data), config(head_warmup_steps=5), head_modules=["classifier"])
     by_hand = tiny_bert()  # the same warm-up by hand, then a scoring pass without one
     heads = find_head_modules(by_hand, ["classifier"])
-    warm_up_head(by_hand, data, heads, steps=5, lr=1e-3, loss_fn=default_gem_loss)
+    warm_up_head(by_hand, data, heads, steps=5, lr=config().head_warmup_lr, loss_fn=default_gem_loss)
     expected = compute_gem_masks(by_hand, data, config(head_warmup_steps=0), head_modules=["classifier"])
     cold = compute_gem_masks(tiny_bert(), data, config(head_warmup_steps=0), head_modules=["classifier"])
     for name, g in expected.gradients.items():

@@ -37,6 +37,7 @@ from leantrain.bench.finetune_cost import (
     cost_row,
     cost_targets,
 )
+from leantrain.bench.finetune_gem_scoring import scoring_rows, scoring_table
 from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets
 from leantrain.errors import LeantrainError
 
@@ -84,11 +85,15 @@ def targets(acc: list[dict], cost: list[dict]) -> dict[str, bool | None]:
 
 
 def run_bench(
-    quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("accuracy", "cost")
+    quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ("scoring", "accuracy", "cost")
 ) -> Path:
     started = time.perf_counter()
     results = BenchResults("finetune", out_dir, threads=1, quick=quick)
     acc, cost = [], []
+    scoring = []
+    if "scoring" in parts:
+        log("scoring: what each GEM rule picks (MiniLM, tweets, 0.1%)")
+        scoring = scoring_rows(quick, log=log, add=results.add)
     if "accuracy" in parts:
         log("accuracy: MiniLM on tweets, each method at its learning rate chosen on validation (2 workers)")
         acc = accuracy_rows(quick, workers=2, log=log, add=results.add, set_extra=results.set_extra)
@@ -99,6 +104,10 @@ def run_bench(
     extra = {"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "accuracy_threads": 1,
              "accuracy_workers": 2}  # fmt: skip
     path = results.finish(extra)
+    if scoring:
+        cols = ["rule", "picks", "smallest_decile_share", "median_abs_w_picks", "median_abs_w_all",
+                "grad_mass_captured", "grad_mass_best_same_counts"]  # fmt: skip
+        print("GEM scoring (MiniLM query/value, 0.1%)\n" + markdown_table(scoring_table(scoring), cols) + "\n")
     if acc:
         cols = ["method", "lr", "trainable_params", "trainable_pct", "val_accuracy", "test_accuracy", "std", "seeds",
                 "step_time_s_median"]  # fmt: skip

@@ -160,8 +160,13 @@ class GemMaskConfig:
         },
     )
     head_warmup_lr: float = field(
-        default=1e-3,
-        metadata={"help": "Learning rate of the head warm-up (AdamW, no weight decay), a float > 0."},
+        default=1e-2,
+        metadata={
+            "help": (
+                "Learning rate of the head warm-up (AdamW, no weight decay), a float > 0. On MiniLM + tweets, 20 "
+                "steps at 1e-2 take the new head's loss on unseen batches from 1.10 (ln 3) to 0.94; at 1e-3 to 1.04."
+            )
+        },
     )
 
     def __post_init__(self) -> None:

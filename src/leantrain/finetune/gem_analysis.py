@@ -1,10 +1,11 @@
 """What a GEM mask picked: how small its weights are and how much of the gradient it covers.
 
 GEM (Kang et al., arXiv 2508.16191) ranks entries by R = |G| / (|W| + eps). Dividing by |W| favours entries whose
-weight is close to zero: on MiniLM + tweet sentiment at 0.1% density, 60% of GEM's picks lay in the smallest-|W|
-decile of their layer and the mask covered 13.6% of the total |G|, against 23% for a gradient-only mask.
-:func:`mask_statistics` measures exactly these quantities for any mask, so that ablations can be compared on them;
-it returns plain Python numbers (JSON-ready) for the benchmark.
+weight is close to zero: on MiniLM + tweet sentiment (query/value, 0.1% density, 512 scoring tweets), 90% of GEM's
+picks lie in the smallest-|W| decile of their layer (median |W| 1.1e-3 against 4.5e-2 overall) and the mask covers
+17% of the total |G|, where the top-|G| entries with the same counts cover 23%. :func:`mask_statistics` measures
+these quantities for any mask, so that ablations can be compared on them; it returns plain Python numbers
+(JSON-ready) for the benchmark.
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 GEM (Kang et al., arXiv 2508.16191; official code ``sungminkg/GEM_PEFT``) ranks weights by the gradient of the task
 loss from one pass over training data. The paper scores through the model's pretrained LM head (its tasks are
 classification by option log-likelihood), so that gradient carries task signal. Our classifiers put a freshly
-initialised head on the encoder; scored through a random head, the gradient reaching the target layers says more
-about the head's random directions than about the task. So before the gradient pass, the modules the adapter will
-train anyway (``modules_to_save``, e.g. ``["classifier"]``) are trained alone for ``head_warmup_steps`` AdamW steps
-on the scoring batches; the warmed-up head stays in the model and then trains on as a module to save. Every other
-parameter is left bit-identical. The official code has no such step (it trains no head at all).
+initialised head on the encoder; scored through it, the gradient reaching the target layers points along the head's
+random directions, not along those of a head that fits the task. So before the gradient pass, the modules the
+adapter will train anyway (``modules_to_save``, e.g. ``["classifier"]``) are trained alone for
+``head_warmup_steps`` AdamW steps on the scoring batches; the warmed-up head stays in the model and then trains on
+as a module to save. Every other parameter is left bit-identical. The official code has no such step (it trains no
+head at all).
 """
 
 from __future__ import annotations

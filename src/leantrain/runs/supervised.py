@@ -49,7 +49,7 @@ def run_supervised(cfg: RunConfig, run_dir: Path, resume_from: Path | None) -> d
     model = build_model_for_data(cfg.model.name, cfg.model.options, data.model_fields)
     model = apply_method(
         model, cfg.finetune.method, cfg.finetune.options,
-        score_batches=_first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
+        score_batches=first_batches(data.train, cfg.finetune.score_samples) if cfg.finetune.method == "gem" else None,
         loss_fn=lambda m, batch: task.loss(m, batch)[0],
     )  # fmt: skip
 
@@ -195,7 +195,7 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     return PreparedData(task, batches(ds.train, True), batches(ds.val, False), batches(ds.test, False), fields)
 
 
-def _first_batches(batches, samples: int) -> list[dict]:
+def first_batches(batches, samples: int) -> list[dict]:
     """The epoch-0 training batches covering the first ``samples`` samples (GEM's scoring pass)."""
     batches.set_epoch(0)
     out, seen = [], 0
