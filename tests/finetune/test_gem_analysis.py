@@ -9,13 +9,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from gem_tiny import MLP_TARGETS as TARGETS
+from gem_tiny import batches, mlp
 
 from leantrain.errors import LeantrainError
 from leantrain.finetune.gem import GemMaskConfig, apply_gem_masks, compute_gem_masks
 from leantrain.finetune.gem_analysis import mask_statistics
-
-TARGETS = ["0", "2", "4"]
 
 
 def hand_case():
@@ -48,18 +47,6 @@ def test_hand_built_case():
     assert mask_statistics(W, G, {n: m.view_as(W[n]) for n, m in dense.items()}) == stats
     with pytest.raises(LeantrainError, match="no mask for layers"):
         mask_statistics(W, G, {"a": picks["a"]})
-
-
-def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3)
-    )
-
-
-def batches(n: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(8, 12, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)} for _ in range(n)]
 
 
 def test_result_keeps_the_scoring_gradients_and_statistics_compare_masks():

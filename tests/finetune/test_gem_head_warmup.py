@@ -7,31 +7,16 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 transformers = pytest.importorskip("transformers")
+
+from gem_tiny import tiny_bert  # noqa: E402
 
 from leantrain.errors import LeantrainError  # noqa: E402
 from leantrain.finetune.gem import GemMaskConfig, compute_gem_masks, default_gem_loss  # noqa: E402
 from leantrain.finetune.gem_head_warmup import find_head_modules, warm_up_head  # noqa: E402
 
 TARGETS = ["query", "value"]
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def text_batches(n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:

