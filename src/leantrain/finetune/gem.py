@@ -235,7 +235,7 @@ def match_target(name: str, targets: list[str] | str) -> bool:
 def find_target_linears(model: nn.Module, targets: list[str] | str | None) -> dict[str, nn.Linear]:
     """Target Linear layers by name; raises :class:`LeantrainError` listing the model's Linear names if none match."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    candidates = [targets] if targets is not None else [list(t) for t in DEFAULT_TARGETS]
+    candidates = [targets] if targets is not None else _default_candidates(model)
     for cand in candidates:
         found = {n: m for n, m in linears.items() if match_target(n, cand)}
         if found:
@@ -245,6 +245,22 @@ def find_target_linears(model: nn.Module, targets: list[str] | str | None) -> di
         f"GEM target_modules={targets!r} matched no nn.Linear in {type(model).__name__}; set target_modules to "
         f"some of its Linear layers: [{shown}]"
     )
+
+
+def _default_candidates(model: nn.Module) -> list[list[str]]:
+    """A Hugging Face model: PEFT's LoRA default targets for its model_type (the same modules LoRA and PaCA adapt by
+    default); otherwise, or if PEFT does not know the type, the paper's q/v names in either spelling."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is not None:
+        from leantrain.finetune.target_modules import default_target_modules
+
+        try:
+            shared = default_target_modules(model_type)
+        except ImportError:  # PEFT absent: the plain-PyTorch path does not need it
+            shared = None
+        if shared:
+            return [shared]
+    return [list(t) for t in DEFAULT_TARGETS]
 
 
 # ----------------------------------------------------------------------------------------------------------------
