@@ -433,6 +433,18 @@ def to_dict(cfg: RunConfig, used_only: bool = False) -> dict:
     return kept
 
 
+def flatten(mapping: dict, prefix: str = "") -> dict:
+    """A nested config mapping as dotted keys (``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``); an empty section
+    stays one key."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def save(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg, used_only=True), sort_keys=False))
 

@@ -73,12 +73,10 @@ def resume_config(
 
     With ``recipe`` (the older spelling ``leantrain run RECIPE resume=DIR ...``) the recipe with the overrides must
     resolve to the saved config up to those keys."""
+    if recipe is not None:  # checked against the saved config by the launcher (check_resumable), as any API call
+        return config_mod.resolve(recipe, [*overrides, f"resume={run_dir}"])
     saved = saved_config(Path(run_dir))
     allowed = resumable_keys(saved)
-    if recipe is not None:
-        given = config_mod.resolve(recipe, [*overrides, f"resume={run_dir}"])
-        check_resumable(given, saved)
-        return given
     cfg = saved
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -94,12 +92,16 @@ def resume_config(
     return config_mod.apply_override(cfg, "resume", str(run_dir))
 
 
-def check_resumable(cfg: RunConfig, saved: RunConfig | None = None) -> None:
+def check_resumable(cfg: RunConfig) -> None:
     """Refuse to continue ``cfg.resume`` with a config that differs from the saved one beyond the keys a resumed run
     may change (what the run computes must stay what it was)."""
-    saved = saved or saved_config(Path(cfg.resume))
+    saved = saved_config(Path(cfg.resume))
     allowed = resumable_keys(saved)
-    changed = sorted(_diff(config_mod.to_dict(saved, True), config_mod.to_dict(cfg, True)) - set(allowed))
+    before, after = (
+        config_mod.flatten(config_mod.to_dict(saved, True)),
+        config_mod.flatten(config_mod.to_dict(cfg, True)),
+    )
+    changed = sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} - set(allowed))
     if changed:
         raise ConfigError(
             f"resume={cfg.resume}: the config differs from the saved run in {', '.join(changed)}; only "
@@ -110,14 +112,3 @@ def check_resumable(cfg: RunConfig, saved: RunConfig | None = None) -> None:
 def resume_command(run_dir: Path) -> str:
     """The exact command that continues ``run_dir`` (what an interrupted run prints)."""
     return f"leantrain run {shlex.quote(f'resume={run_dir}')}"
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
-    out = set()
-    for key in set(a) | set(b):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out |= _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.add(prefix + key)
-    return out

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
+from leantrain.config import flatten
 from leantrain.errors import LeantrainError
+from leantrain.runs.folder import PRESENTATION_KEYS
 from leantrain.runs.kinds import RUN_KINDS, kind_of
 from leantrain.train.metric_loggers import read_jsonl
 
-# Config keys that do not change what a run computes: never worth a legend entry.
-IGNORED_CONFIG_KEYS = {"output_dir", "resume", "progress", "threads", "log_formats"}
 # Record keys that place a record (x axes, bookkeeping) rather than measure the model.
 POSITION_KEYS = {"split", "step", "epoch", "round", "t_env", "episodes"}
 BOOKKEEPING_KEYS = {"elapsed_s", "wall_s", "lr", "samples_per_s"}
@@ -366,17 +366,9 @@ def legend_labels(runs: list[RunFolder]) -> list[str]:
     return [run.path.name if counts[label] > 1 else label for run, label in zip(runs, labels, strict=True)]
 
 
-def flatten_config(config: dict, prefix: str = "") -> dict:
+def flatten_config(config: dict) -> dict:
     """Nested config sections as dotted keys (``optim.lr``), without the keys that do not change a run."""
-    out = {}
-    for key, value in config.items():
-        if not prefix and key in IGNORED_CONFIG_KEYS:
-            continue
-        if isinstance(value, dict) and value:
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return {k: v for k, v in flatten(config).items() if k not in PRESENTATION_KEYS}
 
 
 def _value(value) -> str:
