@@ -85,7 +85,7 @@ def test_discrepancy_is_the_weighted_spread_around_the_average():
     g = torch.Generator().manual_seed(0)
     replies = [({k: torch.randn(v.shape, generator=g) for k, v in alg.global_state.items()}, w) for w in (1, 3)]
     for cid, (arrays, w) in enumerate(replies):
-        alg.accumulate(1, cid, Reply(arrays, {"samples": w, "local_steps": 5}))
+        alg.accumulate(1, cid, Reply(arrays, {"num_examples": w, "local_steps": 5}))
     alg.aggregate(1)
     for k in alg.global_state:
         u = (replies[0][0][k].double() + 3 * replies[1][0][k].double()) / 4

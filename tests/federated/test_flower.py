@@ -346,3 +346,49 @@ def test_simulation_engine_run_matches_the_simulator(tmp_path):
         history = flower.run_app(app, timeout_s=300)
     assert flower.stopped and not any(is_running(pid, started) for pid, started in flower.stopped)
     _check_against_simulator(history, config)
+
+
+def _object_npy() -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("garbage", ["bytes", "object-dtype", "wrong-keys", "no-records", "huge-update", "huge-claim"])
+def test_a_reply_that_fails_to_decode_or_is_absurd_is_rejected_never_crashes_aggregate_train(garbage, task_identity):
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    config = _config("fedavg", rounds=1, clients_per_round=4)
+    victim = {}
+
+    def tamper(msg, reply):
+        if msg.metadata.message_type != MessageType.TRAIN or victim.setdefault("msg", msg) is not msg:
+            return reply
+        arrays = dict(reply.content.array_records[ARRAYS])
+        metrics = reply.content.metric_records[METRICS]
+        name = next(iter(arrays))
+        if garbage == "bytes":
+            arrays[name] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"\x93NUMPY garbage")
+        elif garbage == "object-dtype":
+            arrays[name] = Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=_object_npy())
+        elif garbage == "wrong-keys":
+            arrays = {"not.a.tensor": arrays[name]}
+        elif garbage == "huge-update":
+            arrays = dict(to_array_record({k: v * 1e30 for k, v in from_array_record(ArrayRecord(arrays)).items()}))
+        elif garbage == "huge-claim":
+            metrics = MetricRecord({**dict(metrics), "num_examples": 1e9})
+        if garbage == "no-records":
+            return Message(RecordDict({"something": MetricRecord({"a": 1})}), reply_to=msg)
+        return Message(RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: metrics}), reply_to=msg)
+
+    strategy, _, _ = _flower_run(config, tamper=tamper)
+    row = strategy.rounds[0]
+    if garbage == "huge-claim":  # accepted with its claim capped at the partition's size
+        assert row["responded"] == 4 and any("capped to" in e for e in row["events"]), row["events"]
+    else:
+        assert row["rejected"] == 1 and row["responded"] == 3, row["events"]
+    assert max(float(v.abs().max()) for v in strategy.algorithm.global_state.values()) < 1e3

@@ -10,7 +10,7 @@ from fl_fixtures import tiny_data, tiny_model
 
 from leantrain.errors import ConfigError
 from leantrain.federated import ByteLedger, FedAvg, Reply, Simulator, encode_arrays
-from leantrain.federated.simulator import check_reply
+from leantrain.federated.intake import check_reply
 
 
 def _sim(algorithm=None, **kw):
@@ -84,7 +84,7 @@ def test_malformed_replies_are_rejected_without_touching_the_global_model(tamper
 
 
 def test_check_reply_rejects_bad_sample_counts():
-    reply = Reply({"w": torch.zeros(2)}, {"samples": -3})
+    reply = Reply({"w": torch.zeros(2)}, {"samples": -3, "num_examples": 5})
     assert "samples" in check_reply(reply, {"w": ((2,), torch.float32)})
 
 

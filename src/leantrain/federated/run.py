@@ -78,7 +78,8 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         "metric_name": "accuracy", "algorithm": f.algorithm, "status": status, "rounds": f.rounds,
         "rounds_done": sim.next_round, "resumed_from_round": done or None,
         "trainable_params": sum(p.numel() for p in sim.model.parameters() if p.requires_grad),
-        "final": {"test_accuracy": history.last("test_accuracy"), "test_loss": history.last("test_loss")},
+        "final": {"test_accuracy": history.last("test_accuracy"), "test_loss": history.last("test_loss"),
+                  "last10_test_accuracy": history.window_mean("test_accuracy")},
         "totals": history.totals, "wall_time_s": round(time.perf_counter() - started, 3),
         "threads": torch.get_num_threads(),
     }  # fmt: skip

@@ -14,8 +14,14 @@ run resumed from its round checkpoint therefore produces the same history as an 
 Faults: ``dropout`` is the probability a sampled client vanishes after receiving the model (its downlink is
 counted, it never replies); ``failure`` the probability it crashes mid-training (after a random number of local
 steps); ``fault_hook(round, cid, reply) -> reply`` may tamper with replies (tests use it to send wrong shapes,
-NaN/inf or wrong dtypes). Every reply is checked against what the algorithm expects; a malformed one is counted
-(its bytes did travel), logged in the round's ``events`` and dropped without touching the server state.
+NaN/inf or wrong dtypes). Any exception raised by a client's update marks that client failed for the round
+(logged with its id and reason); the run goes on. Every reply is checked against what the algorithm expects and
+against the :class:`~leantrain.federated.intake.ReplyGuard` (update norm against the cohort, capped sample counts);
+a rejected one is counted (its bytes did travel), logged in the round's ``events`` and dropped without touching the
+server state.
+
+Engines (``engine=``): "sequential" trains the cohort's clients one after another; "auto" (default) picks the
+fastest engine that gives the same results (see :mod:`leantrain.federated.engines`).
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ import torch
 from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
-from leantrain.federated.algorithms.base import Algorithm, ClientContext, Reply
+from leantrain.federated.algorithms.base import Algorithm, ClientContext, Instruction, Reply, train_client
 from leantrain.federated.client import ClientData, LocalTraining
 from leantrain.federated.clock import SimulatedClock, assign_profiles, profile
 from leantrain.federated.comm import ByteLedger
+from leantrain.federated.engines import DROPPED, ClientOutcome, Engine, make_engine
+from leantrain.federated.intake import ReplyGuard, RoundIntake
+
+LAST_WINDOW = 10  # accuracy is also reported as the mean of the last this-many evaluated rounds
 
 
 class ClientFailure(RuntimeError):
@@ -91,29 +101,14 @@ class History:
                 return row[key]
         return None
 
+    def window_mean(self, key: str, window: int = LAST_WINDOW) -> float | None:
+        """The mean of the last ``window`` recorded values of ``key`` (fewer if fewer exist), or None.
 
-def check_reply(reply: Reply, expected: dict[str, tuple]) -> str | None:
-    """Why ``reply`` is malformed against ``expected`` (name -> (shape, dtype)), or None if it is well formed."""
-    if not isinstance(reply, Reply) or not isinstance(reply.arrays, dict):
-        return f"not a Reply ({type(reply).__name__})"
-    got, want = set(reply.arrays), set(expected)
-    if got != want:
-        extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
-        return f"tensors differ from the expected ones (unexpected {extra}, missing {missing})"
-    for name, (shape, dtype) in expected.items():
-        t = reply.arrays[name]
-        if not isinstance(t, torch.Tensor):
-            return f"{name} is a {type(t).__name__}, not a tensor"
-        if tuple(t.shape) != tuple(shape):
-            return f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}"
-        if t.dtype != dtype:
-            return f"{name} has dtype {t.dtype}, expected {dtype}"
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return f"{name} holds NaN or inf"
-    samples = reply.metrics.get("samples", 1)
-    if not isinstance(samples, int | float) or not samples > 0 or not np.isfinite(samples):
-        return f"metrics.samples={samples!r} is not a positive number"
-    return None
+        Final values of a federated run swing by several points from round to round with a small cohort; the mean
+        over the last evaluated rounds is the steadier figure to compare algorithms by.
+        """
+        values = [row[key] for row in self.rounds if row.get(key) is not None][-window:]
+        return float(np.mean(values)) if values else None
 
 
 def seed_for(*parts: int) -> int:
@@ -163,7 +158,10 @@ class Simulator:
     a leantrain ``Dataset`` or a :class:`FederatedData`; ``partition`` "iid" / "dirichlet" / "shards" / index
     arrays (options in ``partition_options``). ``local_steps`` is τ; ``devices`` maps profile name -> share of
     clients (e.g. ``{"weak": 0.5, "moderate": 0.25}``; the rest are strong). ``checkpoint_dir``: the server state
-    is saved after every round and ``run(resume=True)`` continues from the latest one.
+    is saved after every round and ``run(resume=True)`` continues from the latest one. ``engine``: how a cohort is
+    trained (:mod:`leantrain.federated.engines`; results do not depend on it). ``guard``: the server's guards
+    against absurd replies (default ``ReplyGuard()``: update norm at most 100x the cohort's median, sample counts
+    capped at the client's known dataset size; ``ReplyGuard.off()`` disables them).
     """
 
     def __init__(
@@ -196,6 +194,8 @@ class Simulator:
         log_every: int = 1,
         checkpoint_every: int = 1,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        engine: str | Engine = "auto",
+        guard: ReplyGuard | None = None,
     ):
         if not isinstance(algorithm, Algorithm):
             raise ConfigError(f"algorithm={algorithm!r} is not a leantrain federated Algorithm")
@@ -217,6 +217,8 @@ class Simulator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.log, self.log_every, self.on_round = log, log_every, on_round
         self.checkpoint_every = checkpoint_every
+        self.guard = guard if guard is not None else ReplyGuard()
+        self.engine = make_engine(engine)
         if isinstance(dataset, FederatedData):
             self.data = dataset
             if len(dataset.parts) != num_clients:
@@ -242,64 +244,86 @@ class Simulator:
 
     # ------------------------------------------------------------------ one round
 
-    def _client(self, r: int, cid: int, instruction) -> tuple[Reply | None, str | None]:
-        """Train client ``cid``; (reply, None) or (None, why it did not reply)."""
+    def client_fault(self, r: int, cid: int) -> tuple[bool, int | None]:
+        """The injected faults of client ``cid`` in round ``r``: (drops out, fails after this many local steps).
+
+        Seeded with (seed, round, client), so every engine injects the same faults."""
         fault = np.random.default_rng(seed_for(self.seed, r, cid, 7))
         if fault.random() < self.dropout:
-            return None, "dropped out"
-        batches = self.client_data.batches(cid, self.local.batch_size, seed_for(self.seed, r, cid))
+            return True, None
         if fault.random() < self.failure:
-            batches = _FailingBatches(batches, int(fault.integers(0, self.local.steps)))
-        ctx = ClientContext(cid, r, self.model, batches, self.client_data.num_samples(cid), self.local, self.loss_fn,
-                            self.devices[cid], dict(self.client_states.get(cid, {})))  # fmt: skip
+            return False, int(fault.integers(0, self.local.steps))
+        return False, None
+
+    def client_batches(self, r: int, cid: int):
+        """Client ``cid``'s endless batch stream in round ``r`` (seeded with (seed, round, client))."""
+        return self.client_data.batches(cid, self.local.batch_size, seed_for(self.seed, r, cid))
+
+    def client_context(self, r: int, cid: int, batches) -> ClientContext:
+        """What ``client_update`` gets: the working model, the batches, n_i, the local settings and its state."""
+        return ClientContext(cid, r, self.model, batches, self.client_data.num_samples(cid), self.local,
+                             self.loss_fn, self.devices[cid], dict(self.client_states.get(cid, {})))  # fmt: skip
+
+    def train_one(self, r: int, cid: int, instruction: Instruction) -> ClientOutcome:
+        """Train client ``cid`` on the working model: its reply, or why it did not reply.
+
+        Any exception from the client's update (an injected crash, a non-finite loss, a bug in the algorithm's
+        client code, a bad model) marks the client failed, with the exception's type and message as the reason;
+        a :class:`~leantrain.errors.ConfigError` (the run is misconfigured, every client would fail) propagates.
+        """
+        drops, fail_after = self.client_fault(r, cid)
+        if drops:
+            return ClientOutcome(cid, why=DROPPED)
+        batches = self.client_batches(r, cid)
+        if fail_after is not None:
+            batches = _FailingBatches(batches, fail_after)
+        ctx = self.client_context(r, cid, batches)
         torch.manual_seed(seed_for(self.seed, r, cid, 1))
         try:
-            reply = self.algorithm.client_update(ctx, instruction)
-        except (ClientFailure, FloatingPointError) as err:
-            return None, f"failed: {err}"
-        if self.fault_hook is not None:
-            reply = self.fault_hook(r, cid, reply)
-        self._pending_state[cid] = ctx.state  # kept only if the reply is accepted; empty deletes the entry
-        return reply, None
+            reply = train_client(self.algorithm, ctx, instruction)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a client's failure must not stop the server
+            return ClientOutcome(cid, why=f"{type(err).__name__}: {err}")
+        return ClientOutcome(cid, self.tamper(r, cid, reply), state=ctx.state)
+
+    def tamper(self, r: int, cid: int, reply: Reply) -> Reply:
+        """The reply as it arrives at the server (``fault_hook`` applied, if any)."""
+        return self.fault_hook(r, cid, reply) if self.fault_hook is not None else reply
 
     def run_round(self, r: int) -> dict[str, Any]:
         started = time.perf_counter()
         rng = np.random.default_rng(seed_for(self.seed, r))
         cohort = self.algorithm.sample(r, self.clients_per_round, rng, list(range(self.num_clients)))
         instructions = self.algorithm.configure(r, cohort)
-        events, times, losses, counts = [], [], [], {"responded": 0, "dropped": 0, "failed": 0, "rejected": 0}
-        self._pending_state: dict[int, dict[str, torch.Tensor]] = {}
-        for cid in cohort:
-            ins = instructions[cid]
-            down = self.ledger.record(r, cid, "down", ins.arrays, ins.config)
-            reply, why = self._client(r, cid, ins)
-            if reply is None:
-                counts["dropped" if why == "dropped out" else "failed"] += 1
-                events.append(f"client {cid} {why}")
+        intake = RoundIntake(self.algorithm, r, self.guard, self.client_data.num_samples)
+        down = {cid: self.ledger.record(r, cid, "down", instructions[cid].arrays, instructions[cid].config)
+                for cid in cohort}  # fmt: skip
+        up, states = {}, {}
+        for out in self.engine.train(self, r, cohort, instructions):
+            cid = out.cid
+            if out.reply is None:
+                intake.dropped(cid) if out.why == DROPPED else intake.failed(cid, str(out.why))
                 continue
-            up = self.ledger.record(r, cid, "up", reply.arrays if isinstance(reply, Reply) else {})
-            problem = check_reply(reply, self.algorithm.expected_upload(r, cid, ins))
-            if problem is not None:
-                counts["rejected"] += 1
-                events.append(f"client {cid} rejected: {problem}")
-                self._pending_state.pop(cid, None)
-                continue
-            self.algorithm.accumulate(r, cid, reply)
-            state = self._pending_state.pop(cid, None)
-            if state:
-                self.client_states[cid] = state
+            up[cid] = self.ledger.record(r, cid, "up", out.reply.arrays if isinstance(out.reply, Reply) else {})
+            if intake.offer(cid, instructions[cid], out.reply) is None:
+                states[cid] = out.state
+        accepted = intake.close()
+        losses, times = [], []
+        for cid, reply in accepted.items():
+            if states.get(cid):
+                self.client_states[cid] = states[cid]
             else:
                 self.client_states.pop(cid, None)
-            counts["responded"] += 1
             losses.append(float(reply.metrics.get("loss", float("nan"))))
             work = float(reply.metrics.get("work", 1.0))
             times.append(self.clock.client_time(self.devices[cid], int(reply.metrics.get("samples", 0)), work,
-                                                down, up, 2))  # fmt: skip
+                                                down[cid], up[cid], 2))  # fmt: skip
         self.algorithm.aggregate(r)
         duration = self.clock.advance(times)
-        row = {"round": r, "cohort": len(cohort), **counts, **self.ledger.round_totals(r),
+        row = {"round": r, "cohort": len(cohort), **intake.counts, **self.ledger.round_totals(r),
                "train_loss": float(np.nanmean(losses)) if losses else None, "round_time_s": duration,
-               "sim_time_s": self.clock.now, "events": events}  # fmt: skip
+               "sim_time_s": self.clock.now, "events": intake.events}  # fmt: skip
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
             row.update({f"test_{k}": v for k, v in self.evaluate().items()})
         row["wall_s"] = time.perf_counter() - started
@@ -336,7 +360,8 @@ class Simulator:
             if stopping:
                 break
         self.history.totals = {**self.ledger.totals(), "sim_time_s": self.clock.now,
-                               "final_test_accuracy": self.history.last("test_accuracy")}  # fmt: skip
+                               "final_test_accuracy": self.history.last("test_accuracy"),
+                               "last10_test_accuracy": self.history.window_mean("test_accuracy")}  # fmt: skip
         return self.history
 
     def _progress_line(self, row: dict[str, Any]) -> str:

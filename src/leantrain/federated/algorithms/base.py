@@ -47,7 +47,12 @@ class Instruction:
 
 @dataclass
 class Reply:
-    """What one client sends back: tensors and metrics (``samples`` and ``loss`` at least)."""
+    """What one client sends back: tensors and metrics.
+
+    ``metrics`` hold ``loss`` and ``samples`` (samples processed this round) from local training, and
+    ``num_examples``: the client's dataset size n_i, which ``weighting="samples"`` weighs by (p_i = n_i/n). The
+    runtime's client side sets ``num_examples`` (see :func:`train_client`); the server caps it (``ReplyGuard``).
+    """
 
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
@@ -66,6 +71,18 @@ class ClientContext:
     loss_fn: Any
     device: DeviceProfile
     state: dict[str, torch.Tensor]  # persistent per-client state (empty unless the algorithm stores something)
+
+
+def train_client(algorithm: Algorithm, ctx: ClientContext, instruction: Instruction) -> Reply:
+    """A client's side of a round in every runtime: the algorithm's update, plus the client's dataset size.
+
+    ``metrics["num_examples"] = ctx.num_samples`` (n_i, what ``weighting="samples"`` weighs by) unless the
+    algorithm set it; ``samples`` stays what local training processed.
+    """
+    reply = algorithm.client_update(ctx, instruction)
+    if isinstance(reply, Reply) and isinstance(reply.metrics, dict):
+        reply.metrics.setdefault("num_examples", ctx.num_samples)
+    return reply
 
 
 def communicated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,8 +133,9 @@ class WeightedMean:
 class Algorithm:
     """Base class: FedAvg's sampling and bookkeeping; subclasses define what is sent, trained and aggregated.
 
-    ``weighting="samples"`` weighs clients by their number of samples (the papers' p_i = n_i/n);
-    ``"uniform"`` by 1 (the official TF codes' unweighted mean).
+    ``weighting="samples"`` weighs clients by their dataset size n_i (the papers' p_i = n_i/n; ``num_examples`` in
+    the reply's metrics, not the samples processed this round); ``"uniform"`` by 1 (the official TF codes'
+    unweighted mean).
     """
 
     name = "algorithm"
@@ -142,7 +160,19 @@ class Algorithm:
         return sorted(int(c) for c in rng.choice(available, size=min(k, len(available)), replace=False))
 
     def weight(self, reply: Reply) -> float:
-        return float(reply.metrics.get("samples", 1)) if self.weighting == "samples" else 1.0
+        """The reply's aggregation weight: its client's dataset size n_i, or 1 with ``weighting="uniform"``."""
+        if self.weighting == "uniform":
+            return 1.0
+        if "num_examples" not in reply.metrics:
+            raise ConfigError("a reply without metrics['num_examples'] (the client's dataset size) cannot be "
+                              "weighted by samples; runtimes set it with leantrain.federated.train_client")  # fmt: skip
+        return float(reply.metrics["num_examples"])
+
+    def reference(self, name: str) -> torch.Tensor | None:
+        """What a reply's tensor ``name`` is an update of (the server's value; None: not a server tensor).
+
+        The reply guard measures a client's update of ``name`` as ``reply - reference(name)``."""
+        return self.global_state.get(name)
 
     def add_to_mean(self, round_idx: int, reply: Reply) -> WeightedMean:
         """Fold one accepted reply into this round's streaming weighted mean (a fresh one each round)."""

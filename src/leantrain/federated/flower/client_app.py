@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from leantrain.errors import ConfigError
-from leantrain.federated.algorithms.base import ClientContext
+from leantrain.federated.algorithms.base import ClientContext, train_client
 from leantrain.federated.client import ClientData, LocalTraining
 from leantrain.federated.clock import assign_profiles, profile
 from leantrain.federated.flower.config import FlowerRunConfig, initial_model
@@ -107,7 +107,7 @@ class LeantrainClient:
         ctx = ClientContext(cid, round_idx, model, batches, client_data.num_samples(cid), local,
                             ClassificationTask().loss, devices[cid], state)  # fmt: skip
         torch.manual_seed(seed_for(config.seed, round_idx, cid, 1))
-        reply = algorithm.client_update(ctx, instruction)
+        reply = train_client(algorithm, ctx, instruction)
         if ctx.state:
             context.state[STATE] = to_array_record(ctx.state)
         elif STATE in context.state.array_records:

@@ -5,7 +5,7 @@
   ``len(array.data) == wire_nbytes(tensor)``) and a ``ConfigRecord`` holding the round, the client id and the
   algorithm's config as one compact sorted JSON string (its length is exactly ``config_nbytes(config)``).
 - A :class:`~leantrain.federated.algorithms.base.Reply` becomes an ``ArrayRecord`` and a ``MetricRecord`` (numeric
-  metrics; Flower's ``num-examples`` is set to ``samples``).
+  metrics; Flower's ``num-examples`` is set to ``num_examples``, the client's dataset size).
 
 bfloat16, which numpy lacks, travels as its 16-bit pattern (as in the ledger) with ``Array.dtype = "bfloat16"``,
 and is viewed back on arrival. The round and client id are transport metadata, like Flower's own message
@@ -85,7 +85,8 @@ def read_instruction(content) -> tuple[int, int, Instruction]:
 
 
 def to_metric_record(metrics: dict[str, Any], **extra: float) -> MetricRecord:
-    """Numeric metrics (bools as 0/1; non-finite and non-numeric values dropped) plus Flower's ``num-examples``."""
+    """Numeric metrics (bools as 0/1; non-finite and non-numeric values dropped) plus Flower's ``num-examples``
+    (the client's dataset size ``num_examples`` when present)."""
     out: dict[str, int | float] = {}
     for key, value in {**metrics, **extra}.items():
         if isinstance(value, bool | np.bool_):
@@ -94,15 +95,24 @@ def to_metric_record(metrics: dict[str, Any], **extra: float) -> MetricRecord:
             out[key] = int(value)
         elif isinstance(value, float | np.floating) and math.isfinite(float(value)):
             out[key] = float(value)
-    out.setdefault("num-examples", int(out.get("samples", 1)))
+    out.setdefault("num-examples", int(out.get("num_examples", out.get("samples", 1))))
     return MetricRecord(out)
 
 
 def read_reply(content) -> Reply:
-    """A Reply from a train reply's RecordDict (metrics keep Flower's ``num-examples`` and our byte counters)."""
-    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
-        raise MalformedMessageError("a leantrain reply needs an 'arrays' ArrayRecord and a 'metrics' MetricRecord")
-    return Reply(from_array_record(content.array_records[ARRAYS]), dict(content.metric_records[METRICS]))
+    """A Reply from a train reply's RecordDict (metrics keep Flower's ``num-examples`` and our byte counters).
+
+    Whatever a client sent, this returns a Reply or raises :class:`MalformedMessageError`: bytes that do not decode
+    as an ``.npy`` array, object (pickled) dtypes, wrong records or metrics of the wrong type are all "malformed".
+    """
+    try:
+        if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+            raise MalformedMessageError("a leantrain reply needs an 'arrays' ArrayRecord and a 'metrics' MetricRecord")
+        return Reply(from_array_record(content.array_records[ARRAYS]), dict(content.metric_records[METRICS]))
+    except MalformedMessageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - anything a client sends must be rejected, never crash the server
+        raise MalformedMessageError(f"the reply does not decode ({type(err).__name__}: {err})") from None
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

@@ -48,7 +48,8 @@ from leantrain.federated.flower.records import (
     record_nbytes,
     to_array_record,
 )
-from leantrain.federated.simulator import check_reply, evaluate_state, seed_for
+from leantrain.federated.intake import ReplyGuard, RoundIntake
+from leantrain.federated.simulator import evaluate_state, seed_for
 
 _TRANSPORT_METRICS = ("num-examples", SENT_BYTES, RECEIVED_BYTES)
 
@@ -58,13 +59,16 @@ class LeantrainStrategy(Strategy):
 
     ``model`` is the initial global model (build it under ``torch.manual_seed(seed)`` to match the simulator; see
     :meth:`from_config`). ``test_data`` (``{"x", "labels"}``) enables server-side evaluation after every round.
-    ``node_wait_s`` bounds how long :meth:`start` waits for the nodes of all partitions to connect.
+    ``node_wait_s`` bounds how long :meth:`start` waits for the nodes of all partitions to connect. ``guard`` and
+    ``known_examples(cid)`` (a client's dataset size as the server knows it, or None) work as in the simulator's
+    :class:`~leantrain.federated.intake.RoundIntake`: replies are checked, guarded and folded in client-id order.
     """
 
     def __init__(self, algorithm: Algorithm, model: nn.Module, num_clients: int, clients_per_round: int,
                  seed: int = 0, *, devices: dict[str, float] | None = None,
                  test_data: dict[str, torch.Tensor] | None = None, eval_batch_size: int = 1000,
-                 node_wait_s: float = 120.0):  # fmt: skip
+                 node_wait_s: float = 120.0, guard: ReplyGuard | None = None,
+                 known_examples: Callable[[int], int | None] | None = None):  # fmt: skip
         if not isinstance(algorithm, Algorithm):
             raise ConfigError(f"algorithm={algorithm!r} is not a leantrain federated Algorithm")
         if not 1 <= clients_per_round <= num_clients:
@@ -72,6 +76,7 @@ class LeantrainStrategy(Strategy):
         self.algorithm, self.model = algorithm, model
         self.num_clients, self.clients_per_round, self.seed = num_clients, clients_per_round, seed
         self.test_data, self.eval_batch_size, self.node_wait_s = test_data, eval_batch_size, node_wait_s
+        self.guard, self.known_examples = guard, known_examples
         self.devices = [profile(n) for n in assign_profiles(num_clients, devices, seed)]
         self.algorithm.setup(model, num_clients, self.devices)
         self.algorithm.seed = seed
@@ -91,7 +96,7 @@ class LeantrainStrategy(Strategy):
         model = initial_model(model_fn or config.model_fn(data), config.seed)
         return cls(config.algorithm_instance(), model, config.num_clients, config.clients_per_round, config.seed,
                    devices=config.devices or None, test_data=data.test, eval_batch_size=config.eval_batch_size,
-                   node_wait_s=config.node_wait_s)  # fmt: skip
+                   node_wait_s=config.node_wait_s, known_examples=lambda cid: len(data.parts[cid]))  # fmt: skip
 
     def summary(self) -> None:
         log(INFO, "\t├──> leantrain algorithm: %s (%s)", self.algorithm.name, type(self.algorithm).__name__)
@@ -162,7 +167,7 @@ class LeantrainStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
         r = server_round - 1
-        counts = {"responded": 0, "dropped": 0, "failed": 0, "rejected": 0}
+        intake = RoundIntake(self.algorithm, r, self.guard, self.known_examples)
         events: list[str] = []
         received: dict[int, Reply | tuple[str, str]] = {}
         for msg in replies:
@@ -179,32 +184,26 @@ class LeantrainStrategy(Strategy):
                 received[cid] = read_reply(msg.content)
             except MalformedMessageError as err:
                 received[cid] = ("rejected", str(err))
-        losses = []
         for cid in self._cohort:  # sorted: the simulator's order
             if cid not in received:
-                counts["dropped"] += 1
-                events.append(f"client {cid} dropped out (no reply)")
+                intake.dropped(cid, "dropped out (no reply)")
                 continue
             reply = received[cid]
             if isinstance(reply, tuple):
-                counts[reply[0]] += 1
-                events.append(f"client {cid} {reply[0]}: {reply[1]}")
                 if reply[0] == "rejected":
+                    intake.rejected(cid, reply[1])
                     self.ledger.record(r, cid, "up", {})  # as the simulator counts a reply that is not a Reply
+                else:
+                    intake.failed(cid, reply[1])
                 continue
             self._flower["client_sent_bytes"] += int(reply.metrics.get(SENT_BYTES, 0))
             self._flower["client_received_bytes"] += int(reply.metrics.get(RECEIVED_BYTES, 0))
             reply = Reply(reply.arrays, {k: v for k, v in reply.metrics.items() if k not in _TRANSPORT_METRICS})
             self.ledger.record(r, cid, "up", reply.arrays)
-            ins = next(i for c, i in self._sent.values() if c == cid)
-            problem = check_reply(reply, self.algorithm.expected_upload(r, cid, ins))
-            if problem is not None:
-                counts["rejected"] += 1
-                events.append(f"client {cid} rejected: {problem}")
-                continue
-            self.algorithm.accumulate(r, cid, reply)
-            counts["responded"] += 1
-            losses.append(float(reply.metrics.get("loss", float("nan"))))
+            intake.offer(cid, next(i for c, i in self._sent.values() if c == cid), reply)
+        accepted = intake.close()
+        losses = [float(reply.metrics.get("loss", float("nan"))) for reply in accepted.values()]
+        counts, events = intake.counts, events + intake.events
         self.algorithm.aggregate(r)
         row = {"round": r, "cohort": len(self._cohort), **counts, **self.ledger.round_totals(r),
                "train_loss": float(np.nanmean(losses)) if losses else None, "events": events,
