@@ -144,6 +144,12 @@ class FederatedConfig:
     eval_every: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)
     checkpoint_every: int = _f(1, "save the server state every N rounds (and at the end or on Ctrl-C)", ge=1)
     stop_after: int | None = _f(None, "stop after N rounds in all (continue later with resume=RUN_DIR)", ge=1)
+    engine: str = _f("auto", "how a round's clients are trained (results do not depend on it): auto, sequential, "
+                     "vmap", choices="leantrain.federated.engines:ENGINES")  # fmt: skip
+    workers: int = _f(1, "worker processes the clients of a round are spread over (torch.distributed, gloo)", ge=1)
+    guard_norm_ratio: float | None = _f(100.0, "reject a reply whose update norm exceeds this multiple of the "
+                                        "cohort's median (None: off)", gt=1.0)  # fmt: skip
+    max_examples: int | None = _f(None, "cap on the dataset size a client may claim (besides its known size)", ge=1)
 
 
 @dataclass

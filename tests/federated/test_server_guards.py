@@ -74,7 +74,9 @@ class Fragile(FedAvg):
         return super().client_update(ctx, instruction)
 
 
-@pytest.mark.parametrize("error", [ValueError("bad shapes"), KeyError("w"), RuntimeError("CUDA-like"), ZeroDivisionError()])
+@pytest.mark.parametrize(
+    "error", [ValueError("bad shapes"), KeyError("w"), RuntimeError("CUDA-like"), ZeroDivisionError()]
+)
 def test_any_client_exception_marks_that_client_failed_and_the_run_goes_on(error):
     sim, seen = _spy_sim(algorithm=Fragile(error), rounds=2)
     history = sim.run()
@@ -143,7 +145,9 @@ def test_a_configured_maximum_caps_sample_claims_too():
         torch.testing.assert_close(value, _weighted_mean(replies, {0: 6, 1: 10, 2: 10}, name), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("bad", [{"norm_ratio": 1.0}, {"norm_ratio": True}, {"max_examples": 0}, {"max_examples": 2.5}])
+@pytest.mark.parametrize(
+    "bad", [{"norm_ratio": 1.0}, {"norm_ratio": True}, {"max_examples": 0}, {"max_examples": 2.5}]
+)
 def test_guard_settings_are_validated(bad):
     with pytest.raises(ConfigError, match="ReplyGuard"):
         ReplyGuard(**bad)

@@ -10,10 +10,10 @@ from leantrain.federated.algorithms import (
     Reply,
     make_algorithm,
 )
+from leantrain.federated.algorithms.base import train_client
 from leantrain.federated.client import ClientData, LocalTraining, local_sgd
 from leantrain.federated.clock import PROFILES, DeviceProfile, SimulatedClock
 from leantrain.federated.comm import ByteLedger, decode_arrays, encode_arrays, wire_nbytes
-from leantrain.federated.algorithms.base import train_client
 from leantrain.federated.engines import ENGINES, make_engine
 from leantrain.federated.intake import ReplyGuard, check_reply
 from leantrain.federated.simulator import FederatedData, History, Simulator, federated_data

@@ -22,7 +22,7 @@ from leantrain.errors import Interrupted
 
 def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     """Run the recipe's federated simulation into ``run_dir`` (continuing ``resume_from``); returns the summary."""
-    from leantrain.federated import Simulator, make_algorithm
+    from leantrain.federated import ReplyGuard, Simulator, make_algorithm
     from leantrain.federated.simulator import federated_data
     from leantrain.models.build import build_model_for_data
     from leantrain.train.interrupt import deferred_sigint
@@ -42,7 +42,8 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         local_steps=f.local_steps, batch_size=cfg.data.batch_size, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, devices=f.devices or None, dropout=f.client_dropout,
         failure=f.client_failure, eval_every=f.eval_every, seed=cfg.seed,
-        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=f.checkpoint_every,
+        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=f.checkpoint_every, engine=f.engine,
+        guard=ReplyGuard(f.guard_norm_ratio, f.max_examples),
     )  # fmt: skip
     if resume_from is not None:
         sim.restore(resume_from)

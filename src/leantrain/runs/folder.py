@@ -22,8 +22,9 @@ from leantrain.config import RunConfig
 from leantrain.errors import ConfigError
 from leantrain.runs.kinds import kind_of
 
-# Top-level keys that never change what a run computes.
-PRESENTATION_KEYS = ("resume", "progress", "threads", "log_formats", "output_dir")
+# Keys that never change what a run computes (how it is shown, where it is written, how fast it goes).
+PRESENTATION_KEYS = ("resume", "progress", "threads", "log_formats", "output_dir", "federated.engine",
+                     "federated.workers")  # fmt: skip
 
 
 def create_run_dir(cfg: RunConfig) -> Path:

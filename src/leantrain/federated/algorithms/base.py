@@ -165,7 +165,7 @@ class Algorithm:
             return 1.0
         if "num_examples" not in reply.metrics:
             raise ConfigError("a reply without metrics['num_examples'] (the client's dataset size) cannot be "
-                              "weighted by samples; runtimes set it with leantrain.federated.train_client")  # fmt: skip
+                              "weighted by samples; runtimes set it (leantrain.federated.train_client)")  # fmt: skip
         return float(reply.metrics["num_examples"])
 
     def reference(self, name: str) -> torch.Tensor | None:
