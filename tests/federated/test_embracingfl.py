@@ -135,6 +135,19 @@ def test_memory_estimate_is_monotone_and_the_chosen_cut_fits(name, shape):
         assert all(plan["fits"] for plan in alg.plan.values())
 
 
+def test_a_plan_that_does_not_fit_warns_and_one_that_fits_does_not():
+    import warnings
+
+    devices = [profile("strong"), profile("moderate"), profile("weak")]
+    with pytest.warns(UserWarning, match=r"no cut of this model fits 'weak' clients' memory budget"):
+        EmbracingFL().setup(build_model("cnn", input_shape=(1, 8, 8)), 3, devices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alg = EmbracingFL()
+        alg.setup(build_model("resnet20", input_shape=(3, 32, 32)), 3, devices)
+    assert all(plan["fits"] for plan in alg.plan.values())
+
+
 def test_bad_options_raise_config_errors_naming_them():
     bad = [
         (dict(cuts={"wek": 1}), "cuts"),

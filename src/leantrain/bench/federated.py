@@ -1,27 +1,32 @@
-"""``leantrain bench federated``: FedAvg, FedLAMA, FedLUAR and partial averaging; EmbracingFL; simulator speed.
+"""``leantrain bench federated``: accuracy and bytes of the layer-wise algorithms, partial averaging in its paper's
+setting, EmbracingFL where weak clients' data matters, cross-device speed against Flower, workers, memory.
 
-Setting (one for every algorithm): Fashion-MNIST (mnist5k when the Fashion-MNIST package is absent), 100 clients,
-10 sampled per round, a small CNN (conv 16-32, hidden 64, 106k parameters), τ = 10 local SGD steps of batch 32 at
-lr 0.05 with momentum 0.9 (a fresh optimizer per client and round), 50 rounds (``--quick``: 10 rounds, 1 seed,
-Dirichlet only), Dirichlet α = 0.1 and IID partitions, seeds 0..2. Partial averaging runs the same number of local
-iterations: 500 rounds of one step, with τ = 8 groups (whole tensors; the CNN has 8, so it averages slightly more
-often than FedAvg's τ = 10 and sends about 25% more bytes). Algorithm options are the papers' defaults scaled to
-this CNN (FedLUAR δ = 2 of its 4 kernel tensors, the spec's FEMNIST-CNN value, and δ = 1 as a sensitivity row;
-FedLAMA φ = 2).
+Every accuracy row is like for like: the same data, partition, model, cohorts, rounds and local iterations for
+every method, and each method's own learning rate, chosen on a validation split (seed 0, the grid ``LR_GRID``, by
+the mean validation accuracy of the last 10 evaluated rounds) before its seeds run on the test split. Rows report
+the final test accuracy and the mean of the last 10 evaluated rounds (final values swing by several points with
+10 clients per round), mean ± std over seeds.
 
 Parts (``--part``):
 
-- ``accuracy``: final test accuracy (mean ± std over seeds) and total bytes up and down per algorithm and
-  partition, each run in a fresh process, two at a time.
-- ``embracing``: EmbracingFL with 50% weak and 25% moderate clients against all-strong FedAvg and strong-only
-  FedAvg (weak and moderate clients excluded), Dirichlet α = 0.1. Cuts as the spec gives them for the FEMNIST CNN
-  (weak clients train the two FC layers, moderate conv2 and the FCs): the memory estimate would leave this small
-  CNN's weak and moderate clients only the output layer, over budget (docs/embracingfl.md).
-- ``throughput``: seconds per round of the 100-client FedAvg workload in our simulator, the same local training
-  run as a bare loop (the raw compute), and Flower's simulation engine when flwr is installed.
+- ``accuracy``: FedAvg, FedLAMA (φ = 2), FedLUAR (δ = 2 of the CNN's 4 kernel tensors, the paper's rule, and the
+  variants of docs/fedluar.md) and partial averaging with sampled cohorts; Fashion-MNIST (mnist5k when absent),
+  100 clients, 10 per round, CNN conv 16-32 / hidden 64, τ = 10 local SGD steps of batch 32 with momentum 0.9,
+  50 rounds (partial averaging: 500 rounds of one step, 8 groups), Dirichlet α = 0.1 and IID.
+- ``partial``: partial averaging in its paper's setting (spec §3.5): 32 clients, all of them every round, digits,
+  IID and Dirichlet α = 0.3, the CNN, τ = 8, 2,000 local iterations: FedAvg(τ = 8, 250 rounds) against 8 groups
+  (2,000 rounds of one step).
+- ``embracing``: EmbracingFL (50% weak, 25% moderate clients; weak train the FC layers, moderate conv2 + FCs)
+  against all-strong FedAvg (an upper bound) and strong-only FedAvg (the paper's baseline: weak and moderate
+  clients left out), in two conditions: ``dirichlet`` (labels skewed independently of devices) and ``weak-data``
+  (half the classes are held 90% by weak clients: the data strong-only FedAvg never sees).
+- ``cross-device``: clients per second of our simulator (sequential and vectorised engines) and of Flower's
+  simulation engine on the same cross-device workload (:mod:`leantrain.bench.federated_cross_device`).
+- ``workers``: rounds per second with 1 and 2 worker processes (:mod:`leantrain.bench.federated_workers`).
 - ``memory``: peak RSS of the simulator with 10 and with 1,000 clients (same cohort size), fresh processes.
 
-Targets from the issue are evaluated and printed, never tuned for.
+``--quick``: 10 rounds (partial: 400 iterations), one seed, no learning-rate search (lr 0.05), Dirichlet only.
+Targets from the issues are evaluated and printed, never tuned for.
 """
 
 from __future__ import annotations
@@ -44,17 +49,28 @@ from leantrain.bench.report import BenchResults, Progress, discard, log, markdow
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.fedavg import FedAvg
 
-PARTS = ("accuracy", "embracing", "throughput", "memory")
-ALGORITHMS = {
-    "fedavg": {},
-    "fedlama": {"phi": 2},
-    "fedluar": {"recycled_layers": 2},
-    "fedluar-d1": {"recycled_layers": 1},
-    "fedpa": {"groups": 8},  # whole tensors: the CNN has 8, so tau = 8 groups at most
-}
+PARTS = ("accuracy", "partial", "embracing", "cross-device", "workers", "memory")
+LR_GRID = (0.02, 0.05, 0.1)
+QUICK_LR = 0.05
 MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 64}
-BASE = {"num_clients": 100, "clients_per_round": 10, "local_steps": 10, "batch_size": 32, "lr": 0.05,
-        "momentum": 0.9, "eval_every": 5}  # fmt: skip
+BASE = {"num_clients": 100, "clients_per_round": 10, "local_steps": 10, "batch_size": 32, "momentum": 0.9,
+        "eval_every": 5}  # fmt: skip
+# label -> (algorithm, options, settings that differ from BASE); fedpa runs the same local iterations as FedAvg
+ACCURACY_ARMS: dict[str, tuple[str, dict, dict]] = {
+    "fedavg": ("fedavg", {}, {}),
+    "fedlama": ("fedlama", {"phi": 2}, {}),
+    "fedluar": ("fedluar", {"recycled_layers": 2}, {}),
+    "fedpa": ("fedpa", {"groups": 8}, {"local_steps": 1, "rounds_x": 10, "eval_every": 50}),
+}
+PARTIAL = {"num_clients": 32, "clients_per_round": 32, "batch_size": 32, "momentum": 0.9, "iterations": 2000,
+           "tau": 8}  # fmt: skip
+EMBRACING_MIX = {"weak": 0.5, "moderate": 0.25}
+EMBRACING_ARMS = {
+    "embracingfl": ("embracingfl", {"cuts": {"weak": 2, "moderate": 1}}, EMBRACING_MIX),
+    "all-strong": ("fedavg", {}, None),
+    "strong-only": ("strong-only", {}, EMBRACING_MIX),
+}
+WEAK_CLASSES, WEAK_SHARE = (0, 1, 2, 3, 4), 0.9
 
 
 def dataset_name() -> str:
@@ -68,26 +84,76 @@ def dataset_name() -> str:
         return "mnist5k"
 
 
+# ---------------------------------------------------------------------------- one run, in a fresh process
+
+
+def weak_held_partition(labels: np.ndarray, device_names: list[str], classes=WEAK_CLASSES, share=WEAK_SHARE,
+                        seed: int = 0) -> list[np.ndarray]:  # fmt: skip
+    """Rows of ``classes`` go ``share`` to weak clients and the rest to the others; other classes to non-weak
+    clients only. Within each group rows are dealt round-robin after a seeded shuffle (every client gets rows)."""
+    rng = np.random.default_rng(seed)
+    weak = [c for c, n in enumerate(device_names) if n == "weak"]
+    other = [c for c, n in enumerate(device_names) if n != "weak"]
+    if not weak or not other:
+        raise ConfigError("weak_held_partition needs weak and non-weak clients")
+    buckets: dict[int, list[int]] = {c: [] for c in range(len(device_names))}
+    for group in (weak, other):
+        rng.shuffle(group)
+    cursor = {"weak": 0, "other": 0}
+
+    def deal(rows: np.ndarray, group: list[int], key: str) -> None:
+        for row in rows:
+            buckets[group[cursor[key] % len(group)]].append(int(row))
+            cursor[key] += 1
+
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        if int(label) in classes:
+            cut = int(round(share * len(rows)))
+            deal(rows[:cut], weak, "weak")
+            deal(rows[cut:], other, "other")
+        else:
+            deal(rows, other, "other")
+    return [np.asarray(sorted(buckets[c]), dtype=np.int64) for c in range(len(device_names))]
+
+
+def _data(spec: dict):
+    from leantrain.federated.clock import assign_profiles
+    from leantrain.federated.simulator import federated_data
+
+    partition, clients = spec["partition"], spec["settings"]["num_clients"]
+    eval_split = "val" if spec.get("tune") else "test"
+    if partition == "weak-data":
+        from leantrain.data import load_dataset
+
+        labels = np.asarray(load_dataset(spec["dataset"], seed=spec["seed"]).train.y)
+        names = assign_profiles(clients, spec.get("devices") or EMBRACING_MIX, spec["seed"])
+        parts = weak_held_partition(labels, names, seed=spec["seed"])
+        return federated_data(spec["dataset"], parts, clients, seed=spec["seed"], eval_split=eval_split)
+    options = {"alpha": spec["alpha"]} if partition == "dirichlet" else {}
+    return federated_data(spec["dataset"], partition, clients, seed=spec["seed"], eval_split=eval_split, **options)
+
+
 def run_config(spec: dict) -> dict:
     """Run one simulation described by ``spec`` in this process; its history summary (JSON-able)."""
     from leantrain.federated import Simulator, make_algorithm
-    from leantrain.models import build_model
+    from leantrain.models.build import build_model_for_data
 
     torch.set_num_threads(1)
     algorithm = (StrongOnlyFedAvg() if spec["algorithm"] == "strong-only"
                  else make_algorithm(spec["algorithm"], **spec.get("options", {})))  # fmt: skip
-    model = dict(MODEL)
+    model = dict(spec.get("model", MODEL))
     name = model.pop("name")
-    settings = {**BASE, **spec.get("settings", {})}
-    partition = spec["partition"]
-    options = {"alpha": 0.1} if partition == "dirichlet" else {}
+    data = _data(spec)
+    fields = {"input_shape": data.input_shape, "num_classes": data.num_classes}
     started = time.perf_counter()
-    sim = Simulator(algorithm, lambda: build_model(name, **model), spec["dataset"], partition,
-                    rounds=spec["rounds"], seed=spec["seed"], partition_options=options,
-                    devices=spec.get("devices"), **settings)  # fmt: skip
+    sim = Simulator(algorithm, lambda: build_model_for_data(name, model, fields), data, rounds=spec["rounds"],
+                    seed=spec["seed"], devices=spec.get("devices"), lr=spec["lr"], engine="sequential",
+                    **spec["settings"])  # fmt: skip
     history = sim.run()
     return {
-        "final_test_accuracy": history.last("test_accuracy"),
+        "final": history.last("test_accuracy"),
+        "last10": history.window_mean("test_accuracy"),
         **history.totals,
         "wall_s": time.perf_counter() - started,
         "curve": [(r["round"], r["test_accuracy"]) for r in history.rounds if r.get("test_accuracy") is not None],
@@ -114,190 +180,119 @@ def _subprocess(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def spec_rows(specs: list[dict], anchor: str, part: str, log, add=discard, workers: int = 2) -> list[dict]:
-    """Run ``specs`` in fresh processes, ``workers`` at a time; one row per (label, partition) over the seeds.
+# ---------------------------------------------------------------------------- tuned rows
 
-    Results are taken in spec order, and a row is passed to ``add`` as soon as its last seed's run is in.
-    """
-    progress = Progress(f"federated {part}", len(specs))
+
+def _run_all(specs: list[dict], progress: Progress, workers: int = 2) -> list[dict]:
+    """Run ``specs`` in fresh processes, ``workers`` at a time; results in spec order."""
 
     def one(spec):
-        with progress.unit(f"{spec['label']} {spec['partition']} seed {spec['seed']}"):
+        split = "validation" if spec.get("tune") else "test"
+        what = f"{spec['label']} {spec['task']} lr {spec['lr']:g} seed {spec['seed']} ({split})"
+        with progress.unit(what):
             result = _subprocess(spec)
-            log(f"  {spec['label']:<12} {spec['partition']:<9} seed {spec['seed']}: accuracy "
-                f"{result['final_test_accuracy']:.4f}, up {result['up_bytes'] / 1e6:.1f} MB, "
-                f"down {result['down_bytes'] / 1e6:.1f} MB, {result['wall_s']:.0f} s")  # fmt: skip
+        log(f"  {what}: final {result['final']:.4f}, last-10 {result['last10']:.4f}, "
+            f"up {result['up_bytes'] / 1e6:.1f} MB, {result['wall_s']:.0f} s")  # fmt: skip
         return result
 
-    left = Counter((spec["label"], spec["partition"]) for spec in specs)
-    groups: dict[tuple[str, str], list[dict]] = {}
-    rows = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for spec, result in zip(specs, pool.map(one, specs), strict=True):
-            key = (spec["label"], spec["partition"])
-            groups.setdefault(key, []).append(result)
-            left[key] -= 1
-            if left[key] == 0:
-                rows.append(_row(*key, groups[key], anchor))
-                add(rows[-1])
+        return list(pool.map(one, specs))
+
+
+def tuned_rows(arms: list[dict], seeds: int, quick: bool, part: str, anchor: str, add=discard) -> list[dict]:
+    """For each arm (a spec without lr/seed): lr chosen on validation (seed 0), then ``seeds`` seeds on test.
+
+    One row per arm, added as soon as its seeds are in. Quick: no search, ``QUICK_LR``.
+    """
+    grid = (QUICK_LR,) if quick else LR_GRID
+    search = len(grid) > 1
+    progress = Progress(f"federated {part}", len(arms) * ((len(grid) if search else 0) + seeds))
+    index = {arm["key"]: i for i, arm in enumerate(arms)}
+    searched: dict[int, dict[float, float]] = {i: {} for i in range(len(arms))} if search else {}
+    if search:
+        specs = [{**arm, "lr": lr, "seed": 0, "tune": True} for arm in arms for lr in grid]
+        for spec, result in zip(specs, _run_all(specs, progress), strict=True):
+            searched[index[spec["key"]]][spec["lr"]] = result["last10"]
+    # the best validation last-10 accuracy; ties go to the rate nearest the common default
+    chosen = {i: max(s, key=lambda lr, s=s: (s[lr], -abs(np.log(lr / QUICK_LR)))) for i, s in searched.items()}
+    specs = [{**arm, "lr": chosen.get(i, grid[0]), "seed": s} for i, arm in enumerate(arms) for s in range(seeds)]
+    rows = []
+    left = Counter(spec["key"] for spec in specs)
+    groups: dict[str, list[dict]] = {}
+    for spec, result in zip(specs, _run_all(specs, progress), strict=True):
+        groups.setdefault(spec["key"], []).append(result)
+        left[spec["key"]] -= 1
+        if left[spec["key"]] == 0:
+            i = index[spec["key"]]
+            rows.append(_row(arms[i], groups[spec["key"]], spec["lr"], searched.get(i), anchor))
+            add(rows[-1])
     return rows
 
 
-def _row(label: str, partition: str, runs: list[dict], anchor: str) -> dict:
-    mean, std = mean_std([r["final_test_accuracy"] for r in runs])
+def _row(arm: dict, runs: list[dict], lr: float, searched: dict | None, anchor: str) -> dict:
+    final, final_std = mean_std([r["final"] for r in runs])
+    last, last_std = mean_std([r["last10"] for r in runs])
     return {
-        "method": label, "anchor": label == anchor, "model": "cnn-16-32", "task": f"{partition}",
-        "metric_name": "accuracy", "metric": mean, "metric_std": std, "seeds": len(runs),
-        "extra": {"up_bytes": statistics.mean(r["up_bytes"] for r in runs),
-                  "down_bytes": statistics.mean(r["down_bytes"] for r in runs),
-                  "up_messages": statistics.mean(r["up_messages"] for r in runs),
-                  "per_seed": [r["final_test_accuracy"] for r in runs],
-                  "wall_s_median": statistics.median(r["wall_s"] for r in runs),
-                  "curve_seed0": runs[0]["curve"]},
+        "method": arm["label"], "anchor": arm["label"] == anchor, "model": arm.get("model_label", "cnn-16-32"),
+        "task": arm["task"], "metric_name": "accuracy", "metric": final, "metric_std": final_std,
+        "seeds": len(runs), "bytes_up": statistics.fmean(r["up_bytes"] for r in runs),
+        "bytes_down": statistics.fmean(r["down_bytes"] for r in runs),
+        "messages_up": statistics.fmean(r["up_messages"] for r in runs), "rounds": arm["rounds"],
+        "extra": {"last10_mean": last, "last10_std": last_std, "lr": lr,
+                  "lr_search_val_last10": {str(k): v for k, v in (searched or {}).items()},
+                  "per_seed_final": [r["final"] for r in runs], "per_seed_last10": [r["last10"] for r in runs],
+                  "up_bytes": statistics.fmean(r["up_bytes"] for r in runs),
+                  "down_bytes": statistics.fmean(r["down_bytes"] for r in runs),
+                  "wall_s_median": statistics.median(r["wall_s"] for r in runs), "curve_seed0": runs[0]["curve"],
+                  "options": arm.get("options", {}), "condition": arm.get("condition")},
     }  # fmt: skip
 
 
-def accuracy_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
+def accuracy_arms(quick: bool, dataset: str, extra_arms: dict | None = None) -> list[dict]:
     rounds = 10 if quick else 50
-    partitions = ("dirichlet",) if quick else ("dirichlet", "iid")
-    specs = []
-    for seed in range(seeds):
-        for partition in partitions:
-            for name, options in ALGORITHMS.items():
-                spec = {"algorithm": name.split("-")[0], "label": name, "options": options, "partition": partition,
-                        "seed": seed, "dataset": dataset, "rounds": rounds}  # fmt: skip
-                if name == "fedpa":  # the same local iterations: τ rounds of one step per FedAvg round
-                    tau = BASE["local_steps"]
-                    spec.update(rounds=rounds * tau, settings={"local_steps": 1, "eval_every": 5 * tau})
-                specs.append(spec)
-    return specs
+    arms = []
+    for partition in ("dirichlet",) if quick else ("dirichlet", "iid"):
+        for label, (algorithm, options, settings) in {**ACCURACY_ARMS, **(extra_arms or {})}.items():
+            settings = dict(settings)
+            scale = settings.pop("rounds_x", 1)
+            arms.append({"key": f"{label}/{partition}", "label": label, "algorithm": algorithm, "options": options,
+                         "partition": partition, "alpha": 0.1, "task": partition, "dataset": dataset,
+                         "rounds": rounds * scale, "settings": {**BASE, **settings}})  # fmt: skip
+    return arms
 
 
-def embracing_specs(seeds: int, quick: bool, dataset: str) -> list[dict]:
+def partial_arms(quick: bool) -> list[dict]:
+    iterations = 400 if quick else PARTIAL["iterations"]
+    tau = PARTIAL["tau"]
+    settings = {k: PARTIAL[k] for k in ("num_clients", "clients_per_round", "batch_size", "momentum")}
+    arms = []
+    for partition in ("dirichlet",) if quick else ("dirichlet", "iid"):
+        task = f"{partition}-full-participation"
+        arms += [
+            {"key": f"fedavg/{task}", "label": "fedavg", "algorithm": "fedavg", "options": {}, "partition": partition,
+             "alpha": 0.3, "task": task, "dataset": "digits", "rounds": iterations // tau, "model_label": "cnn-8x8",
+             "model": {"name": "cnn"}, "settings": {**settings, "local_steps": tau, "eval_every": 5}},
+            {"key": f"fedpa/{task}", "label": "fedpa", "algorithm": "fedpa", "options": {"groups": tau},
+             "partition": partition, "alpha": 0.3, "task": task, "dataset": "digits", "rounds": iterations,
+             "model_label": "cnn-8x8", "model": {"name": "cnn"},
+             "settings": {**settings, "local_steps": 1, "eval_every": 5 * tau}},
+        ]  # fmt: skip
+    return arms
+
+
+def embracing_arms(quick: bool, dataset: str) -> list[dict]:
     rounds = 10 if quick else 50
-    mix = {"weak": 0.5, "moderate": 0.25}
-    cuts = {"weak": 2, "moderate": 1}  # the spec's FEMNIST-CNN split: weak train the FCs, moderate conv2 + FCs
-    arms = [("embracingfl", "embracingfl", mix, {"cuts": cuts}), ("all-strong", "fedavg", None, {}),
-            ("strong-only", "strong-only", mix, {})]  # fmt: skip
-    return [
-        {"algorithm": algo, "label": label, "options": options, "partition": "dirichlet", "seed": seed,
-         "dataset": dataset, "rounds": rounds, "devices": devices}
-        for seed in range(seeds) for label, algo, devices, options in arms
-    ]  # fmt: skip
+    arms = []
+    for condition in ("dirichlet",) if quick else ("dirichlet", "weak-data"):
+        for label, (algorithm, options, devices) in EMBRACING_ARMS.items():
+            arms.append({"key": f"{label}/{condition}", "label": label, "algorithm": algorithm, "options": options,
+                         "partition": condition, "alpha": 0.1, "task": condition, "condition": condition,
+                         "dataset": dataset, "rounds": rounds, "devices": devices,
+                         "settings": dict(BASE)})  # fmt: skip
+    return arms
 
 
-# ---------------------------------------------------------------------------- throughput and memory
-
-
-def throughput_rows(rounds: int, log, add=discard) -> list[dict]:
-    """Seconds per round: our simulator vs the same local training as a bare loop, and vs Flower when installed.
-
-    Medians over rounds after one warm-up round (torch's lazy initialisation lands in the first optimizer step).
-    The simulator evaluates the global model every round, as the Flower strategy does; its training-only round
-    time is the round's wall time minus one timed evaluation, and its overhead is that over the raw loop.
-    """
-    torch.set_num_threads(1)
-    progress = Progress("federated throughput", 3)
-    with progress.unit(f"leantrain simulator, {1 + rounds} rounds"):
-        sim, with_eval, eval_s = _simulator_round_time(rounds)
-    sim_s = with_eval - eval_s
-    with progress.unit(f"raw local training, {1 + rounds} rounds"):
-        raw_s = _raw_round_time(sim, rounds)
-    log(f"  simulator {with_eval:.3f} s/round with evaluation ({eval_s:.3f} s of it), {sim_s:.3f} s without; "
-        f"raw local training {raw_s:.3f} s/round")  # fmt: skip
-    rows = [
-        {"method": "leantrain-simulator", "anchor": True, "task": "fedavg-100-clients",
-         "step_time_s_median": sim_s, "extra": {"overhead_over_raw": sim_s / raw_s - 1, "rounds": rounds}},
-        {"method": "leantrain-simulator-eval-every-round", "anchor": False, "task": "fedavg-100-clients",
-         "step_time_s_median": with_eval, "extra": {"rounds": rounds, "eval_s": eval_s}},
-        {"method": "raw-local-training", "anchor": False, "task": "fedavg-100-clients",
-         "step_time_s_median": raw_s, "extra": {"rounds": rounds}},
-    ]  # fmt: skip
-    for row in rows:
-        add(row)
-    with progress.unit(f"flower simulation, 1 and {1 + rounds} rounds"):
-        flower = flower_round_time(rounds, log)
-    if flower is not None:
-        rows.append({"method": "flower-simulation", "anchor": False, "task": "fedavg-100-clients",
-                     "step_time_s_median": flower, "extra": {"rounds": rounds}})  # fmt: skip
-        add(rows[-1])
-    return rows
-
-
-def _simulator_round_time(rounds: int):
-    """(simulator, median seconds per round with evaluation, seconds of one evaluation) over 1 + ``rounds``."""
-    from leantrain.federated import Simulator
-    from leantrain.models import build_model
-
-    model = dict(MODEL)
-    name = model.pop("name")
-    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset_name(), "dirichlet", rounds=1 + rounds,
-                    partition_options={"alpha": 0.1}, **{**BASE, "eval_every": 1})  # fmt: skip
-    history = sim.run()
-    with_eval = statistics.median(r["wall_s"] for r in history.rounds[1:])
-    start = time.perf_counter()
-    sim.evaluate()
-    return sim, with_eval, time.perf_counter() - start
-
-
-def _raw_round_time(sim, rounds: int) -> float:
-    """The raw compute: median seconds per round of ``sim``'s clients, batches and local steps, nothing else.
-
-    No ledger, checks, aggregation or evaluation.
-    """
-    from leantrain.federated.algorithms.base import communicated, load_arrays
-    from leantrain.federated.client import local_sgd
-    from leantrain.federated.simulator import seed_for
-    from leantrain.models import build_model
-
-    model = dict(MODEL)
-    name = model.pop("name")
-    raw = build_model(name, **model)
-    state = communicated(sim.algorithm.global_state)
-    raw_times = []
-    for r in range(1 + rounds):
-        start = time.perf_counter()
-        rng = np.random.default_rng(seed_for(sim.seed, r))
-        for cid in sim.algorithm.sample(r, sim.clients_per_round, rng, list(range(sim.num_clients))):
-            load_arrays(raw, state)
-            batches = sim.client_data.batches(cid, BASE["batch_size"], seed_for(sim.seed, r, cid))
-            local_sgd(raw, sim.loss_fn, batches, BASE["local_steps"], BASE["lr"], BASE["momentum"])
-        raw_times.append(time.perf_counter() - start)
-    return statistics.median(raw_times[1:])
-
-
-def flower_round_time(rounds: int, log) -> float | None:
-    """Seconds per round of the same FedAvg workload on Flower's simulation engine (None without flwr).
-
-    100 virtual SuperNodes, one ClientApp at a time on one CPU (as our simulator), server-side evaluation every
-    round. The per-round time is the difference between a (1 + rounds)-round and a 1-round ``flwr run``, so Ray's
-    and the apps' start-up cost cancels out.
-    """
-    import tempfile
-
-    from leantrain.errors import MissingDependencyError
-
-    try:
-        from leantrain.federated.flower import LocalSimulation, write_app
-    except (ImportError, MissingDependencyError):
-        log("  flwr is not installed: no Flower throughput row")
-        return None
-    model = dict(MODEL)
-    name = model.pop("name")
-    walls = {}
-    for n in (1, 1 + rounds):
-        with tempfile.TemporaryDirectory() as tmp:
-            app = write_app(Path(tmp) / "app", algorithm="fedavg", model=name, model_options=model,
-                            dataset=dataset_name(), partition="dirichlet", partition_options={"alpha": 0.1},
-                            num_clients=BASE["num_clients"], clients_per_round=BASE["clients_per_round"], rounds=n,
-                            local_steps=BASE["local_steps"], batch_size=BASE["batch_size"], lr=BASE["lr"],
-                            momentum=BASE["momentum"], torch_threads=1)  # fmt: skip
-            with LocalSimulation(BASE["num_clients"], flwr_home=Path(tmp) / "flwr-home") as flower:
-                start = time.perf_counter()
-                flower.run_app(app, timeout_s=1800)
-                walls[n] = time.perf_counter() - start
-        log(f"  flower simulation, {n} round(s): {walls[n]:.1f} s")
-    return (walls[1 + rounds] - walls[1]) / rounds
+# ---------------------------------------------------------------------------- memory
 
 
 def memory_rows(log, add=discard) -> list[dict]:
@@ -324,7 +319,8 @@ def memory_probe(num_clients: int) -> dict:
     model = dict(MODEL)
     name = model.pop("name")
     settings = {**BASE, "num_clients": num_clients, "eval_every": 3}
-    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset_name(), "iid", rounds=3, **settings)
+    sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset_name(), "iid", rounds=3, lr=QUICK_LR,
+                    **settings)  # fmt: skip
     sim.run()
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "num_clients": num_clients}
 
@@ -332,36 +328,46 @@ def memory_probe(num_clients: int) -> dict:
 # ---------------------------------------------------------------------------- targets and entry point
 
 
-def targets(acc: list[dict], emb: list[dict], thr: list[dict], mem: list[dict]) -> dict[str, bool]:
+def targets(rows: dict[str, list[dict]]) -> dict[str, bool]:
     out: dict[str, bool] = {}
-    by = {(r["method"], r["task"]): r for r in acc}
+    by = {(r["method"], r["task"]): r for r in rows.get("accuracy", [])}
     for partition in ("dirichlet", "iid"):
         avg = by.get(("fedavg", partition))
         if avg is None:
             continue
         luar, lama = by.get(("fedluar", partition)), by.get(("fedlama", partition))
+        last = avg["extra"]["last10_mean"]
         if luar:
-            out[f"fedluar_uplink<=0.3x_fedavg_{partition}"] = (
-                luar["extra"]["up_bytes"] <= 0.3 * avg["extra"]["up_bytes"]
-            )
-            out[f"fedluar_within_1pt_{partition}"] = luar["metric"] >= avg["metric"] - 0.01
+            out[f"fedluar_uplink<=0.3x_fedavg_{partition}"] = luar["bytes_up"] <= 0.3 * avg["bytes_up"]
+            out[f"fedluar_within_1pt_{partition}"] = luar["extra"]["last10_mean"] >= last - 0.01
         if lama:
-            total = lama["extra"]["up_bytes"] + lama["extra"]["down_bytes"]
-            out[f"fedlama_total<=0.7x_fedavg_{partition}"] = total <= 0.7 * (
-                avg["extra"]["up_bytes"] + avg["extra"]["down_bytes"]
+            total = lama["bytes_up"] + lama["bytes_down"]
+            out[f"fedlama_total<=0.7x_fedavg_{partition}"] = total <= 0.7 * (avg["bytes_up"] + avg["bytes_down"])
+            out[f"fedlama_within_1pt_{partition}"] = lama["extra"]["last10_mean"] >= last - 0.01
+    part = {(r["method"], r["task"]): r for r in rows.get("partial", [])}
+    for task in {t for _, t in part}:
+        if ("fedavg", task) in part and ("fedpa", task) in part:
+            out[f"partial_averaging>=fedavg_{task}"] = (
+                part[("fedpa", task)]["extra"]["last10_mean"] >= part[("fedavg", task)]["extra"]["last10_mean"]
             )
-            out[f"fedlama_within_1pt_{partition}"] = lama["metric"] >= avg["metric"] - 0.01
-    e = {r["method"]: r for r in emb}
-    if {"embracingfl", "all-strong", "strong-only"} <= set(e):
-        out["embracingfl_within_2pt_of_all_strong"] = e["embracingfl"]["metric"] >= e["all-strong"]["metric"] - 0.02
-        out["embracingfl_above_strong_only"] = e["embracingfl"]["metric"] > e["strong-only"]["metric"]
-    t = {r["method"]: r for r in thr}
-    if "leantrain-simulator" in t:
-        out["simulator_overhead<=10pct"] = t["leantrain-simulator"]["extra"]["overhead_over_raw"] <= 0.10
-        if "flower-simulation" in t:
-            ours = t["leantrain-simulator-eval-every-round"]["step_time_s_median"]
-            ratio = t["flower-simulation"]["step_time_s_median"] / ours
-            out["simulator>=20x_flower_throughput"] = ratio >= 20
+    emb = {(r["method"], r["task"]): r for r in rows.get("embracing", [])}
+    for condition in ("dirichlet", "weak-data"):
+        if all((m, condition) in emb for m in EMBRACING_ARMS):
+            e, hi, lo = (emb[(m, condition)]["extra"]["last10_mean"] for m in EMBRACING_ARMS)
+            out[f"embracingfl_within_2pt_of_all_strong_{condition}"] = e >= hi - 0.02
+            out[f"embracingfl_above_strong_only_{condition}"] = e > lo
+    cross = {r["method"]: r for r in rows.get("cross-device", [])}
+    if "flower" in cross:
+        best = max(cross[m]["clients_per_s"] for m in ("simulator", "simulator-vmap") if m in cross)
+        out["cross_device>=50x_flower"] = best >= 50 * cross["flower"]["clients_per_s"]
+    if "simulator" in cross and "simulator-vmap" in cross:
+        vmap, sequential = cross["simulator-vmap"]["clients_per_s"], cross["simulator"]["clients_per_s"]
+        out["vmap>=5x_sequential"] = vmap >= 5 * sequential
+    work = {r["method"]: r for r in rows.get("workers", [])}
+    if {"workers-1", "workers-2"} <= set(work):
+        out["workers_2>=1.7x_1"] = work["workers-2"]["rounds_per_s"] >= 1.7 * work["workers-1"]["rounds_per_s"]
+        out["workers_identical_results"] = bool(work["workers-2"]["extra"].get("identical_to_workers_1"))
+    mem = rows.get("memory", [])
     if len(mem) == 2:
         out["1000_clients_peak_mem<=1.5x_10"] = mem[1]["extra"]["ratio_to_10_clients"] <= 1.5
     return out
@@ -376,37 +382,54 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     results = BenchResults(area, out_dir, threads=1, quick=quick)
     dataset = dataset_name()
     n_seeds = seeds or (1 if quick else 3)
-    acc, emb, thr, mem = [], [], [], []
+    rows: dict[str, list[dict]] = {}
     if "accuracy" in parts:
-        log(f"accuracy and bytes: {dataset}, 100 clients, 10 per round, seeds {n_seeds}, two runs at a time")
-        acc = spec_rows(accuracy_specs(n_seeds, quick, dataset), "fedavg", "accuracy", log, add=results.add)
+        log(f"accuracy and bytes: {dataset}, 100 clients, 10 per round, lr per method on validation, {n_seeds} seeds")
+        rows["accuracy"] = tuned_rows(accuracy_arms(quick, dataset), n_seeds, quick, "accuracy", "fedavg", results.add)
+    if "partial" in parts:
+        log("partial averaging, the paper's setting: digits, 32 clients all participating, tau = 8")
+        rows["partial"] = tuned_rows(partial_arms(quick), n_seeds, quick, "partial", "fedavg", results.add)
     if "embracing" in parts:
-        log("EmbracingFL: 50% weak, 25% moderate vs all-strong and strong-only, Dirichlet 0.1")
-        emb = spec_rows(embracing_specs(n_seeds, quick, dataset), "all-strong", "embracing", log, add=results.add)
-    if "throughput" in parts:
-        log("throughput: 100-client FedAvg, seconds per round")
-        thr = throughput_rows(3 if quick else 5, log, add=results.add)
+        log("EmbracingFL: 50% weak, 25% moderate; Dirichlet 0.1 and weak clients holding half the classes")
+        rows["embracing"] = tuned_rows(embracing_arms(quick, dataset), n_seeds, quick, "embracing", "all-strong",
+                                       results.add)  # fmt: skip
+    if "cross-device" in parts:
+        from leantrain.bench.federated_cross_device import cross_device_rows
+
+        log("cross-device: clients per second, our simulator vs Flower's simulation engine")
+        rows["cross-device"] = cross_device_rows(quick, log, add=results.add)
+    if "workers" in parts:
+        from leantrain.bench.federated_workers import workers_rows
+
+        log("workers: rounds per second with 1 and 2 worker processes")
+        rows["workers"] = workers_rows(quick, log, add=results.add)
     if "memory" in parts:
         log("memory: peak RSS with 10 and 1,000 clients")
-        mem = memory_rows(log, add=results.add)
-    met = targets(acc, emb, thr, mem)
-    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset})
-    for title, rows in (("Accuracy and bytes", acc), ("EmbracingFL", emb)):
-        if rows:
-            for r in rows:
-                r.update(up_MB=r["extra"]["up_bytes"] / 1e6, down_MB=r["extra"]["down_bytes"] / 1e6)
-            cols = ["method", "task", "metric", "metric_std", "seeds", "up_MB", "down_MB"]
-            print(f"\n{title} ({dataset})\n" + markdown_table(rows, cols))
-    if thr:
-        for r in thr:
-            r["overhead"] = r["extra"].get("overhead_over_raw")
-        print("\nThroughput (s per round)\n" + markdown_table(thr, ["method", "step_time_s_median", "overhead"]))
-    if mem:
-        for r in mem:
-            r["ratio"] = r["extra"]["ratio_to_10_clients"]
-        print("\nMemory\n" + markdown_table(mem, ["method", "peak_mem_mb", "ratio"]))
+        rows["memory"] = memory_rows(log, add=results.add)
+    met = targets(rows)
+    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset,
+                           "lr_grid": list((QUICK_LR,) if quick else LR_GRID)})  # fmt: skip
+    _print_tables(rows, dataset)
     print_targets(met, path)
     return path
+
+
+def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
+    for title, key in (("Accuracy and bytes", "accuracy"), ("Partial averaging, full participation", "partial"),
+                       ("EmbracingFL", "embracing")):  # fmt: skip
+        if rows.get(key):
+            shown = [{**r, "last10": r["extra"]["last10_mean"], "last10_std": r["extra"]["last10_std"],
+                      "lr": r["extra"]["lr"], "up_MB": r["bytes_up"] / 1e6, "down_MB": r["bytes_down"] / 1e6}
+                     for r in rows[key]]  # fmt: skip
+            cols = ["method", "task", "lr", "metric", "metric_std", "last10", "last10_std", "up_MB", "down_MB"]
+            print(f"\n{title} ({dataset if key != 'partial' else 'digits'})\n" + markdown_table(shown, cols))
+    if rows.get("cross-device"):
+        print("\nCross-device\n" + markdown_table(rows["cross-device"], ["method", "task", "clients_per_s"]))
+    if rows.get("workers"):
+        print("\nWorkers\n" + markdown_table(rows["workers"], ["method", "task", "rounds_per_s"]))
+    if rows.get("memory"):
+        shown = [{**r, "ratio": r["extra"]["ratio_to_10_clients"]} for r in rows["memory"]]
+        print("\nMemory\n" + markdown_table(shown, ["method", "peak_mem_mb", "ratio"]))
 
 
 if __name__ == "__main__":

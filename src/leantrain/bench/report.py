@@ -20,6 +20,8 @@ ROW_FIELDS = (
     "method", "anchor", "model", "task", "trainable_params", "metric_name", "metric", "seeds", "metric_std",
     "step_time_s_median", "peak_mem_mb", "saved_activation_mb",
 )  # fmt: skip
+# Optional top-level fields an area's rows may add (shared/BENCHMARKS.md); written only where a row has them.
+OPTIONAL_ROW_FIELDS = ("bytes_up", "bytes_down", "messages_up", "rounds", "env_steps", "clients_per_s", "rounds_per_s")
 
 
 class BenchResults:
@@ -68,7 +70,12 @@ class BenchResults:
             "threads": self.threads,
             "quick": self.quick,
             "complete": self.complete,
-            "rows": [{k: row.get(k) for k in ROW_FIELDS} | {"extra": row.get("extra", {})} for row in self.rows],
+            "rows": [
+                {k: row.get(k) for k in ROW_FIELDS}
+                | {k: row[k] for k in OPTIONAL_ROW_FIELDS if k in row}
+                | {"extra": row.get("extra", {})}
+                for row in self.rows
+            ],
             **self.extra,
         }
 

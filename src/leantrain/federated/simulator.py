@@ -63,10 +63,12 @@ class FederatedData:
 
 
 def federated_data(dataset: Any, partition: Any, num_clients: int, seed: int = 0, train_subset: int | None = None,
-                   **partition_options: Any) -> FederatedData:  # fmt: skip
+                   eval_split: str = "test", **partition_options: Any) -> FederatedData:  # fmt: skip
     """Build the simulator's data from a dataset name (or a leantrain ``Dataset``) and a partition.
 
     ``partition`` is "iid", "dirichlet" (``alpha=...``), "shards", or an explicit list of index arrays.
+    ``eval_split``: the rows the global model is evaluated on ("test", or "val" to choose hyperparameters without
+    looking at the test rows); they land in ``FederatedData.test``.
     """
     from leantrain.data import load_dataset
     from leantrain.data.partition import partition as split
@@ -75,7 +77,10 @@ def federated_data(dataset: Any, partition: Any, num_clients: int, seed: int = 0
     if ds.train.y is None:
         raise ConfigError(f"dataset {ds.name!r} has no labels; the federated simulator needs a classification set")
     train = {"x": torch.as_tensor(ds.train.x), "labels": torch.as_tensor(ds.train.y)}
-    test = {"x": torch.as_tensor(ds.test.x), "labels": torch.as_tensor(ds.test.y)}
+    if eval_split not in ("test", "val"):
+        raise ConfigError(f"eval_split={eval_split!r} is invalid; expected 'test' or 'val'")
+    rows = ds.test if eval_split == "test" else ds.val
+    test = {"x": torch.as_tensor(rows.x), "labels": torch.as_tensor(rows.y)}
     if isinstance(partition, str):
         if partition == "dirichlet":
             partition_options.setdefault("min_size", 1)
@@ -323,7 +328,7 @@ class Simulator:
         duration = self.clock.advance(times)
         row = {"round": r, "cohort": len(cohort), **intake.counts, **self.ledger.round_totals(r),
                "train_loss": float(np.nanmean(losses)) if losses else None, "round_time_s": duration,
-               "sim_time_s": self.clock.now, "events": intake.events}  # fmt: skip
+               "sim_time_s": self.clock.now, "events": intake.events, "engine": self.engine.describe()}  # fmt: skip
         if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
             row.update({f"test_{k}": v for k, v in self.evaluate().items()})
         row["wall_s"] = time.perf_counter() - started

@@ -58,6 +58,7 @@ Deliberate departures and choices:
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -299,6 +300,15 @@ class EmbracingFL(Algorithm):
         for device in devices:
             if device.name not in self.plan:
                 self.plan[device.name] = self._plan(device)
+        for name, plan in self.plan.items():
+            if not plan["fits"]:
+                source = "the cut given in cuts" if name in self.cuts else "no cut of this model"
+                warnings.warn(
+                    f"EmbracingFL: {source} fits {name!r} clients' memory budget ({plan['budget_bytes'] / 1e6:.2f} MB "
+                    f"< {plan['memory_bytes'] / 1e6:.2f} MB estimated for blocks {plan['cut']}.., "
+                    f"{plan['trained_tensors']} tensor(s)); they train only that suffix anyway. The memory model "
+                    "does not describe this model's weak clients: give cuts={profile: block} explicitly "
+                    "(docs/embracingfl.md)", UserWarning, stacklevel=3)  # fmt: skip
 
     def memory_estimate(self, cut: int) -> int:
         """Estimated training memory in bytes of a client that trains blocks ``cut``.. (module docstring)."""

@@ -86,6 +86,7 @@ class LeantrainStrategy(Strategy):
         self.cid_to_node: dict[int, int] = {}
         self._sent: dict[int, tuple[int, Instruction]] = {}  # node id -> (cid, instruction) of this round
         self._cohort: list[int] = []
+        self._round_started = time.perf_counter()  # reset by configure_train; rows' wall_s count from there
 
     @classmethod
     def from_config(
@@ -147,6 +148,7 @@ class LeantrainStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:  # fmt: skip
         r = server_round - 1
+        self._round_started = time.perf_counter()
         available = sorted(self.cid_to_node)
         rng = np.random.default_rng(seed_for(self.seed, r))
         self._cohort = self.algorithm.sample(r, self.clients_per_round, rng, available)
@@ -207,7 +209,8 @@ class LeantrainStrategy(Strategy):
         self.algorithm.aggregate(r)
         row = {"round": r, "cohort": len(self._cohort), **counts, **self.ledger.round_totals(r),
                "train_loss": float(np.nanmean(losses)) if losses else None, "events": events,
-               "flower": dict(self._flower)}  # fmt: skip
+               "flower": dict(self._flower),
+               "wall_s": time.perf_counter() - self._round_started}  # fmt: skip
         self.rounds.append(row)
         metrics = {k: float(row[k]) for k in ("responded", "up_bytes", "down_bytes")}
         if row["train_loss"] is not None:
@@ -228,11 +231,13 @@ class LeantrainStrategy(Strategy):
         """Loss and accuracy of ``algorithm.eval_state()`` on the test rows (as ``Simulator.evaluate``)."""
         if self.test_data is None:
             return None
+        started = time.perf_counter()
         result = evaluate_state(self.model, self.algorithm.eval_state(), self.test_data, self.eval_batch_size)
         if server_round == 0:
             self.initial_eval = result
         elif self.rounds and self.rounds[-1]["round"] == server_round - 1:
             self.rounds[-1].update({f"test_{k}": v for k, v in result.items()})
+            self.rounds[-1]["wall_s"] += time.perf_counter() - started  # as the simulator's rows: with evaluation
         return MetricRecord(result)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3,
