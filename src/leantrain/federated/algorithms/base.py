@@ -139,6 +139,12 @@ class Algorithm:
     """
 
     name = "algorithm"
+    # True declares that ``client_update`` is exactly: load the instruction's arrays into the model, ``local_sgd`` on
+    # all parameters with ``ctx.local``'s settings and no persistent state, and reply with the model's values of the
+    # instruction's names (plus local_sgd's metrics). Vectorised engines may then train such clients together
+    # without calling ``client_update``. Only the class that defines ``client_update`` can declare it (a subclass
+    # overriding ``client_update`` must declare it again).
+    trains_full_model = False
 
     def __init__(self, weighting: str = "samples"):
         if weighting not in WEIGHTINGS:

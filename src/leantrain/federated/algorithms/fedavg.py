@@ -23,6 +23,7 @@ class FedAvg(Algorithm):
     """Federated averaging of the full model."""
 
     name = "fedavg"
+    trains_full_model = True  # client_update is exactly load + local_sgd + reply the values (engines may vectorise)
 
     def configure(self, round_idx: int, cohort: list[int]) -> dict[int, Instruction]:
         down = communicated(self.global_state)

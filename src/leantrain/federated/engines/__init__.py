@@ -16,7 +16,8 @@ from leantrain.federated.engines.base import DROPPED, ClientOutcome, Engine
 # name -> (module under leantrain.federated.engines, class)
 ENGINES: dict[str, tuple[str, str]] = {
     "sequential": ("sequential", "SequentialEngine"),
-    "auto": ("sequential", "SequentialEngine"),  # until a faster engine with the same results exists
+    "vmap": ("vmap", "VmapEngine"),  # clients of one architecture trained together (torch.func); else sequential
+    "auto": ("vmap", "AutoEngine"),  # vmap where supported and measured faster, sequential otherwise
 }
 
 
