@@ -7,30 +7,61 @@ simulated time, events), ``summary.json`` and ``checkpoints/`` (the server state
 ``leantrain run resume=RUN_DIR`` continues from the latest round checkpoint to the same result as an uninterrupted
 run (after Ctrl-C, which finishes the round in progress and checkpoints it, or after ``federated.stop_after=N``
 rounds). Rounds are logged to metrics.jsonl as they finish.
+
+Worker processes (:mod:`leantrain.federated.engines.workers`): ``federated.workers=N`` spawns N-1 more processes on
+this machine, and ``torchrun --nproc-per-node=N -m leantrain run RECIPE ...`` (which also spans machines) starts N;
+each trains a share of every round's clients and the results are those of one process. Rank 0 (this process, or
+torchrun's rank 0) writes the run folder exactly as a one-process run; the other ranks write nothing (under
+torchrun they start in :func:`follower_main`). A resumed run needs the run folder readable by every rank.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from leantrain.errors import Interrupted
+from leantrain.errors import ConfigError, Interrupted, LeantrainError
 
 
 def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
-    """Run the recipe's federated simulation into ``run_dir`` (continuing ``resume_from``); returns the summary."""
+    """Run the recipe's federated simulation into ``run_dir`` (continuing ``resume_from``); returns the summary.
+
+    With ``federated.workers`` > 1, or under ``torchrun``, the round's clients are trained by several processes and
+    this process is rank 0."""
+    from leantrain.federated.engines import workers
+
+    f = cfg.federated
+    launched = workers.torchrun_world()
+    if launched is not None:
+        rank, size = launched
+        if f.workers not in (1, size):
+            raise ConfigError(f"federated.workers={f.workers} but torchrun started {size} processes")
+        if rank != 0:
+            raise ConfigError("under torchrun start leantrain as a module (`torchrun ... -m leantrain run ...`) so "
+                              "that only rank 0 opens a run folder")  # fmt: skip
+        workers.set_worker_threads(cfg.threads)
+        workers.init_from_env()
+        try:
+            return _lead(cfg, run_dir, resume_from, workers.WorkersEngine(f.engine))
+        finally:
+            torch.distributed.destroy_process_group()
+    if f.workers > 1:
+        with workers.launch(_spawned_follower, f.workers, args=(cfg, resume_from), threads=cfg.threads):
+            return _lead(cfg, run_dir, resume_from, workers.WorkersEngine(f.engine))
+    return _lead(cfg, run_dir, resume_from, f.engine)
+
+
+def build_simulator(cfg, engine, checkpoint_dir: Path | None):
+    """The recipe's Simulator (every rank builds the same one)."""
     from leantrain.federated import ReplyGuard, Simulator, make_algorithm
     from leantrain.federated.simulator import federated_data
     from leantrain.models.build import build_model_for_data
-    from leantrain.train.interrupt import deferred_sigint
-    from leantrain.train.metric_loggers import open_metric_loggers
-    from leantrain.train.progress import make_progress, start_text
 
     f = cfg.federated
-    started = time.perf_counter()
     options = {"alpha": f.alpha} if f.partition == "dirichlet" else {}
     data = federated_data(cfg.data.dataset, f.partition, f.num_clients, seed=cfg.seed,
                           train_subset=cfg.data.train_subset, **options)  # fmt: skip
@@ -42,9 +73,22 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         local_steps=f.local_steps, batch_size=cfg.data.batch_size, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, devices=f.devices or None, dropout=f.client_dropout,
         failure=f.client_failure, eval_every=f.eval_every, seed=cfg.seed,
-        checkpoint_dir=run_dir / "checkpoints", checkpoint_every=f.checkpoint_every, engine=f.engine,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=f.checkpoint_every, engine=engine,
         guard=ReplyGuard(f.guard_norm_ratio, f.max_examples),
     )  # fmt: skip
+    return sim
+
+
+def _lead(cfg, run_dir: Path, resume_from: Path | None, engine) -> dict:
+    """Rank 0 (or the only process): the simulation, the run folder, progress and the summary."""
+    from leantrain.federated.engines.workers import agreed
+    from leantrain.train.interrupt import deferred_sigint
+    from leantrain.train.metric_loggers import open_metric_loggers
+    from leantrain.train.progress import make_progress, start_text
+
+    f = cfg.federated
+    started = time.perf_counter()
+    sim = build_simulator(cfg, engine, run_dir / "checkpoints")
     if resume_from is not None:
         sim.restore(resume_from)
     done = sim.next_round
@@ -66,7 +110,7 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     status = "completed"
     try:
         with deferred_sigint() as interrupted:
-            history = sim.run(stop_after=f.stop_after, should_stop=interrupted.is_set)
+            history = sim.run(stop_after=f.stop_after, should_stop=lambda: agreed(interrupted.is_set()))
             if interrupted.is_set():
                 status = "interrupted"
             elif sim.next_round < f.rounds:
@@ -82,7 +126,7 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         "final": {"test_accuracy": history.last("test_accuracy"), "test_loss": history.last("test_loss"),
                   "last10_test_accuracy": history.window_mean("test_accuracy")},
         "totals": history.totals, "wall_time_s": round(time.perf_counter() - started, 3),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "workers": workers_in_use(),
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if status == "interrupted":
@@ -91,3 +135,74 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         kept = list_checkpoints(run_dir / "checkpoints")[-1]
         raise Interrupted(f"stopped after round {sim.next_round} of {f.rounds}; kept checkpoint {kept}")
     return summary
+
+
+def workers_in_use() -> int:
+    from leantrain.federated.engines.workers import world
+
+    return world()[1]
+
+
+def follow_run(cfg, resume_from: Path | None) -> None:
+    """A rank other than 0: the same simulation, silent (no run folder, evaluation, logs); stops when rank 0 does."""
+    from leantrain.federated.engines.workers import WorkersEngine, agreed, follow
+    from leantrain.train.interrupt import deferred_sigint
+
+    sim = build_simulator(cfg, WorkersEngine(cfg.federated.engine), None)
+    follow(sim)
+    if resume_from is not None:
+        sim.restore(Path(resume_from))
+    with deferred_sigint() as interrupted:
+        sim.run(stop_after=cfg.federated.stop_after, should_stop=lambda: agreed(interrupted.is_set()))
+
+
+def _spawned_follower(rank: int, size: int, cfg, resume_from: Path | None) -> None:
+    follow_run(cfg, resume_from)
+
+
+def follower_main(argv: list[str]) -> int:
+    """``torchrun ... -m leantrain run RECIPE [overrides]`` on a rank other than 0 (see ``leantrain.__main__``):
+    resolve the same config, join the group, follow rank 0. Returns the exit code (errors: one line on stderr)."""
+    import sys
+
+    from leantrain.config import resolve
+    from leantrain.federated.engines import workers
+    from leantrain.runs.folder import resume_config
+    from leantrain.train.checkpoint import latest_intact_checkpoint
+
+    rank = os.environ.get("RANK", "?")
+    try:
+        if not argv or argv[0] != "run":
+            raise ConfigError("under torchrun only `leantrain run RECIPE ...` (a federated recipe) can be started")
+        recipe, overrides = (argv[1] if len(argv) > 1 else None), list(argv[2:])
+        if recipe is not None and "=" in recipe and not Path(recipe).is_file():
+            recipe, overrides = None, [recipe, *overrides]
+        resume = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "resume"]
+        if resume:
+            rest = [o for o in overrides if o.partition("=")[0].strip() != "resume"]
+            cfg = resume_config(resume[-1], rest, recipe=recipe)
+            resume_from = latest_intact_checkpoint(Path(resume[-1]) / "checkpoints", what=f"resume={resume[-1]}")
+        elif recipe is None:
+            raise ConfigError("give a recipe or resume=RUN_DIR")
+        else:
+            cfg, resume_from = resolve(recipe, overrides), None
+        if cfg.federated.algorithm is None:
+            raise ConfigError("only federated recipes run on several torchrun processes")
+        workers.set_worker_threads(cfg.threads)
+        workers.init_from_env()  # after resume_from is known: rank 0 cannot write a checkpoint before we join
+        try:
+            follow_run(cfg, resume_from)
+        finally:
+            torch.distributed.destroy_process_group()
+    except LeantrainError as err:
+        print(f"error: [rank {rank}] {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return Interrupted.exit_code
+    except Exception as err:  # noqa: BLE001 - one line; the full traceback goes to a crash report
+        from leantrain.crash_report import one_line, write_crash_report
+
+        report = write_crash_report(err)
+        print(f"error: [rank {rank}] unexpected {one_line(err)} (full traceback in {report})", file=sys.stderr)
+        return 1
+    return 0
