@@ -59,3 +59,19 @@ def test_targets_compare_last_ten_round_means():
     assert met["fedluar_within_1pt_iid"] and met["fedluar_uplink<=0.3x_fedavg_iid"]
     assert not met["fedlama_within_1pt_iid"]
     assert met["cross_device>=50x_flower"] and met["vmap>=5x_sequential"]
+
+
+def test_parts_run_separately_merge_into_one_document(tmp_path):
+    import json
+
+    def row(method, part, metric):
+        return {"method": method, "task": "t", "metric": metric, "extra": {"part": part, "last10_mean": metric}}
+
+    info = {"dataset": "digits", "lr_grid": [0.05], "wall_time_s": 1.0}
+    path = bench.merge_into_area(tmp_path / "federated.json", {"partial": [row("fedavg", "partial", 0.5)]}, info)
+    bench.merge_into_area(path, {"memory": [row("simulator-10-clients", "memory", None)]}, info)
+    bench.merge_into_area(path, {"partial": [row("fedavg", "partial", 0.6), row("fedpa", "partial", 0.7)]}, info)
+    doc = json.loads(path.read_text())
+    assert sorted((r["method"], r["metric"]) for r in doc["rows"]) == [
+        ("fedavg", 0.6), ("fedpa", 0.7), ("simulator-10-clients", None)]  # fmt: skip
+    assert doc["complete"] is False and set(doc["runs"]) == {"partial", "memory"}

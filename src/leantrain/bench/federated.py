@@ -406,12 +406,45 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     if "memory" in parts:
         log("memory: peak RSS with 10 and 1,000 clients")
         rows["memory"] = memory_rows(log, add=results.add)
+    for part, part_rows in rows.items():
+        for row in part_rows:
+            row.setdefault("extra", {})["part"] = part
     met = targets(rows)
-    path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset,
-                           "lr_grid": list((QUICK_LR,) if quick else LR_GRID)})  # fmt: skip
+    info = {"wall_time_s": round(time.perf_counter() - started, 1), "dataset": dataset,
+            "lr_grid": list((QUICK_LR,) if quick else LR_GRID)}  # fmt: skip
+    path = results.finish({"targets": met, **info})
     _print_tables(rows, dataset)
     print_targets(met, path)
+    if area != "federated" and not quick:
+        merged = merge_into_area(Path(out_dir) / "federated.json", rows, info)
+        print(f"merged these parts' rows into {merged}")
     return path
+
+
+def merge_into_area(path: Path, rows: dict[str, list[dict]], info: dict) -> Path:
+    """Fold the rows of the parts just run into ``federated.json`` (replacing those parts' earlier rows).
+
+    The whole benchmark is long; running parts one at a time must still leave the one document scripts read. Its
+    ``complete`` is true once every part has rows; targets are re-evaluated on the merged rows; ``runs`` records
+    when and with what settings each part ran.
+    """
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    kept = [r for r in doc.get("rows", []) if r.get("extra", {}).get("part") not in rows]
+    results = BenchResults("federated", path.parent, threads=1, quick=False)
+    results.rows = kept
+    by_part: dict[str, list[dict]] = {}
+    for row in kept:
+        by_part.setdefault(row["extra"]["part"], []).append(row)
+    for part, part_rows in rows.items():
+        results.rows += part_rows
+        by_part[part] = part_rows
+    runs = {**doc.get("runs", {}), **{part: info for part in rows}}
+    extra = {"targets": targets(by_part), "runs": runs, "dataset": info["dataset"], "lr_grid": info["lr_grid"]}
+    if set(by_part) >= set(PARTS):
+        return results.finish(extra)
+    for key, value in extra.items():
+        results.set_extra(key, value)
+    return results.path
 
 
 def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
