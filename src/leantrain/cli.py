@@ -231,8 +231,8 @@ def bench(
         list[str] | None,
         typer.Option(
             help="only these parts (finetune: scoring, accuracy, cost, profile; optim: steptime, accuracy, async, "
-            "mlbfgs; federated: accuracy, embracing, throughput, memory; lowrank: accuracy, deflate-svd; "
-            "prune: mlp, resnet)"
+            "mlbfgs; federated: accuracy, partial, embracing, cross-device, workers, memory; "
+            "lowrank: accuracy, deflate-svd; prune: mlp, resnet)"
         ),
     ] = None,
 ) -> None:
