@@ -10,7 +10,7 @@ from fl_fixtures import tiny_data, tiny_model
 
 from leantrain.errors import ConfigError
 from leantrain.federated import FedAvg, Reply, Simulator, encode_arrays, make_algorithm
-from leantrain.federated.algorithms.fedluar import FedLUAR, luar_score, sample_recycled
+from leantrain.federated.algorithms.fedluar import FedLUAR, luar_score, recycled_count, sample_recycled
 
 
 def _sim(algorithm, **kw):
@@ -74,8 +74,8 @@ def test_hand_checked_round_recycles_last_update_and_averages_the_rest():
     instruction = alg.configure(3, [0, 1])[0]
     assert instruction.config == {"recycled": [0]}
     assert set(alg.expected_upload(3, 0, instruction)) == set(fresh)
-    alg.accumulate(3, 0, Reply(a, {"samples": 1}))
-    alg.accumulate(3, 1, Reply(b, {"samples": 3}))
+    alg.accumulate(3, 0, Reply(a, {"num_examples": 1}))
+    alg.accumulate(3, 1, Reply(b, {"num_examples": 3}))
     alg.aggregate(3)
     torch.testing.assert_close(alg.global_state["0.weight"], x["0.weight"] + stale, rtol=0, atol=0)
     assert torch.equal(alg.last_update["0.weight"], stale) and alg.scores["0.weight"] == 7.0  # not refreshed
@@ -94,7 +94,7 @@ def test_zero_update_ablation_leaves_recycled_layers_unchanged():
     x = alg.global_state["0.weight"].clone()
     alg.recycled, alg.last_update["0.weight"] = ["0.weight"], torch.ones_like(x)
     alg.scores = {"0.weight": 1.0}
-    alg.accumulate(0, 0, Reply({k: v for k, v in alg.global_state.items() if k != "0.weight"}, {"samples": 2}))
+    alg.accumulate(0, 0, Reply({k: v for k, v in alg.global_state.items() if k != "0.weight"}, {"num_examples": 2}))
     alg.aggregate(0)
     assert torch.equal(alg.global_state["0.weight"], x)
 
@@ -135,15 +135,16 @@ def test_score_is_update_norm_over_weight_norm():
     assert luar_score(torch.tensor([3.0, 4.0]), torch.zeros(2)) == pytest.approx(5 / 1e-6)
 
 
-def test_resume_continues_to_the_same_result(tmp_path):
-    straight = _sim(FedLUAR(recycled_layers=1), rounds=6, dropout=0.2)
+@pytest.mark.parametrize("cap", [None, 1])
+def test_resume_continues_to_the_same_result(tmp_path, cap):
+    straight = _sim(FedLUAR(recycled_layers=1, max_consecutive=cap), rounds=6, dropout=0.2)
     full = straight.run()
-    _sim(FedLUAR(recycled_layers=1), rounds=3, dropout=0.2, checkpoint_dir=tmp_path).run()
-    resumed = _sim(FedLUAR(recycled_layers=1), rounds=6, dropout=0.2, checkpoint_dir=tmp_path)
+    _sim(FedLUAR(recycled_layers=1, max_consecutive=cap), rounds=3, dropout=0.2, checkpoint_dir=tmp_path).run()
+    resumed = _sim(FedLUAR(recycled_layers=1, max_consecutive=cap), rounds=6, dropout=0.2, checkpoint_dir=tmp_path)
     history = resumed.run(resume=True)
     assert _strip(history.rounds) == _strip(full.rounds)
     a, b = straight.algorithm, resumed.algorithm
-    assert a.recycled == b.recycled and a.scores == b.scores
+    assert a.recycled == b.recycled and a.scores == b.scores and a.streak == b.streak
     for k, v in a.global_state.items():
         assert torch.equal(v, b.global_state[k])
     for k, v in a.last_update.items():
@@ -155,6 +156,10 @@ def test_resume_continues_to_the_same_result(tmp_path):
     [
         ({"recycled_layers": -1}, "recycled_layers=-1 .*>= 0"),
         ({"recycled_layers": 1.5}, "recycled_layers"),
+        ({"recycled_layers": 1.0}, r"recycled_layers=1.0 .*fraction .*\[0, 1\)"),
+        ({"recycled_layers": -0.5}, "recycled_layers"),
+        ({"max_consecutive": 1.5}, "max_consecutive"),
+        ({"max_consecutive": True}, "max_consecutive"),
         ({"recycled_layers": True}, "recycled_layers"),
         ({"score_eps": -1e-6}, "score_eps.*>= 0"),
         ({"selection": "largest"}, "selection.*inverse_score"),
@@ -171,5 +176,72 @@ def test_bad_options_raise_config_errors(options, match):
 def test_too_many_recycled_layers_for_the_model():
     with pytest.raises(ConfigError, match=r"recycled_layers=2 .*2 kernel tensors.*0 <= recycled_layers <= 1"):
         _sim(make_algorithm("fedluar", recycled_layers=2))
-    with pytest.raises(ConfigError, match="recycled_layers=12"):  # the official default needs a larger model
-        _sim(make_algorithm("fedluar"))
+    with pytest.raises(ConfigError, match=r"recycled_layers=12 .*2 kernel tensors.*fraction"):
+        _sim(make_algorithm("fedluar", recycled_layers=12))  # the official ResNet-20 count needs a larger model
+
+
+@pytest.mark.parametrize("fraction, kernels, delta", [(0.5, 4, 2), (0.5, 21, 10), (0.5, 2, 1), (0.5, 1, 0),
+                                                      (0.25, 7, 1), (0.0, 5, 0), (0.99, 3, 2)])  # fmt: skip
+def test_fractional_recycled_layers_is_a_share_of_the_kernels(fraction, kernels, delta):
+    assert recycled_count(fraction, kernels) == delta  # ⌊f·K⌋, always < K
+    assert recycled_count(3, 4) == 3
+
+
+def test_default_recycled_layers_fits_a_small_model():
+    seen = []
+    alg = make_algorithm("fedluar")  # default: half of the kernels, here 1 of the tiny model's 2
+    sim = _sim(alg, rounds=4, fault_hook=lambda r, c, rep: seen.append((r, set(rep.arrays))) or rep)
+    sim.run()
+    assert alg.delta == 1 and len(alg.kernels) == 2
+    for r, names in seen:
+        assert len(set(alg.kernels) - names) == (0 if r == 0 else 1)
+
+    def one_kernel():
+        return torch.nn.Sequential(torch.nn.Linear(6, 3))
+
+    lone = make_algorithm("fedluar")  # 1 kernel: ⌊0.5⌋ = 0 recycled, i.e. FedAvg
+    Simulator(lone, one_kernel, tiny_data(4), num_clients=4, clients_per_round=2, rounds=2, local_steps=2,
+              batch_size=8, lr=0.1).run()  # fmt: skip
+    assert lone.delta == 0 and lone.recycled == []
+
+
+def _constructed_round(alg, r):
+    """One round in which every client returns the global model unchanged for kernel 0 (its score is 0, so the
+    paper's rule recycles it whenever it may) and a moved kernel 1."""
+    k0, k1 = alg.kernels
+    fresh = {k: v.clone() for k, v in alg.global_state.items() if k not in alg.recycled}
+    if k1 in fresh:
+        fresh[k1] = fresh[k1] + 0.1
+    alg.accumulate(r, 0, Reply(fresh, {"num_examples": 1}))
+    alg.aggregate(r)
+    return list(alg.recycled)
+
+
+def test_max_consecutive_caps_how_long_a_layer_stays_recycled():
+    paper, capped = FedLUAR(recycled_layers=1), FedLUAR(recycled_layers=1, max_consecutive=2)
+    for alg in (paper, capped):
+        alg.setup(tiny_model(), 2, [])
+        alg.seed = 0
+    k0, k1 = paper.kernels
+    assert [_constructed_round(paper, r) for r in range(8)] == [[k0]] * 8  # stale score 0: recycled forever
+    got = [_constructed_round(capped, r) for r in range(8)]
+    assert got == [[k0], [k0], [k1], [k0], [k0], [k1], [k0], [k0]]  # R_1..R_8: at most 2 in a row, then fresh
+    assert capped.streak == {k0: 1, k1: 0}  # after round 7 (R_7 = [k0])
+    # in a simulation: no kernel is recycled more than k rounds in a row, and the cap survives a resume
+    for k in (1, 2):
+        alg, per_round = FedLUAR(recycled_layers=1, max_consecutive=k), {}
+
+        def hook(r, cid, reply, alg=alg, per_round=per_round):
+            per_round[r] = set(alg.recycled)  # R_r, the same for every client of round r
+            return reply
+
+        _sim(alg, rounds=12, fault_hook=hook).run()
+        assert sum(len(v) for v in per_round.values()) == 11  # one kernel recycled in every round but the first
+        for name in alg.kernels:
+            run = longest = 0
+            for r in sorted(per_round):
+                run = run + 1 if name in per_round[r] else 0
+                longest = max(longest, run)
+            assert longest <= k, (name, k)
+    with pytest.raises(ConfigError, match="max_consecutive=0 .*>= 1"):
+        make_algorithm("fedluar", max_consecutive=0)

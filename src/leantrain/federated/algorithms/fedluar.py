@@ -35,6 +35,15 @@ Deliberate departures and choices:
   they were (the code has no notion of a lost round).
 - **Learning-rate decay** (spec §1.9): the recycled update was computed at the old rate; like the code, nothing
   is cleared at a decay boundary (the simulator's rate is constant anyway).
+- **δ as a share of the kernels.** ``recycled_layers`` is a count (an ``int``, as in the code's config) or a fraction
+  f in [0, 1) of the model's K kernel tensors (a ``float``), turned into δ = ⌊f·K⌋ at ``setup``. The default 0.5 is
+  the paper's ratio (ResNet-20: 10-12 of ~21 kernels; FEMNIST CNN: 2 of 4) and fits every model (δ < K always); the
+  code's absolute default 12 would raise on any model with ≤ 12 kernels.
+- **Cap on consecutive recycling** (``max_consecutive=k``, not in the paper or code; default ``None`` = the paper):
+  a kernel recycled k rounds in a row is not a candidate for the next draw, so it goes up fresh, which refreshes its
+  stale update and score (the code never refreshes a recycled layer's score, so a low-score layer can be recycled
+  for tens of rounds, re-applying one update). If fewer than δ kernels are candidates, all of them are recycled.
+  See docs/fedluar.md for the measurement behind it.
 - **Ablations** of the spec's CPU check (§1.8): ``selection="uniform"`` (uniform random layers),
   ``"min_score"`` / ``"max_score"`` (deterministic: the δ smallest / largest scores; the paper's sampler
   favours small scores, so ``"min_score"`` is its greedy version), and ``recycled_update="zero"`` (drop the
@@ -65,8 +74,23 @@ from leantrain.federated.clock import DeviceProfile
 
 SELECTIONS = ("inverse_score", "uniform", "min_score", "max_score")
 RECYCLED_UPDATES = ("last", "zero")
+# default δ = ⌊0.5·K⌋ of the K kernels: the paper's ratio (ResNet-20: 10-12 of ~21 kernels; FEMNIST CNN: 2 of 4)
+DEFAULT_RECYCLED_FRACTION = 0.5
 SCORE_FLOOR = 1e-12  # 1/s uses max(s, SCORE_FLOOR): a zero update must not divide by zero
 _SELECTION_STREAM = 0x1EA5  # separates the layer draw's generator from the simulator's cohort generator
+
+
+def recycled_count(recycled_layers: int | float, num_kernels: int) -> int:
+    """δ as a count: an integer as given, a fraction f in [0, 1) as ⌊f·K⌋ (always < K, so it fits any model)."""
+    if isinstance(recycled_layers, float):
+        return int(math.floor(recycled_layers * num_kernels + 1e-9))
+    if recycled_layers >= num_kernels:
+        raise ConfigError(
+            f"FedLUAR recycled_layers={recycled_layers} is invalid for this model: it has {num_kernels} kernel "
+            f"tensors (weights with more than one dimension), so use an integer 0 <= recycled_layers <= "
+            f"{num_kernels - 1}, or a fraction of the kernels such as recycled_layers=0.5 (the default)"
+        )
+    return recycled_layers
 
 
 def luar_score(update: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> float:
@@ -100,21 +124,32 @@ def sample_recycled(scores: list[float], count: int, rng: np.random.Generator, s
 class FedLUAR(Algorithm):
     """FedLUAR: recycle the last aggregated update of δ low-priority kernels instead of uploading them.
 
-    ``recycled_layers`` is δ, a count of kernel tensors (0 ≤ δ < number of kernels; the official config uses 12
-    for ResNet-20, whose ~20 kernels make that about half); ``score_eps`` the ε in the score's denominator;
-    ``weighting`` "samples" (paper) or "uniform" (code); ``selection`` and ``recycled_update`` choose the
-    spec's ablations (see the module docstring).
+    ``recycled_layers`` is δ: an ``int`` count of kernel tensors (0 ≤ δ < number of kernels K; the official config
+    uses 12 for ResNet-20's ~21) or a ``float`` fraction f in [0, 1) giving δ = ⌊f·K⌋ (default 0.5, the paper's
+    ratio, valid on every model); ``score_eps`` the ε in the score's denominator; ``weighting`` "samples" (paper) or
+    "uniform" (code); ``selection`` and ``recycled_update`` choose the spec's ablations; ``max_consecutive=k`` (not
+    in the paper; ``None`` = no cap) never recycles a kernel more than k rounds in a row (see the module docstring).
     """
 
     name = "fedluar"
 
-    def __init__(self, recycled_layers: int = 12, weighting: str = "samples", score_eps: float = 1e-6,
-                 selection: str = "inverse_score", recycled_update: str = "last"):  # fmt: skip
+    def __init__(self, recycled_layers: int | float = DEFAULT_RECYCLED_FRACTION, weighting: str = "samples",
+                 score_eps: float = 1e-6, selection: str = "inverse_score", recycled_update: str = "last",
+                 max_consecutive: int | None = None):  # fmt: skip
         super().__init__(weighting)
-        if isinstance(recycled_layers, bool) or not isinstance(recycled_layers, int) or recycled_layers < 0:
+        count_ok = isinstance(recycled_layers, int) and not isinstance(recycled_layers, bool) and recycled_layers >= 0
+        share_ok = isinstance(recycled_layers, float) and 0.0 <= recycled_layers < 1.0
+        if not (count_ok or share_ok):
             raise ConfigError(
-                f"FedLUAR recycled_layers={recycled_layers!r} is invalid; expected an integer >= 0 and below the "
-                "model's number of kernel tensors"
+                f"FedLUAR recycled_layers={recycled_layers!r} is invalid; expected an integer count >= 0 (below the "
+                "model's number of kernel tensors) or a fraction of the kernel tensors in [0, 1), e.g. 0.5"
+            )
+        if max_consecutive is not None and (
+            isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1
+        ):
+            raise ConfigError(
+                f"FedLUAR max_consecutive={max_consecutive!r} is invalid; expected None (no cap, the paper) or an "
+                "integer >= 1"
             )
         if not isinstance(score_eps, int | float) or isinstance(score_eps, bool) or not 0 <= score_eps < math.inf:
             raise ConfigError(f"FedLUAR score_eps={score_eps!r} is invalid; expected a finite number >= 0")
@@ -123,22 +158,22 @@ class FedLUAR(Algorithm):
         if recycled_update not in RECYCLED_UPDATES:
             raise ConfigError(f"FedLUAR recycled_update={recycled_update!r} is invalid; accepted: {RECYCLED_UPDATES}")
         self.recycled_layers = recycled_layers
+        self.max_consecutive = max_consecutive
+        self.delta = recycled_layers if isinstance(recycled_layers, int) else 0  # δ as a count, fixed in setup
         self.score_eps = float(score_eps)
         self.selection = selection
         self.recycled_update = recycled_update
         self.last_update: dict[str, torch.Tensor] = {}
         self.scores: dict[str, float] = {}
         self.recycled: list[str] = []  # R_t of the coming round, in kernel order
+        self.streak: dict[str, int] = {}  # consecutive rounds each kernel has been recycled, up to the last round
 
     def setup(self, model: nn.Module, num_clients: int, devices: list[DeviceProfile]) -> None:
         super().setup(model, num_clients, devices)
-        if self.recycled_layers >= len(self.kernels):
-            raise ConfigError(
-                f"FedLUAR recycled_layers={self.recycled_layers} is invalid for this model: it has "
-                f"{len(self.kernels)} kernel tensors, so use 0 <= recycled_layers <= {len(self.kernels) - 1}"
-            )
+        self.delta = recycled_count(self.recycled_layers, len(self.kernels))
         self.last_update = {k: torch.zeros_like(self.global_state[k]) for k in self.kernels}
         self.scores, self.recycled = {}, []
+        self.streak = {k: 0 for k in self.kernels}
 
     # -------------------------------------------------------------- one round
 
@@ -167,6 +202,7 @@ class FedLUAR(Algorithm):
         if mean is None:
             return  # no accepted reply this round: nothing changes (see the module docstring)
         recycled = set(self.recycled)
+        self.streak = {k: self.streak.get(k, 0) + 1 if k in recycled else 0 for k in self.kernels}
         for k in list(self.global_state):
             x = self.global_state[k]
             if k in recycled:
@@ -181,12 +217,22 @@ class FedLUAR(Algorithm):
         self.recycled = self._select(round_idx + 1)
 
     def _select(self, next_round: int) -> list[str]:
-        """R_{next_round}: drawn from a generator seeded with (seed, next_round), so resumes draw the same."""
-        if self.recycled_layers == 0 or any(k not in self.scores for k in self.kernels):
+        """R_{next_round}: drawn from a generator seeded with (seed, next_round), so resumes draw the same.
+
+        With ``max_consecutive=k``, kernels already recycled k rounds in a row are not candidates (they go up fresh,
+        which refreshes their update and score); if fewer than δ candidates remain, all of them are recycled.
+        """
+        if self.delta == 0 or any(k not in self.scores for k in self.kernels):
+            return []
+        candidates = self.kernels
+        if self.max_consecutive is not None:
+            candidates = [k for k in self.kernels if self.streak.get(k, 0) < self.max_consecutive]
+        count = min(self.delta, len(candidates))
+        if count == 0:
             return []
         rng = np.random.default_rng([getattr(self, "seed", 0), next_round, _SELECTION_STREAM])
-        chosen = sample_recycled([self.scores[k] for k in self.kernels], self.recycled_layers, rng, self.selection)
-        return [self.kernels[i] for i in chosen]
+        chosen = sample_recycled([self.scores[k] for k in candidates], count, rng, self.selection)
+        return [candidates[i] for i in chosen]
 
     # -------------------------------------------------------------- checkpoints
 
@@ -196,6 +242,7 @@ class FedLUAR(Algorithm):
             "last_update": dict(self.last_update),
             "scores": dict(self.scores),
             "recycled": list(self.recycled),
+            "streak": dict(self.streak),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,6 +250,7 @@ class FedLUAR(Algorithm):
         self.last_update = {k: v.clone() for k, v in state["last_update"].items()}
         self.scores = {k: float(v) for k, v in state["scores"].items()}
         self.recycled = list(state["recycled"])
+        self.streak = {k: int(v) for k, v in state.get("streak", {}).items()}
         self._mean = None
 
 
