@@ -14,8 +14,8 @@ Parts (``--part``):
   100 clients, 10 per round, CNN conv 16-32 / hidden 64, τ = 10 local SGD steps of batch 32 with momentum 0.9,
   50 rounds (partial averaging: 500 rounds of one step, 8 groups), Dirichlet α = 0.1 and IID.
 - ``partial``: partial averaging in its paper's setting (spec §3.5): 32 clients, all of them every round, digits,
-  IID and Dirichlet α = 0.3, the CNN, τ = 8, 2,000 local iterations: FedAvg(τ = 8, 250 rounds) against 8 groups
-  (2,000 rounds of one step).
+  IID and Dirichlet α = 0.3, an MLP 64-128-64-32-10 (8 tensors, one per group), τ = 8, 2,000 local iterations:
+  FedAvg(τ = 8, 250 rounds) against 8 groups (2,000 rounds of one step).
 - ``embracing``: EmbracingFL (50% weak, 25% moderate clients; weak train the FC layers, moderate conv2 + FCs)
   against all-strong FedAvg (an upper bound) and strong-only FedAvg (the paper's baseline: weak and moderate
   clients left out), in two conditions: ``dirichlet`` (labels skewed independently of devices) and ``weak-data``
@@ -64,6 +64,8 @@ ACCURACY_ARMS: dict[str, tuple[str, dict, dict]] = {
 }
 PARTIAL = {"num_clients": 32, "clients_per_round": 32, "batch_size": 32, "momentum": 0.9, "iterations": 2000,
            "tau": 8}  # fmt: skip
+PARTIAL_MODEL = {"name": "mlp", "hidden_sizes": [128, 64, 32]}  # 8 tensors: one whole tensor per group at tau = 8
+MLP_LABEL = "mlp-64-128-64-32-10"
 EMBRACING_MIX = {"weak": 0.5, "moderate": 0.25}
 EMBRACING_ARMS = {
     "embracingfl": ("embracingfl", {"cuts": {"weak": 2, "moderate": 1}}, EMBRACING_MIX),
@@ -148,7 +150,7 @@ def run_config(spec: dict) -> dict:
     fields = {"input_shape": data.input_shape, "num_classes": data.num_classes}
     started = time.perf_counter()
     sim = Simulator(algorithm, lambda: build_model_for_data(name, model, fields), data, rounds=spec["rounds"],
-                    seed=spec["seed"], devices=spec.get("devices"), lr=spec["lr"], engine="sequential",
+                    seed=spec["seed"], devices=spec.get("devices"), lr=spec["lr"], engine="auto",
                     **spec["settings"])  # fmt: skip
     history = sim.run()
     return {
@@ -270,11 +272,11 @@ def partial_arms(quick: bool) -> list[dict]:
         task = f"{partition}-full-participation"
         arms += [
             {"key": f"fedavg/{task}", "label": "fedavg", "algorithm": "fedavg", "options": {}, "partition": partition,
-             "alpha": 0.3, "task": task, "dataset": "digits", "rounds": iterations // tau, "model_label": "cnn-8x8",
-             "model": {"name": "cnn"}, "settings": {**settings, "local_steps": tau, "eval_every": 5}},
+             "alpha": 0.3, "task": task, "dataset": "digits", "rounds": iterations // tau, "model_label": MLP_LABEL,
+             "model": PARTIAL_MODEL, "settings": {**settings, "local_steps": tau, "eval_every": 5}},
             {"key": f"fedpa/{task}", "label": "fedpa", "algorithm": "fedpa", "options": {"groups": tau},
              "partition": partition, "alpha": 0.3, "task": task, "dataset": "digits", "rounds": iterations,
-             "model_label": "cnn-8x8", "model": {"name": "cnn"},
+             "model_label": MLP_LABEL, "model": PARTIAL_MODEL,
              "settings": {**settings, "local_steps": 1, "eval_every": 5 * tau}},
         ]  # fmt: skip
     return arms
