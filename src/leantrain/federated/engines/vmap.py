@@ -308,13 +308,13 @@ def train_vectorised(sim: Any, r: int, cohort: list[int], instructions: dict, gr
     for cid in cohort[emitted:]:
         yield ClientOutcome(cid, why=DROPPED)
     if last is not None:  # leave the working model and the global RNG as the sequential engine does
-        from leantrain.federated.simulator import seed_for
+        from leantrain.federated.simulator import seed_for, seed_torch
 
         g, i = last
         with torch.no_grad():
             for name, p in sim.model.named_parameters():
                 p.copy_(g.params[name][i])
-        torch.manual_seed(seed_for(sim.seed, r, g.cids[i], 1))
+        seed_torch(seed_for(sim.seed, r, g.cids[i], 1))
 
 
 def _outcome(sim: Any, r: int, cid: int, g: _Group, i: int, instruction) -> ClientOutcome:

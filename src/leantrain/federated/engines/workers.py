@@ -268,7 +268,7 @@ class WorkersEngine(Engine):
         return f"{size} worker processes (LPT schedule), each {self.inner.describe()}"
 
     def train(self, sim, round_idx, cohort, instructions) -> Iterator[ClientOutcome]:
-        from leantrain.federated.simulator import seed_for
+        from leantrain.federated.simulator import seed_for, seed_torch
 
         rank, size = world()
         if size == 1:
@@ -323,7 +323,7 @@ class WorkersEngine(Engine):
         self.loads.append(loads)
         # Every rank leaves the global RNG in one state (not the one a single process leaves: the server's own draws
         # are seeded explicitly; this keeps the ranks alike should anything draw from it before the next round).
-        torch.manual_seed(seed_for(sim.seed, round_idx, 2))
+        seed_torch(seed_for(sim.seed, round_idx, 2))
         for cid in cohort:
             yield by_cid[cid][0]
 

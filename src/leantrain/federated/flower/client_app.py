@@ -44,7 +44,7 @@ from leantrain.federated.flower.records import (
     to_array_record,
     to_metric_record,
 )
-from leantrain.federated.simulator import seed_for
+from leantrain.federated.simulator import seed_for, seed_torch
 
 PARTITION = "partition"  # MetricRecord key of a query reply
 
@@ -106,7 +106,7 @@ class LeantrainClient:
         batches = client_data.batches(cid, local.batch_size, seed_for(config.seed, round_idx, cid))
         ctx = ClientContext(cid, round_idx, model, batches, client_data.num_samples(cid), local,
                             ClassificationTask().loss, devices[cid], state)  # fmt: skip
-        torch.manual_seed(seed_for(config.seed, round_idx, cid, 1))
+        seed_torch(seed_for(config.seed, round_idx, cid, 1))
         reply = train_client(algorithm, ctx, instruction)
         if ctx.state:
             context.state[STATE] = to_array_record(ctx.state)

@@ -140,13 +140,14 @@ class FlowerRunConfig:
         return make_algorithm(self.algorithm, **self.algorithm_options)
 
     def simulator(self, model_fn: Callable[[], nn.Module] | None = None, **overrides: Any) -> Simulator:
-        """The in-process Simulator running the same configuration (what a Flower run must reproduce)."""
+        """The in-process Simulator running the same configuration (what a Flower run must reproduce, bitwise: its
+        clients train one after another as Flower's ClientApps do, so the engine is sequential unless overridden)."""
         data = self.data()
         kwargs: dict[str, Any] = dict(
             num_clients=self.num_clients, clients_per_round=self.clients_per_round, rounds=self.rounds,
             local_steps=self.local_steps, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
             weight_decay=self.weight_decay, devices=self.devices or None, eval_batch_size=self.eval_batch_size,
-            seed=self.seed,
+            seed=self.seed, engine="sequential",
         )  # fmt: skip
         kwargs.update(overrides)
         return Simulator(self.algorithm_instance(), model_fn or self.model_fn(data), data, **kwargs)
