@@ -34,6 +34,22 @@ def test_each_arm_gets_its_own_rate_chosen_on_validation(monkeypatch):
     assert set(by["fedavg"]["extra"]["lr_search_val_last10"]) == {str(lr) for lr in bench.LR_GRID}
 
 
+def test_iid_arms_take_the_rate_chosen_on_their_methods_dirichlet_validation(monkeypatch):
+    calls = []
+
+    def fake(spec):
+        calls.append(spec)
+        acc = 0.9 - abs(np.log(spec["lr"] / 0.1)) if spec.get("tune") else 0.5
+        return {"final": acc, "last10": acc, "up_bytes": 1, "down_bytes": 1, "up_messages": 1, "wall_s": 1.0,
+                "curve": []}  # fmt: skip
+
+    monkeypatch.setattr(bench, "_subprocess", fake)
+    arms = [a for a in bench.accuracy_arms(False, "digits") if a["label"] == "fedavg"]
+    rows = bench.tuned_rows(arms, seeds=1, quick=False, part="accuracy", anchor="fedavg")
+    assert {c["task"] for c in calls if c.get("tune")} == {"dirichlet"}
+    assert [(r["task"], r["extra"]["lr"]) for r in rows] == [("dirichlet", 0.1), ("iid", 0.1)]
+
+
 def test_weak_data_partition_gives_weak_clients_most_of_their_classes():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, size=2000)

@@ -3,7 +3,8 @@ setting, EmbracingFL where weak clients' data matters, cross-device speed agains
 
 Every accuracy row is like for like: the same data, partition, model, cohorts, rounds and local iterations for
 every method, and each method's own learning rate, chosen on a validation split (seed 0, the grid ``LR_GRID``, by
-the mean validation accuracy of the last 10 evaluated rounds) before its seeds run on the test split. Rows report
+the mean validation accuracy of the last 10 evaluated rounds) before its seeds run on the test split. In the
+``accuracy`` part a method's rate is chosen on its Dirichlet runs and used for IID too (time: 2 cores). Rows report
 the final test accuracy and the mean of the last 10 evaluated rounds (final values swing by several points with
 10 clients per round), mean ± std over seeds.
 
@@ -210,13 +211,19 @@ def tuned_rows(arms: list[dict], seeds: int, quick: bool, part: str, anchor: str
     search = len(grid) > 1
     progress = Progress(f"federated {part}", len(arms) * ((len(grid) if search else 0) + seeds))
     index = {arm["key"]: i for i, arm in enumerate(arms)}
-    searched: dict[int, dict[float, float]] = {i: {} for i in range(len(arms))} if search else {}
+    own = [i for i, arm in enumerate(arms) if arm.get("lr_from") not in index]  # searched on their own runs
+    searched: dict[int, dict[float, float]] = {i: {} for i in own} if search else {}
     if search:
-        specs = [{**arm, "lr": lr, "seed": 0, "tune": True} for arm in arms for lr in grid]
+        specs = [{**arms[i], "lr": lr, "seed": 0, "tune": True} for i in own for lr in grid]
+        progress.total = len(specs) + len(arms) * seeds
         for spec, result in zip(specs, _run_all(specs, progress), strict=True):
             searched[index[spec["key"]]][spec["lr"]] = result["last10"]
     # the best validation last-10 accuracy; ties go to the rate nearest the common default
     chosen = {i: max(s, key=lambda lr, s=s: (s[lr], -abs(np.log(lr / QUICK_LR)))) for i, s in searched.items()}
+    for i, arm in enumerate(arms):  # an arm with lr_from takes the rate chosen for that arm (same method)
+        if arm.get("lr_from") in index and index[arm["lr_from"]] in chosen:
+            chosen[i] = chosen[index[arm["lr_from"]]]
+            searched[i] = {**searched[index[arm["lr_from"]]], "chosen_on": arm["lr_from"]}
     specs = [{**arm, "lr": chosen.get(i, grid[0]), "seed": s} for i, arm in enumerate(arms) for s in range(seeds)]
     rows = []
     left = Counter(spec["key"] for spec in specs)
@@ -260,6 +267,8 @@ def accuracy_arms(quick: bool, dataset: str, extra_arms: dict | None = None) -> 
             arms.append({"key": f"{label}/{partition}", "label": label, "algorithm": algorithm, "options": options,
                          "partition": partition, "alpha": 0.1, "task": partition, "dataset": dataset,
                          "rounds": rounds * scale, "settings": {**BASE, **settings}})  # fmt: skip
+            if partition == "iid":  # each method's rate is chosen once, on its Dirichlet validation runs
+                arms[-1]["lr_from"] = f"{label}/dirichlet"
     return arms
 
 
