@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ import torch
 from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, mean_std, print_targets
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.fedavg import FedAvg
+from leantrain.process_memory import peak_rss_mb
 
 PARTS = ("accuracy", "partial", "embracing", "cross-device", "workers", "memory")
 LR_GRID = (0.02, 0.05, 0.1)
@@ -162,7 +162,7 @@ def run_config(spec: dict) -> dict:
         **history.totals,
         "wall_s": time.perf_counter() - started,
         "curve": [(r["round"], r["test_accuracy"]) for r in history.rounds if r.get("test_accuracy") is not None],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -335,7 +335,7 @@ def memory_probe(num_clients: int) -> dict:
     sim = Simulator(FedAvg(), lambda: build_model(name, **model), dataset_name(), "iid", rounds=3, lr=QUICK_LR,
                     **settings)  # fmt: skip
     sim.run()
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "num_clients": num_clients}
+    return {"peak_rss_mb": peak_rss_mb(), "num_clients": num_clients}
 
 
 # ---------------------------------------------------------------------------- targets and entry point

@@ -80,8 +80,8 @@ def accuracy_rows(
     rows: list[dict] = []
     chosen: dict[str, float] = {}
     results: dict[tuple[str, float, int], dict] = {}
-    # A fresh process per run: ru_maxrss is then that run's peak, and no run inherits another's state. workers=0
-    # runs in this process, one at a time (tests).
+    # A fresh process per run: peak_rss_mb (VmHWM) is then that run's peak, and no run inherits another's state.
+    # workers=0 runs in this process, one at a time (tests).
     if workers:
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1)
     else:
@@ -133,7 +133,7 @@ def _rows(name: str, lr: float, seeds, results: dict, method: Method, add) -> li
             "trainable_params": r["trainable_params"], "metric_name": "accuracy", "metric": r["test_accuracy"],
             "seeds": 1, "step_time_s_median": r["step_time_s_median"], "peak_mem_mb": r["peak_rss_mb"],
             "extra": {"seed": seed, "lr": lr, "val_accuracy": r["val_accuracy"], "trainable_pct": r["trainable_pct"],
-                      "steps": r["steps"], "peak_mem_source": "ru_maxrss of a fresh worker process per run"},
+                      "steps": r["steps"], "peak_mem_source": "VmHWM of a fresh worker process per run"},
         }  # fmt: skip
         out.append(row)
         add(row)

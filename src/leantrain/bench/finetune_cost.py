@@ -11,7 +11,7 @@ differ, PaCA weighing the wide MLP outputs more). Batch 1 keeps the full run sho
 
 ``python -m leantrain.bench.finetune_cost --setting all-linear --method paca`` measures one method and prints
 one JSON line: every timed step's wall time (forward + backward + optimizer step, after warm-up), the process's peak
-RSS (``ru_maxrss``: model load included, the same for every method; read before any profiling), and the activation
+RSS (VmHWM: model load included, the same for every method; read before any profiling), and the activation
 bytes autograd saves for backward over one forward (``torch.autograd.graph.saved_tensors_hooks`` on the first
 warm-up step, unique storages, parameters and buffers excluded), in total and inside the adapted layers.
 ``--profile`` adds one more step under ``torch.profiler`` and reports the top operators by self CPU time and by self
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from leantrain.process_memory import peak_rss_mb
 
 SMOLLM2_BLOCKS = 30
 # (in_features, out_features) of each projection of a SmolLM2-135M block (hidden 576, 3 KV heads of 64, MLP 1536)
@@ -215,7 +216,7 @@ def measure(
     result = {
         "setting": setting.name, "method": method, "model": model_name, "batch": setting.batch, "seq_len": seq_len,
         "threads": threads,
-        "step_times_s": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_times_s": times, "peak_rss_mb": peak_rss_mb(),
         "saved_activation_mb": saved.total / 2**20, "saved_in_adapted_layers_mb": saved.in_layers / 2**20,
         "trainable_params": sum(p.numel() for p in params), "final_loss": loss,
     }  # fmt: skip
@@ -248,7 +249,7 @@ def cost_row(setting: CostSetting, method: str, runs: list[dict]) -> dict:
                   "step_time_s_min": min(times), "step_time_s_max": max(times), "steps_timed": len(times),
                   "processes": len(runs), "threads": first["threads"],
                   "saved_in_adapted_layers_mb": first["saved_in_adapted_layers_mb"],
-                  "peak_mem_source": "ru_maxrss of a fresh process (model load included)",
+                  "peak_mem_source": "VmHWM of a fresh process (model load included)",
                   "saved_bytes_source": "saved_tensors_hooks over one training step, unique storages",
                   **({"profile": runs[-1]["profile"]} if "profile" in runs[-1] else {})},
     }  # fmt: skip
@@ -298,7 +299,7 @@ def cost_report(rows: list[dict]) -> str:
                  for r in rows if r["extra"]["setting"] == name]  # fmt: skip
         e = table[0]
         parts.append(f"Cost, {name} (SmolLM2-135M, {e['batch']}x{e['seq_len']} tokens, {e['threads']} thread(s); "
-                     "peak_mem_mb = ru_maxrss of a fresh process)\n" + markdown_table(table, cols))  # fmt: skip
+                     "peak_mem_mb = VmHWM of a fresh process)\n" + markdown_table(table, cols))  # fmt: skip
     ratios = cost_ratios(rows)
     if ratios:
         parts.append("PaCA / LoRA\n" + markdown_table(ratios, list(ratios[0])))

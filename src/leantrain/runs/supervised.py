@@ -22,6 +22,7 @@ from leantrain.errors import ConfigError, Interrupted, LeantrainError, NonFinite
 from leantrain.finetune.methods import apply_method
 from leantrain.lowrank.recipe import lowrank_callbacks
 from leantrain.models.build import build_model_for_data
+from leantrain.process_memory import peak_rss_mb
 from leantrain.prune.recipe import pruned_metrics, var_transforms
 from leantrain.train.loop import Trainer, TrainingInterrupted, evaluate, total_steps
 from leantrain.train.metric_loggers import open_metric_loggers
@@ -125,15 +126,14 @@ def _close(optimizer, summary: dict) -> None:
 
 
 def _finish(run_dir: Path, summary: dict, trainer: Trainer, status: str, started: float, logger, progress) -> None:
-    import resource
     import statistics
 
     progress.close()
     logger.close()
     if trainer.step_times:
         summary["step_time_s_median"] = round(statistics.median(trainer.step_times), 5)
-    # Peak resident memory of this process (Linux reports KiB): the run's whole footprint, model and data included.
-    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # Peak resident memory of this process: the run's whole footprint, model and data included.
+    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     summary.update(
         status=status,
         steps=trainer.state.step,
