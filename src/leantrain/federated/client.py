@@ -7,6 +7,7 @@ index array, so 1,000 clients cost 1,000 index arrays. Each client's batch order
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,12 +114,13 @@ def local_sgd(model: nn.Module, loss_fn, batches: Iterator[dict[str, torch.Tenso
         opt.zero_grad(set_to_none=True)
         out = loss_fn(model, batch)
         loss = out[0] if isinstance(out, tuple | list) else out
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"local loss is {loss.item()}")
+        value = loss.item()  # one read of the loss per step (a cross-device client's steps are tiny)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"local loss is {value}")
         loss.backward()
         opt.step()
         n = len(next(iter(batch.values())))
-        total += loss.item() * n
+        total += value * n
         samples += n
     if momentum_buffers is not None:
         kept = {n: opt.state[p].get("momentum_buffer") for n, p in named}
