@@ -413,7 +413,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         from leantrain.bench.federated_workers import workers_rows
 
         log("workers: rounds per second with 1 and 2 worker processes")
-        rows["workers"] = workers_rows(quick, log, add=results.add)
+        rows["workers"] = workers_rows(quick, log, add=results.add, dataset=dataset)
     if "memory" in parts:
         log("memory: peak RSS with 10 and 1,000 clients")
         rows["memory"] = memory_rows(log, add=results.add)

@@ -94,11 +94,9 @@ def workers_rows(quick: bool = False, log=print, add=discard, *, rounds: int | N
                  repeats: int | None = None, dataset: str | None = None) -> list[dict]:  # fmt: skip
     """Rows ``workers-1`` and ``workers-2``: ``rounds_per_s`` (median of ``repeats``), with the final states'
     bitwise equality in ``workers-2``'s ``extra["identical_to_workers_1"]``."""
-    from leantrain.bench.federated import dataset_name
-
     plan = {**(QUICK if quick else FULL), **({"rounds": rounds} if rounds else {}),
             **({"repeats": repeats} if repeats else {})}  # fmt: skip
-    spec = {"dataset": dataset or dataset_name(), "rounds": plan["rounds"], "workload": WORKLOAD}
+    spec = {"dataset": dataset or "fashion-mnist", "rounds": plan["rounds"], "workload": WORKLOAD}
     task = (f"{spec['dataset']} cnn-16-32, {WORKLOAD['num_clients']} clients, {WORKLOAD['clients_per_round']}/round, "
             f"tau={WORKLOAD['local_steps']}, batch {WORKLOAD['batch_size']}")  # fmt: skip
     progress = Progress("federated workers", 2 * plan["repeats"])

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from leantrain.federated.algorithms.base import Instruction, Reply
-
-if TYPE_CHECKING:
-    from leantrain.federated.simulator import Simulator
 
 DROPPED = "dropped out"
 
@@ -33,12 +30,15 @@ class ClientOutcome:
 class Engine:
     """Trains a round's cohort on the simulator's clients; subclasses define :meth:`train`.
 
+    ``sim`` is the :class:`~leantrain.federated.simulator.Simulator` (not imported here: the simulator imports the
+    engines).
+
     ``name`` is what the simulator logs as the engine in use (an automatic engine reports its choice).
     """
 
     name = "engine"
 
-    def train(self, sim: Simulator, round_idx: int, cohort: list[int],
+    def train(self, sim: Any, round_idx: int, cohort: list[int],
               instructions: dict[int, Instruction]) -> Iterator[ClientOutcome]:  # fmt: skip
         raise NotImplementedError
 
