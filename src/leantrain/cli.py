@@ -231,7 +231,7 @@ def bench(
         list[str] | None,
         typer.Option(
             help="only these parts (finetune: scoring, accuracy, cost, profile; optim: steptime, accuracy, async, "
-            "mlbfgs; federated: accuracy, partial, embracing, cross-device, workers, memory; "
+            "mlbfgs; federated: accuracy, accuracy-iid, partial, embracing, cross-device, workers, memory; "
             "lowrank: accuracy, deflate-svd; prune: mlp, resnet)"
         ),
     ] = None,

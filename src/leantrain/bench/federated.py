@@ -13,7 +13,8 @@ Parts (``--part``):
 - ``accuracy``: FedAvg, FedLAMA (φ = 2), FedLUAR (δ = 2 of the CNN's 4 kernel tensors, the paper's rule; its
   variants are measured in docs/fedluar.md) and partial averaging with sampled cohorts; Fashion-MNIST (mnist5k
   when absent), 100 clients, 10 per round, CNN conv 16-32 / hidden 64, τ = 10 local SGD steps of batch 32 with
-  momentum 0.9, 50 rounds (partial averaging: 500 rounds of one step, 8 groups), Dirichlet α = 0.1 and IID.
+  momentum 0.9, 50 rounds (partial averaging: 500 rounds of one step, 8 groups), Dirichlet α = 0.1.
+- ``accuracy-iid``: the same with an IID partition (each method's rate searched on its own IID validation runs).
 - ``partial``: partial averaging in its paper's setting (spec §3.5): 32 clients, all of them every round, digits,
   IID and Dirichlet α = 0.3, an MLP 64-128-64-32-10 (8 tensors, one per group), τ = 8, 2,000 local iterations:
   FedAvg(τ = 8, 250 rounds) against 8 groups (2,000 rounds of one step).
@@ -50,7 +51,7 @@ from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.fedavg import FedAvg
 from leantrain.process_memory import peak_rss_mb
 
-PARTS = ("accuracy", "partial", "embracing", "cross-device", "workers", "memory")
+PARTS = ("accuracy", "accuracy-iid", "partial", "embracing", "cross-device", "workers", "memory")
 LR_GRID = (0.02, 0.05, 0.1)
 QUICK_LR = 0.05
 MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 64}
@@ -257,17 +258,18 @@ def _row(arm: dict, runs: list[dict], lr: float, searched: dict | None, anchor: 
     }  # fmt: skip
 
 
-def accuracy_arms(quick: bool, dataset: str, extra_arms: dict | None = None) -> list[dict]:
+def accuracy_arms(quick: bool, dataset: str, extra_arms: dict | None = None,
+                  partitions: tuple[str, ...] = ("dirichlet", "iid")) -> list[dict]:  # fmt: skip
     rounds = 10 if quick else 50
     arms = []
-    for partition in ("dirichlet",) if quick else ("dirichlet", "iid"):
+    for partition in ("dirichlet",) if quick else partitions:
         for label, (algorithm, options, settings) in {**ACCURACY_ARMS, **(extra_arms or {})}.items():
             settings = dict(settings)
             scale = settings.pop("rounds_x", 1)
             arms.append({"key": f"{label}/{partition}", "label": label, "algorithm": algorithm, "options": options,
                          "partition": partition, "alpha": 0.1, "task": partition, "dataset": dataset,
                          "rounds": rounds * scale, "settings": {**BASE, **settings}})  # fmt: skip
-            if partition == "iid":  # each method's rate is chosen once, on its Dirichlet validation runs
+            if partition == "iid" and "dirichlet" in partitions:  # one rate per method, chosen on Dirichlet
                 arms[-1]["lr_from"] = f"{label}/dirichlet"
     return arms
 
@@ -341,7 +343,7 @@ def memory_probe(num_clients: int) -> dict:
 
 def targets(rows: dict[str, list[dict]]) -> dict[str, bool]:
     out: dict[str, bool] = {}
-    by = {(r["method"], r["task"]): r for r in rows.get("accuracy", [])}
+    by = {(r["method"], r["task"]): r for r in rows.get("accuracy", []) + rows.get("accuracy-iid", [])}
     for partition in ("dirichlet", "iid"):
         avg = by.get(("fedavg", partition))
         if avg is None:
@@ -396,7 +398,12 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     rows: dict[str, list[dict]] = {}
     if "accuracy" in parts:
         log(f"accuracy and bytes: {dataset}, 100 clients, 10 per round, lr per method on validation, {n_seeds} seeds")
-        rows["accuracy"] = tuned_rows(accuracy_arms(quick, dataset), n_seeds, quick, "accuracy", "fedavg", results.add)
+        arms = accuracy_arms(quick, dataset, partitions=("dirichlet",))
+        rows["accuracy"] = tuned_rows(arms, n_seeds, quick, "accuracy", "fedavg", results.add)
+    if "accuracy-iid" in parts and not quick:
+        log(f"accuracy and bytes, IID: {dataset}, 100 clients, 10 per round, lr per method on validation")
+        arms = accuracy_arms(quick, dataset, partitions=("iid",))
+        rows["accuracy-iid"] = tuned_rows(arms, n_seeds, quick, "accuracy-iid", "fedavg", results.add)
     if "partial" in parts:
         log("partial averaging, the paper's setting: digits, 32 clients all participating, tau = 8")
         rows["partial"] = tuned_rows(partial_arms(quick), n_seeds, quick, "partial", "fedavg", results.add)
@@ -459,8 +466,9 @@ def merge_into_area(path: Path, rows: dict[str, list[dict]], info: dict) -> Path
 
 
 def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
-    for title, key in (("Accuracy and bytes", "accuracy"), ("Partial averaging, full participation", "partial"),
-                       ("EmbracingFL", "embracing")):  # fmt: skip
+    titles = {"accuracy": "Accuracy and bytes", "accuracy-iid": "Accuracy and bytes, IID",
+              "partial": "Partial averaging, full participation", "embracing": "EmbracingFL"}  # fmt: skip
+    for key, title in titles.items():
         if rows.get(key):
             shown = [{**r, "last10": r["extra"]["last10_mean"], "last10_std": r["extra"]["last10_std"],
                       "lr": r["extra"]["lr"], "up_MB": r["bytes_up"] / 1e6, "down_MB": r["bytes_down"] / 1e6}
