@@ -50,10 +50,15 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None
 
 
 def _ctrl_c(proc: subprocess.Popen, times: int = 1) -> tuple[int, str, str]:
-    for _ in range(times):
-        os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.05)
-    out, err = proc.communicate(timeout=180)
+    try:
+        for _ in range(times):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=180)
+    finally:  # a failed test must not leave the command running (it held a core for 40 minutes once)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return proc.returncode, out, err
 
 
