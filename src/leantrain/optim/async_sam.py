@@ -98,9 +98,9 @@ class AsyncSAM(SAM):
                 raise ConfigError(f"AsyncSAM mode='two_process' runs with staleness 1 (got {staleness})")
         elif ascent is not None and ascent.batch_size == "auto":
             raise ConfigError("Ascent batch_size='auto' is the two-process rule; give an integer in sequential mode")
-        super().__init__(params, base_optimizer=base_optimizer, rho=rho, adaptive=adaptive, **base_kwargs)
+        super().__init__(params, base_optimizer=base_optimizer, rho=rho, adaptive=adaptive, model=model, **base_kwargs)
         self.staleness, self.mode, self.on_miss = staleness, mode, on_miss
-        self.model, self.ascent = model, ascent
+        self.ascent = ascent
         self._pending: list[tuple[list[torch.Tensor | None], torch.Tensor]] = []  # queued (vectors, norm)
         self._version = 0  # steps taken by this object: the version of the weights it publishes
         self._fresh = True  # the next two-process step has no ascent to use (first step, or after a resume)

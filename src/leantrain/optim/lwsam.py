@@ -115,7 +115,8 @@ class LayerwiseSAM(SAM):
             raise ConfigError("LayerwiseSAM got no trainable parameters; pass a model or a non-empty parameter list")
         _check_int(num_layers, "num_layers", 1, len(names), f"the number of perturbed layers (of {len(names)})")
         _check_int(reselect_every, "reselect_every", 1, None, "the re-selection period in steps")
-        super().__init__(params, base_optimizer, rho=rho, **base_kwargs)
+        model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        super().__init__(params, base_optimizer, rho=rho, model=model, **base_kwargs)
         self.layers = layers if layers is not None else [list(group["params"]) for group in self.param_groups]
         self.layer_names = names
         self.num_layers = num_layers

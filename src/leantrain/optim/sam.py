@@ -72,6 +72,8 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
         rho: float = 0.05,
         adaptive: bool = False,
+        *,
+        model: nn.Module | None = None,
         **base_kwargs: Any,
     ):
         _check_rho(rho, "")
@@ -85,6 +87,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups  # one list of groups for SAM, base and schedules
         self.defaults.update(self.base_optimizer.defaults)
+        self.model = model  # optional: gives parameter names and the norm layers whose statistics to protect
         self._perturbed = False  # between first_step and second_step (the weights are at w + ε unless skipped)
         self._scaled = False  # first_step got a GradScaler; second_step must get one too
         self.last_step_skipped = False  # a GradScaler found inf/NaN gradients in either pass of the last step
