@@ -77,11 +77,24 @@ class OptimConfig:
     base: Literal["sgd", "adamw", "adam"] = _f("sgd", "sharpness-aware optimizers: the base optimizer they wrap")
     rho: float = _f(0.05, "sharpness-aware optimizers: radius of the perturbation", gt=0.0)
     adaptive: bool = _f(False, "sam: ASAM's scale-invariant perturbation (use a ~10x larger rho)")
+    adaptive_form: Literal["official", "davda54"] = _f(
+        "official", "sam/asyncsam ASAM T_w: official (|w| + adaptive_eta on weights, 1 on biases) or davda54 (|w|)"
+    )
+    adaptive_eta: float = _f(0.01, "sam/asyncsam ASAM, official form: eta of T_w = |w| + eta on weights", ge=0.0)
     num_layers: int = _f(3, "lwsam: how many critical layers are perturbed", ge=1)
     staleness: int = _f(1, "asyncsam: age in steps of the gradient the perturbation comes from (0: SAM)", ge=0)
     reselect_every: int | None = _f(None, "lwsam: re-choose the critical layers every N steps; None: each epoch", ge=1)
-    mode: Literal["sequential", "two_process"] = _f(
-        "sequential", "asyncsam: sequential (one process) or two_process (the ascent on a second process and core)"
+    select_after: int | None = _f(
+        None, "lwsam: warm-up steps (plain steps, no second pass) before the first selection; None: the LR warm-up",
+        ge=0,
+    )  # fmt: skip
+    second_pass: Literal["truncated", "masked"] = _f(
+        "truncated", "lwsam: re-run only the layers after a replayed prefix (truncated) or the whole network (masked)"
+    )
+    mode: Literal["sequential", "two_process", "auto"] = _f(
+        "sequential",
+        "asyncsam: sequential (one process), two_process (the ascent on a second process and core), or auto "
+        "(two_process when a second core is available, else sequential)",
     )
     ascent_batch_size: int | None = _f(
         None, "asyncsam: ascent batch b'; None: sequential reuses the descent batch, two_process sizes it", ge=1

@@ -354,3 +354,19 @@ def test_grad_scaler_in_the_one_pass_mode_skips_overflow_and_restores_weights():
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))  # stepped
     with pytest.raises(ConfigError, match="grad_scaler"):
         AsyncSAM(model.parameters(), lr=0.1).first_step(grad_scaler=scaler)
+
+
+def test_staleness_zero_is_sam_with_batchnorm_and_model():
+    """With model=, both freeze the norm layers' statistics during the perturbed call: buffers equal too."""
+
+    def bn_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+    a, b = bn_model(), bn_model()
+    kw = {"rho": 0.3, "lr": 0.1, "momentum": 0.9, "adaptive": True}
+    la = _run(a, AsyncSAM(a.parameters(), staleness=0, model=a, **kw), _batches())
+    lb = _run(b, SAM(b.parameters(), model=b, **kw), _batches())
+    assert la == lb
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert int(a[1].num_batches_tracked) == 6  # one update per step: the unperturbed pass only

@@ -75,11 +75,11 @@ def test_adaptive_step_matches_hand_computed_asam():
     a, w0 = _quadratic(seed=3)
     lr, rho = 0.05, 0.5
     w = w0.clone().requires_grad_(True)
-    opt = SAM([w], torch.optim.SGD, rho=rho, adaptive=True, lr=lr)
+    opt = SAM([w], torch.optim.SGD, rho=rho, adaptive=True, adaptive_form="davda54", lr=lr)
     opt.step(_quadratic_closure(a, w))
 
     g = a @ w0
-    t = w0.abs()  # T_w = |w|
+    t = w0.abs()  # T_w = |w| (davda54's form; the official form is tested in test_asam.py)
     eps = rho * t * t * g / (t * g).norm()  # ε = ρ T_w² g / ‖T_w g‖
     expected = w0 - lr * (a @ (w0 + eps))
     torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)

@@ -226,12 +226,14 @@ def test_ddp_with_synced_first_pass_and_layerwise_sam(gloo_group):
     x, y = _data()
     model = _mlp()
     ddp = DistributedDataParallel(model)
-    opt = LayerwiseSAM(model, lr=0.1, num_layers=2)  # every layer chosen: no requires_grad masking under DDP
+    opt = LayerwiseSAM(model, lr=0.1, num_layers=2)
     with pytest.raises(ConfigError, match="ddp_no_sync=False"):
         sam_training_step(ddp, _loss, (x, y), opt)
     log = []
     sam_training_step(ddp, _syncing_loss(ddp, log), (x, y), opt, ddp_no_sync=False)
-    assert log == [True, True]
+    # the first pass is all-reduced by DDP; the second bypasses DDP's reducer (LayerwiseSAM all-reduces w' itself)
+    assert log == [True, False]
+    assert ddp.require_backward_grad_sync
 
 
 def test_ddp_grad_scaler_overflow_is_shared_and_skips(gloo_group):

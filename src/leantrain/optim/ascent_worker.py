@@ -6,12 +6,17 @@ of the model, computes the ascent gradient g' = ∇L_{B'_t}(w_t) on a fresh asce
 publishes it; the training process applies ε = ρ·g'/‖g'‖ at step t + 1 (staleness 1). Both processes run at the
 same time on their own cores, so when b' is small enough the ascent is hidden behind the descent.
 
-What is shared (``torch.multiprocessing``; the worker is forked on Linux, as DataLoader workers are, and spawned
-elsewhere or with ``start_method="spawn"``, which needs the usual ``if __name__ == "__main__":`` guard in
-scripts): one shared-memory tensor per optimized parameter for the weights, one per parameter for the published
-ascent vector (g', or T_w²g' for ASAM), the ascent norm, the training data rows the ascent samples from, and a few
-counters under one condition variable. Every copy in or out of the shared buffers happens under the condition's
-lock, so neither side ever reads a half-written tensor.
+What is shared (``torch.multiprocessing``): one CPU shared-memory tensor per optimized parameter for the weights,
+one per parameter for the published ascent vector (g', or T_w²g' for ASAM), the ascent norm, and a few counters
+under one condition variable. Every copy in or out of the shared buffers happens under the condition's lock, so
+neither side ever reads a half-written tensor. The ascent data reach the worker with its other arguments when it
+starts, never through a buffer: a dict of row tensors, or an iterable of batches (a ``DataLoader``) it iterates
+itself, so a dataset that loads lazily is never copied whole.
+
+Where the training runs on a GPU (the paper's setting: descent on the GPU, ascent on the host CPU), the buffers
+still live in host memory: the training process copies its weights device → host when it publishes them and the
+ascent vectors host → device when it takes them, and the worker, a CPU replica built without a second copy on
+the GPU, never touches the device. Such a worker is started with ``spawn``: CUDA does not survive ``fork``.
 
 System-aware ascent batch size (``batch_size="auto"``, the paper's rule): the largest b' whose ascent time fits
 in the descent time, T_slow(b') ≤ T_fast(b). The worker profiles its own ascent time for each candidate b' at
@@ -21,15 +26,31 @@ descent time (an exponential average the training process publishes after every 
 
 Slow-device emulation (``slowdown=s``): the worker repeats each forward/backward s times and keeps the last
 (identical) result, so an s-times slower device costs real CPU time on its core, not sleep.
+
+Deliberate departures and choices:
+
+- Start method: ``fork`` on Linux when everything is on the CPU and CUDA is not initialized in the training process
+  (cheap, as DataLoader workers are); ``spawn`` when a parameter lives on another device or CUDA is initialized,
+  and on other platforms. ``spawn`` pickles what the worker gets (the replica, the ``Ascent`` with its
+  ``loss_fn`` and data, the shared buffers), so those must be picklable, and scripts need the usual
+  ``if __name__ == "__main__":`` guard. The worker unpickles only what its parent sends it.
+- The worker is a daemon process, so it ends with training; a daemon cannot start processes of its own, so an
+  ascent ``DataLoader`` must have ``num_workers=0`` in the two-process mode.
+- Host ↔ device copies are plain synchronous copies (no pinned staging buffer): the weights' copy must wait for
+  the step that produced them anyway.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 import os
+import pickle
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,60 +58,111 @@ import torch
 from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
+from leantrain.optim.sam import ascent_direction
 
 CANDIDATES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _PROFILE_VERSION = 1 << 40  # ascent versions used only to time the candidates at start
 _MARGIN = 0.9  # pick b' whose ascent fits in 90% of the descent time: the weight copy and jitter need the rest
+_STREAM_SALT = 1 << 42  # seeds the iteration of an ascent iterable apart from the dropout of the same version
+START_METHODS = (None, "fork", "spawn", "forkserver")
 
 
 @dataclass
 class Ascent:
     """What AsyncSAM's ascent pass computes on, when it is not the descent batch of an earlier step.
 
-    ``loss_fn(model, batch)`` returns the loss (or a tuple whose first item is the loss, as leantrain tasks do);
-    for the two-process mode it must be picklable (a module-level function or a method of a module-level class).
-    ``data`` holds the rows ascent batches are sampled from (a dict of tensors sharing their first dimension,
-    the same keys the training batches have). The batch of ascent ``v`` is ``batch_size`` rows drawn without
-    replacement by a generator seeded with ``(seed, v)``, and dropout inside the ascent forward is seeded the
-    same way, so the ascent is reproducible and identical in both modes. ``batch_size`` is an integer, or
-    ``"auto"`` (two-process mode only) for the system-aware rule, capped at ``max_batch_size``.
+    ``loss_fn(model, batch)`` returns the loss (or a tuple whose first item is the loss, as leantrain tasks do); for
+    a spawned worker it must be picklable (a module-level function or a method of a module-level class).
+
+    ``data`` is either
+
+    - a dict of tensors sharing their first dimension (the training rows): the batch of ascent ``v`` is
+      ``batch_size`` rows drawn without replacement by a generator seeded with ``(seed, v)``; or
+    - an iterable of batches (a ``DataLoader``, a list; re-iterable, not a one-shot iterator): each ascent pass takes
+      the next batch, cut to its first ``batch_size`` rows (``None``: the whole batch), and a new pass over the
+      data starts when one ends. ``iter`` and ``next`` run under torch's RNG seeded from ``(seed, v)``, so a
+      shuffling ``DataLoader`` without its own generator yields the same batches in both modes.
+
+    Dropout inside the ascent forward is seeded with ``(seed, v)`` too, so the ascent is reproducible and identical
+    in the sequential and two-process modes. ``batch_size`` is an integer, or ``"auto"`` (two-process mode only)
+    for the system-aware rule, capped at ``max_batch_size``. Batches are moved to the model's device.
     """
 
-    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any]
-    data: dict[str, torch.Tensor]
-    batch_size: int | str = "auto"
+    loss_fn: Callable[[nn.Module, Any], Any]
+    data: dict[str, torch.Tensor] | Iterable[Any]
+    batch_size: int | str | None = "auto"
     max_batch_size: int = 256
     seed: int = 0
+    _stream: Iterator[Any] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not callable(self.loss_fn):
             raise ConfigError(f"Ascent loss_fn={self.loss_fn!r} is not callable; pass loss_fn(model, batch) -> loss")
-        if not isinstance(self.data, dict) or not self.data:
-            raise ConfigError("Ascent data must be a non-empty dict of tensors (the rows ascent batches come from)")
+        if not _positive_int(self.max_batch_size) or self.max_batch_size < CANDIDATES[0]:
+            raise ConfigError(f"Ascent max_batch_size={self.max_batch_size!r} is invalid; expected an int >= 8")
+        if isinstance(self.data, dict):
+            return self._check_rows()
+        if isinstance(self.data, torch.Tensor | Iterator) or not isinstance(self.data, Iterable):
+            raise ConfigError(
+                f"Ascent data={type(self.data).__name__} is invalid; pass a dict of tensors (the rows ascent batches "
+                "are drawn from) or a re-iterable of batches such as a DataLoader or a list (not a one-shot iterator)"
+            )
+        self.num_rows = None
+        if self.batch_size not in ("auto", None) and not _positive_int(self.batch_size):
+            raise ConfigError(
+                f"Ascent batch_size={self.batch_size!r} is invalid; expected 'auto', None (whole batches), an int >= 1"
+            )
+
+    def _check_rows(self) -> None:
         sizes = {k: len(v) for k, v in self.data.items() if isinstance(v, torch.Tensor)}
-        if len(sizes) != len(self.data) or len(set(sizes.values())) != 1:
+        if not sizes or len(sizes) != len(self.data) or len(set(sizes.values())) != 1:
             raise ConfigError(f"Ascent data must be tensors sharing their first dimension; got sizes {sizes}")
         self.num_rows = next(iter(sizes.values()))
-        ok_max = isinstance(self.max_batch_size, int) and not isinstance(self.max_batch_size, bool)
-        if not ok_max or self.max_batch_size < CANDIDATES[0]:
-            raise ConfigError(f"Ascent max_batch_size={self.max_batch_size!r} is invalid; expected an int >= 8")
-        if self.batch_size != "auto":
-            ok = isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
-            if not ok or not 1 <= self.batch_size <= self.num_rows:
-                raise ConfigError(
-                    f"Ascent batch_size={self.batch_size!r} is invalid; expected 'auto' or an int in "
-                    f"[1, {self.num_rows}] (the number of data rows)"
-                )
+        if self.batch_size != "auto" and not (_positive_int(self.batch_size) and self.batch_size <= self.num_rows):
+            raise ConfigError(
+                f"Ascent batch_size={self.batch_size!r} is invalid; expected 'auto' or an int in "
+                f"[1, {self.num_rows}] (the number of data rows)"
+            )
 
-    def batch(self, version: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """The rows of ascent ``version`` (deterministic in (seed, version))."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
-        idx = torch.randperm(self.num_rows, generator=gen)[: min(batch_size, self.num_rows)]
-        return {k: v[idx] for k, v in self.data.items()}
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_stream": None}  # a live iterator does not cross to a spawned worker
 
-    def gradient(self, model: nn.Module, version: int, batch_size: int, repeats: int = 1) -> None:
-        """Leave ∇L_{B'_version} of ``model`` in ``.grad`` (each of ``repeats`` passes recomputes it from scratch)."""
-        batch = self.batch(version, batch_size)
+    def on_host(self) -> Ascent:
+        """This ascent with its row tensors on the CPU (a copy only of rows that live elsewhere), for the worker."""
+        if self.num_rows is None or all(v.device.type == "cpu" for v in self.data.values()):
+            return self
+        return dataclasses.replace(self, data={k: v.detach().cpu() for k, v in self.data.items()})
+
+    def batch(self, version: int, batch_size: int | None) -> Any:
+        """The batch of ascent ``version`` (rows: deterministic in (seed, version); an iterable: its next batch)."""
+        if self.num_rows is not None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
+            idx = torch.randperm(self.num_rows, generator=gen)[: min(batch_size or self.num_rows, self.num_rows)]
+            return {k: v[idx] for k, v in self.data.items()}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + version + _STREAM_SALT)
+            rows = None
+            for _ in range(2):  # the current pass, then one new pass when it has ended
+                if self._stream is None:
+                    self._stream = iter(self.data)
+                rows = next(self._stream, None)
+                if rows is not None:
+                    break
+                self._stream = None
+        if rows is None:
+            raise LeantrainError("Ascent data yielded no batch; give it a non-empty, re-iterable DataLoader or list")
+        return rows if batch_size is None else _map_tensors(rows, lambda t: t[:batch_size] if t.dim() else t)
+
+    def gradient(self, model: nn.Module, version: int, batch_size: int | None, repeats: int = 1) -> int:
+        """Leave ∇L_{B'_version} of ``model`` in ``.grad`` (each of ``repeats`` passes recomputes it from scratch);
+        return the batch's rows (the first dimension of its first tensor)."""
+        device, rows = next(model.parameters()).device, []
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            rows.append(len(t) if t.dim() else 0)
+            return t.to(device)
+
+        batch = _map_tensors(self.batch(version, batch_size), to_device)
         for _ in range(repeats):
             model.zero_grad(set_to_none=True)
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -98,26 +170,34 @@ class Ascent:
                 out = self.loss_fn(model, batch)
                 loss = out[0] if isinstance(out, tuple | list) else out
                 loss.backward()
+        return rows[0] if rows else 0
 
 
-def ascent_vectors(groups: list[tuple[list[torch.Tensor], bool]]) -> tuple[list[torch.Tensor | None], torch.Tensor]:
-    """(v, ‖T_w g‖₂) from ``.grad``: v = T_w²g (ASAM, ``adaptive``) or g per parameter, None where no gradient.
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    The perturbation is then ε = ρ·v/(‖T_w g‖ + 1e-12), computed exactly as :class:`~leantrain.optim.SAM` does.
+
+def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (a tensor, or a dict, tuple or list of them)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: _map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def ascent_vectors(
+    params: list[torch.Tensor], etas: list[float | None]
+) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """(v, ‖T_w g‖₂) from ``.grad`` as :func:`~leantrain.optim.sam.ascent_direction` computes them (v = T_w²g, with
+    ``etas`` from :meth:`~leantrain.optim.SAM.asam_etas`), each v a tensor of its own: it is queued or published
+    while ``.grad`` is reused. ε = ρ·v/(‖T_w g‖ + 1e-12), exactly as :class:`~leantrain.optim.SAM` perturbs.
     """
-    device = groups[0][0][0].device
-    vecs: list[torch.Tensor | None] = []
-    norms = []
-    with torch.no_grad():
-        for params, adaptive in groups:
-            for p in params:
-                if p.grad is None:
-                    vecs.append(None)
-                    continue
-                norms.append(((p.abs() * p.grad) if adaptive else p.grad).norm(p=2).to(device))
-                vecs.append(p * p * p.grad if adaptive else p.grad.detach().clone())
-    norm = torch.linalg.vector_norm(torch.stack(norms), ord=2) if norms else torch.zeros((), device=device)
-    return vecs, norm
+    vecs, norm = ascent_direction(params, etas)
+    own = [v.detach().clone() if v is not None and v is p.grad else v for v, p in zip(vecs, params, strict=True)]
+    return own, norm
 
 
 class BatchSizeRule:
@@ -158,15 +238,66 @@ class BatchSizeRule:
         return None
 
 
-class _Shared:
-    """The buffers and counters both processes see (picklable to a spawned process)."""
+def host_buffers(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zeroed CPU shared-memory tensors shaped and typed like ``params``, wherever those live.
 
-    def __init__(self, ctx, params: list[torch.Tensor], data: dict[str, torch.Tensor]):
-        self.weights = [p.detach().clone().share_memory_() for p in params]
-        self.vectors = [torch.zeros_like(p).share_memory_() for p in params]
+    The exchange buffers are host memory whatever the training device: a CUDA tensor cannot cross a ``fork`` and
+    would need CUDA IPC (and the device) in the worker after a ``spawn``.
+    """
+    return [torch.zeros(p.shape, dtype=p.dtype, device="cpu").share_memory_() for p in params]
+
+
+def host_replica(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the CPU for the ascent, made without a second copy on the model's own device.
+
+    Every parameter and buffer is copied to the host first and handed to ``deepcopy`` through its memo, so a model
+    on a GPU is never duplicated there. The replica's parameters keep their ``requires_grad`` and have no ``.grad``.
+    """
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        host = t.detach().to("cpu", copy=True)
+        memo[id(t)] = nn.Parameter(host, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else host
+    return copy.deepcopy(model, memo).cpu()
+
+
+def device_in_use(params: list[torch.Tensor]) -> str | None:
+    """The first non-CPU device type among ``params`` ('cuda', 'meta', ...), else 'cuda' when CUDA is initialized in
+    this process (a CPU model beside a GPU one), else None: whether ``fork`` is unsafe."""
+    types = sorted({p.device.type for p in params} - {"cpu"})
+    if types:
+        return types[0]
+    return "cuda" if torch.cuda.is_initialized() else None
+
+
+def worker_start_method(requested: str | None, params: list[torch.Tensor]) -> str:
+    """The start method of the ascent process: ``requested``, or fork on Linux when no device is in use, else spawn."""
+    if requested not in START_METHODS:
+        raise ConfigError(f"AsyncSAM worker_start={requested!r} is invalid; accepted: {START_METHODS}")
+    device = device_in_use(params)
+    if requested == "fork" and device is not None:
+        raise ConfigError(
+            f"AsyncSAM worker_start='fork' cannot be used while {device} is in use in the training process (a "
+            "forked child cannot use CUDA, and a GPU model cannot be copied there); use 'spawn' or leave it None"
+        )
+    if requested is not None:
+        return requested
+    return "fork" if device is None and sys.platform.startswith("linux") else "spawn"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU), so a wall-clock time covers the device's work."""
+    if device.type not in ("cpu", "meta"):
+        torch.accelerator.synchronize(device)
+
+
+class _Shared:
+    """The buffers and counters both processes see (picklable to a spawned process); the tensors are host memory."""
+
+    def __init__(self, ctx, params: list[torch.Tensor]):
+        self.weights = host_buffers(params)
+        self.vectors = host_buffers(params)
         self.has_grad = torch.zeros(len(params), dtype=torch.bool).share_memory_()
         self.norm = torch.zeros((), dtype=torch.float64).share_memory_()
-        self.data = {k: v.detach().contiguous().share_memory_() for k, v in data.items()}
         self.cond = ctx.Condition()
         self.weights_version = ctx.Value("q", -1, lock=False)  # the version of the weights in ``weights``
         self.ascent_version = ctx.Value("q", -1, lock=False)  # the weights version the published vector is from
@@ -177,8 +308,9 @@ class _Shared:
         self.error = ctx.Array("c", 8192, lock=False)  # the worker's traceback, if it failed
 
 
-def _worker_main(replica, index: list[int], adaptive: list[bool], shared: _Shared, ascent: Ascent,
+def _worker_main(replica: nn.Module, index: list[int], etas: list[float | None], shared: _Shared, ascent: Ascent,
                  slowdown: int, cpu: int | None, threads: int) -> None:  # fmt: skip
+    """The ascent process (module level, so a spawned process can import it); reports a failure via ``shared``."""
     try:
         if cpu is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {cpu})
@@ -186,7 +318,6 @@ def _worker_main(replica, index: list[int], adaptive: list[bool], shared: _Share
         torch.set_grad_enabled(True)  # a forked worker inherits the grad mode of the moment it was started
         all_params = list(replica.parameters())
         params = [all_params[i] for i in index]
-        groups = [([p], a) for p, a in zip(params, adaptive, strict=True)]
         replica.train()
         rule = BatchSizeRule(ascent.max_batch_size) if ascent.batch_size == "auto" else None
         done = -1
@@ -209,8 +340,8 @@ def _worker_main(replica, index: list[int], adaptive: list[bool], shared: _Share
                     for p, w in zip(params, shared.weights, strict=True):
                         p.copy_(w)
             size = ascent.batch_size if rule is None else rule.choose(shared.descent_s.value)
-            ascent.gradient(replica, version, size, repeats=slowdown)
-            vecs, norm = ascent_vectors(groups)
+            rows = ascent.gradient(replica, version, size, repeats=slowdown)
+            vecs, norm = ascent_vectors(params, etas)
             with shared.cond:
                 with torch.no_grad():
                     for i, (v, out) in enumerate(zip(vecs, shared.vectors, strict=True)):
@@ -219,7 +350,7 @@ def _worker_main(replica, index: list[int], adaptive: list[bool], shared: _Share
                             out.copy_(v)
                     shared.norm.copy_(norm)
                 shared.ascent_version.value = version
-                shared.ascent_batch.value = size
+                shared.ascent_batch.value = rows
                 shared.ascent_s.value = time.perf_counter() - start
                 shared.cond.notify_all()
             if rule is not None:
@@ -243,7 +374,7 @@ class AscentProcessError(RuntimeError):
 
 @dataclass
 class AscentResult:
-    """One published ascent: the vectors (None where no gradient), their norm, and what it was computed on."""
+    """One published ascent: the vectors (None where no gradient), their norm, its weights version and b' rows."""
 
     vectors: list[torch.Tensor | None]
     norm: torch.Tensor
@@ -253,9 +384,12 @@ class AscentResult:
 
 
 class AscentWorker:
-    """The training process's handle on the ascent process (start, publish weights, take the ascent, close)."""
+    """The training process's handle on the ascent process (start, publish weights, take the ascent, close).
 
-    def __init__(self, model: nn.Module, params: list[torch.Tensor], adaptive: list[bool], ascent: Ascent,
+    ``etas`` are the per-parameter ASAM operators of :meth:`~leantrain.optim.SAM.asam_etas` (all None for SAM).
+    """
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor], etas: list[float | None], ascent: Ascent,
                  slowdown: int = 1, cpu: int | None = None, threads: int = 1, timeout_s: float = 600.0,
                  start_method: str | None = None):  # fmt: skip
         positions = {id(p): i for i, p in enumerate(model.parameters())}
@@ -265,35 +399,38 @@ class AscentWorker:
                 f"AsyncSAM two-process mode: optimized parameters {missing} are not parameters of the given model; "
                 "pass the model whose parameters are optimized"
             )
+        if getattr(ascent.data, "num_workers", 0):
+            raise ConfigError(
+                f"AsyncSAM two-process mode: the ascent DataLoader has num_workers={ascent.data.num_workers}; the "
+                "ascent process cannot start loader processes of its own, give it a DataLoader with num_workers=0"
+            )
+        worker_start_method(start_method, params)  # a bad or unsafe choice fails here, not at the first step
         self.index = [positions[id(p)] for p in params]
-        self.model, self.adaptive, self.ascent = model, adaptive, ascent
+        self.model, self.etas, self.ascent = model, list(etas), ascent
         self.slowdown, self.cpu, self.threads, self.timeout_s = slowdown, cpu, threads, timeout_s
         self.params = params
-        if start_method not in (None, "fork", "spawn", "forkserver"):
-            raise ConfigError(
-                f"start_method={start_method!r} is invalid; accepted: None, 'fork', 'spawn', 'forkserver'"
-            )
-        self.start_method = start_method or ("fork" if sys.platform.startswith("linux") else "spawn")
+        self.requested_start = start_method
+        self.start_method: str | None = None  # resolved at start (CUDA may be initialized by then)
         self.process = None
         self.shared: _Shared | None = None
 
     def start(self) -> None:
-        import copy
-
         import torch.multiprocessing as mp
 
+        self.start_method = worker_start_method(self.requested_start, self.params)
         ctx = mp.get_context(self.start_method)
-        self.shared = _Shared(ctx, self.params, self.ascent.data)
-        replica = copy.deepcopy(self.model).cpu()
-        ascent = Ascent(self.ascent.loss_fn, self.shared.data, self.ascent.batch_size, self.ascent.max_batch_size,
-                        self.ascent.seed)  # fmt: skip
-        process = ctx.Process(
-            target=_worker_main,
-            args=(replica, self.index, self.adaptive, self.shared, ascent, self.slowdown, self.cpu, self.threads),
-            daemon=True,
-            name="leantrain-asyncsam-ascent",
-        )
-        process.start()
+        self.shared = _Shared(ctx, self.params)
+        args = (host_replica(self.model), self.index, self.etas, self.shared, self.ascent.on_host(), self.slowdown,
+                self.cpu, self.threads)  # fmt: skip
+        process = ctx.Process(target=_worker_main, args=args, daemon=True, name="leantrain-asyncsam-ascent")
+        try:
+            process.start()  # spawn: pickles the arguments here, before any process exists
+        except (AttributeError, TypeError, pickle.PicklingError) as err:
+            raise ConfigError(
+                f"AsyncSAM's ascent process starts with {self.start_method!r}, which pickles the model, the Ascent "
+                f"(loss_fn, data) and the buffers, and one of them cannot be: {err}. Use a module-level loss_fn "
+                "and model class"
+            ) from err
         self.process = process
 
     def _check(self) -> None:
@@ -308,7 +445,7 @@ class AscentWorker:
             raise LeantrainError(f"AsyncSAM's ascent process exited unexpectedly (exit code {code})")
 
     def publish(self, version: int) -> None:
-        """Copy the current weights into the shared buffers as ``version`` and wake the worker."""
+        """Copy the current weights (device → host) into the shared buffers as ``version`` and wake the worker."""
         shared = self.shared
         with shared.cond, torch.no_grad():
             for w, p in zip(shared.weights, self.params, strict=True):
@@ -325,7 +462,8 @@ class AscentWorker:
             shared.cond.notify_all()
 
     def take(self, version: int, wait: bool) -> AscentResult | None:
-        """The newest ascent; with ``wait``, block until the one computed on weights ``version`` is published."""
+        """The newest ascent (host → the parameters' device); with ``wait``, block until the one computed on weights
+        ``version`` is published."""
         shared = self.shared
         deadline = time.monotonic() + self.timeout_s
         with shared.cond:

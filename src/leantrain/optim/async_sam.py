@@ -19,22 +19,35 @@ Three ways to run it, the same math:
   the previous step is there (staleness exactly 1; same trajectory as the sequential mode with the same
   ``Ascent``); ``on_miss="reuse"`` never waits and perturbs with the newest ascent available (staleness ≥ 1,
   counted in :attr:`AsyncSAM.async_stats`). ``slowdown=s`` emulates an s-times slower ascent device with real
-  compute. The first step, and the first step after ``load_state_dict``, is a plain base-optimizer step.
+  compute. The first step, and the first step after ``load_state_dict``, is a plain base-optimizer step. With the
+  parameters on a GPU the worker still runs on the CPU, the paper's setting (see
+  :mod:`~leantrain.optim.ascent_worker`); it is then started with ``spawn``.
+
+:func:`resolve_mode` turns ``"auto"`` (recipes: ``optim.mode: auto``) into ``"two_process"`` when this process may
+run on at least two CPU cores (and the staleness is 1), else ``"sequential"``.
 
 Deliberate departures and choices:
 
 - ε is ρ·v/(‖T_w g‖ + 1e-12) with ρ read from the param group when ε is *applied*, so ρ schedules act at once.
+  ASAM (``adaptive=True``) uses SAM's operator T_w (``adaptive_form``, ``adaptive_eta``; :meth:`SAM.asam_etas`), in
+  process and on the worker alike; the worker gets the per-parameter η when it starts.
+- ``"auto"`` counts the cores in this process's affinity mask (``os.sched_getaffinity``), not ``os.cpu_count()``,
+  where the platform has one: a container or ``taskset`` limited to one core gets the sequential mode.
 - In the sequential mode the queued ascents are part of ``state_dict()``, so a resumed run is identical to an
   uninterrupted one (the spec allows restarting with ε = 0; keeping them is exact). The two-process mode restarts
   with one unperturbed step, as the spec says; its transient state is not saved.
 - In the modes with an ``Ascent`` the closure only ever runs at the perturbed weights, so the returned loss (and
-  the BatchNorm running statistics it updates) are the perturbed pass's, as in the paper's system.
+  the BatchNorm running statistics it updates) are the perturbed pass's, as in the paper's system. Without one,
+  ``step(closure)`` with ``model=`` freezes the statistics during the perturbed call, as ``SAM.step`` does, so
+  staleness 0 stays SAM with BatchNorm too.
 - Close the two-process optimizer with ``close()`` (or use it as a context manager); the worker is a daemon
   process, so it also ends with the training process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import weakref
 from collections import Counter
@@ -45,11 +58,26 @@ import torch
 from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
-from leantrain.optim.ascent_worker import Ascent, AscentWorker, ascent_vectors
+from leantrain.optim.ascent_worker import Ascent, AscentWorker, ascent_vectors, synchronize
 from leantrain.optim.sam import _EPS, SAM, bn_stats_frozen
 
 _MODES = ("sequential", "two_process")
 _ON_MISS = ("wait", "reuse")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the platform has one, else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_mode(mode: str, staleness: int = 1) -> str:
+    """``mode`` itself, or for ``"auto"``: ``"two_process"`` when at least two cores are available and the staleness
+    is 1 (the only one the two-process mode runs), else ``"sequential"``."""
+    if mode != "auto":
+        return mode
+    return "two_process" if staleness == 1 and available_cores() >= 2 else "sequential"
 
 
 class AsyncSAM(SAM):
@@ -57,7 +85,8 @@ class AsyncSAM(SAM):
 
     ``model`` is needed with ``ascent`` (the ascent pass runs the model); ``worker_cpu`` pins the ascent process to
     a core (Linux), ``worker_threads`` is its torch thread count, ``worker_start`` its start method (default: fork on
-    Linux, spawn elsewhere); ``base_kwargs`` go to the base optimizer.
+    Linux with everything on the CPU, spawn with a GPU or elsewhere); ``adaptive_form`` / ``adaptive_eta`` choose
+    ASAM's T_w as in :class:`SAM`; ``base_kwargs`` go to the base optimizer.
     """
 
     def __init__(
@@ -76,12 +105,16 @@ class AsyncSAM(SAM):
         worker_cpu: int | None = None,
         worker_threads: int = 1,
         worker_start: str | None = None,
+        adaptive_form: str = "official",
+        adaptive_eta: float = 0.01,
         **base_kwargs: Any,
     ):
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ConfigError(f"AsyncSAM staleness={staleness!r} is invalid; accepted: an integer >= 0 (paper: 1)")
         if mode not in _MODES:
-            raise ConfigError(f"AsyncSAM mode={mode!r} is invalid; accepted values: {_MODES}")
+            raise ConfigError(
+                f"AsyncSAM mode={mode!r} is invalid; accepted values: {_MODES} (resolve 'auto' with resolve_mode)"
+            )
         if on_miss not in _ON_MISS:
             raise ConfigError(f"AsyncSAM on_miss={on_miss!r} is invalid; accepted values: {_ON_MISS}")
         for name, value in (("slowdown", slowdown), ("worker_threads", worker_threads)):
@@ -98,7 +131,8 @@ class AsyncSAM(SAM):
                 raise ConfigError(f"AsyncSAM mode='two_process' runs with staleness 1 (got {staleness})")
         elif ascent is not None and ascent.batch_size == "auto":
             raise ConfigError("Ascent batch_size='auto' is the two-process rule; give an integer in sequential mode")
-        super().__init__(params, base_optimizer=base_optimizer, rho=rho, adaptive=adaptive, model=model, **base_kwargs)
+        super().__init__(params, base_optimizer=base_optimizer, rho=rho, adaptive=adaptive, model=model,
+                         adaptive_form=adaptive_form, adaptive_eta=adaptive_eta, **base_kwargs)  # fmt: skip
         self.staleness, self.mode, self.on_miss = staleness, mode, on_miss
         self.ascent = ascent
         self._pending: list[tuple[list[torch.Tensor | None], torch.Tensor]] = []  # queued (vectors, norm)
@@ -111,16 +145,16 @@ class AsyncSAM(SAM):
         self._plain_grads: list[torch.Tensor | None] | None = None  # first_step without an ε yet: the grad at w_t
         self._descent_started: float | None = None
         if mode == "two_process":
-            adaptive_flags = [g["adaptive"] for g in self.param_groups for _ in g["params"]]
-            self._worker = AscentWorker(model, self._params(), adaptive_flags, ascent, slowdown=slowdown,
+            self._worker = AscentWorker(model, self._params(), self.asam_etas(), ascent, slowdown=slowdown,
                                         cpu=worker_cpu, threads=worker_threads, start_method=worker_start)  # fmt: skip
             weakref.finalize(self, self._worker.close)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _groups(self) -> list[tuple[list[torch.Tensor], bool]]:
-        return [(list(g["params"]), g["adaptive"]) for g in self.param_groups]
+    def _ascent_vectors(self) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """(v, ‖T_w g‖) of the gradient now in ``.grad``, with SAM's ASAM operator (:meth:`SAM.asam_etas`)."""
+        return ascent_vectors(self._params(), self.asam_etas())
 
     @torch.no_grad()
     def _perturb(self, vectors: list[torch.Tensor | None], norm: torch.Tensor) -> None:
@@ -140,7 +174,7 @@ class AsyncSAM(SAM):
         saved = [p.grad for p in self._params()]
         with torch.enable_grad(), bn_stats_frozen(self.model):
             self.ascent.gradient(self.model, self._version, self.ascent.batch_size)
-            result = ascent_vectors(self._groups())
+            result = self._ascent_vectors()
         for p, g in zip(self._params(), saved, strict=True):
             p.grad = g
         return result
@@ -205,7 +239,7 @@ class AsyncSAM(SAM):
             )
         if self._perturbed:
             raise LeantrainError("AsyncSAM.first_step was called twice without second_step in between")
-        self._pending.append(ascent_vectors(self._groups()))
+        self._pending.append(self._ascent_vectors())
         ascent = self._pending.pop(0) if len(self._pending) > self.staleness else None
         if ascent is None:
             self._plain_grads = [p.grad for p in self._params()]  # the gradient at w_t: second_step uses it
@@ -239,6 +273,7 @@ class AsyncSAM(SAM):
             scaler.step(self.base_optimizer)
             scaler.update()
         if self._worker is not None and self._descent_started is not None:
+            synchronize(self._params()[0].device)  # a GPU step is queued work; publishing waits for it anyway
             self._worker.report_descent(time.perf_counter() - self._descent_started)
             self.async_stats["steps"] += 1
         self._descent_started = None
@@ -264,8 +299,8 @@ class AsyncSAM(SAM):
             with torch.enable_grad():
                 loss = closure()  # the gradient at w_t: the ascent of step t + staleness
             self.first_step()
-            if self._plain_grads is None:  # perturbed: the descent gradient at w_t + ε
-                self._closure_at_perturbed(closure)
+            if self._plain_grads is None:  # perturbed: the descent gradient at w_t + ε (statistics frozen, as SAM)
+                self._closure_at_perturbed(closure, freeze_bn=self.model is not None)
             self.second_step()
             return loss
         self.perturb()
@@ -273,9 +308,9 @@ class AsyncSAM(SAM):
         self.second_step()
         return loss
 
-    def _closure_at_perturbed(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _closure_at_perturbed(self, closure: Callable[[], torch.Tensor], freeze_bn: bool = False) -> torch.Tensor:
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), bn_stats_frozen(self.model) if freeze_bn else contextlib.nullcontext():
                 return closure()
         except BaseException:
             self._restore()  # never leave the model at w + ε

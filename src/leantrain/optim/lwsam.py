@@ -45,34 +45,50 @@ Deliberate departures and choices (the paper's defaults for r, α, k and R could
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from leantrain.errors import ConfigError, LeantrainError
+from leantrain.optim.prefix_replay import PrefixReplay
 from leantrain.optim.sam import SAM, _enabled
 
 _SELECTIONS = ("grad_norm",)
+_SECOND_PASSES = ("truncated", "masked")
 
 
-def _layers_of(model_or_params: Any) -> tuple[Any, list[str], list[list[torch.Tensor]] | None]:
-    """(params for the optimizer, layer names, layers or None when each param group is one layer)."""
+def _layers_of(model_or_params: Any) -> tuple[Any, list[str], list[list[torch.Tensor]] | None, list[nn.Module]]:
+    """(params for the optimizer, layer names, layers or None when each param group is one layer, layer modules)."""
     if isinstance(model_or_params, nn.Module):
         seen: set[int] = set()
-        layers, names = [], []
+        layers, names, modules = [], [], []
         for name, module in model_or_params.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
             if own:
                 seen.update(id(p) for p in own)
                 layers.append(own)
                 names.append(name or "<root>")
-        return [{"params": [p for layer in layers for p in layer]}], names, layers
+                modules.append(module)
+        return [{"params": [p for layer in layers for p in layer]}], names, layers, modules
     items = list(model_or_params)
     if items and all(isinstance(item, dict) for item in items):
-        return items, [f"group{i}" for i in range(len(items))], None
-    return items, [f"param{i}" for i in range(len(items))], [[p] for p in items]
+        return items, [f"group{i}" for i in range(len(items))], None, []
+    return items, [f"param{i}" for i in range(len(items))], [[p] for p in items], []
+
+
+def _warn_if_distributed() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            "LayerwiseSAM runs under torch.distributed but does not know the DistributedDataParallel model: a DDP "
+            "second pass with unchosen layers frozen breaks DDP's reducer. Build LayerwiseSAM(ddp_model, ...) or call "
+            "optimizer.use_ddp(ddp_model) (sam_training_step does it for you)",
+            stacklevel=3,
+        )
 
 
 def _check_int(value: Any, field: str, low: int, high: int | None, what: str) -> None:
@@ -102,6 +118,8 @@ class LayerwiseSAM(SAM):
         reselect_every: int = 1,
         selection: str = "grad_norm",
         alpha: float = 1.0,
+        select_after: int = 0,
+        second_pass: str | None = None,
         **base_kwargs: Any,
     ):
         if not isinstance(rho, int | float) or isinstance(rho, bool) or not rho > 0:
@@ -110,14 +128,33 @@ class LayerwiseSAM(SAM):
             raise ConfigError(f"LayerwiseSAM alpha={alpha!r} is invalid; alpha mixes the gradients, range (0, 1]")
         if selection not in _SELECTIONS:
             raise ConfigError(f"LayerwiseSAM selection={selection!r} is invalid; accepted values: {_SELECTIONS}")
-        params, names, layers = _layers_of(model_or_params)
+        ddp = model_or_params if isinstance(model_or_params, DistributedDataParallel) else None
+        model = ddp.module if ddp is not None else model_or_params
+        model = model if isinstance(model, nn.Module) else None
+        params, names, layers, modules = _layers_of(model if model is not None else model_or_params)
         if not names:
             raise ConfigError("LayerwiseSAM got no trainable parameters; pass a model or a non-empty parameter list")
         _check_int(num_layers, "num_layers", 1, len(names), f"the number of perturbed layers (of {len(names)})")
         _check_int(reselect_every, "reselect_every", 1, None, "the re-selection period in steps")
-        model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        _check_int(select_after, "select_after", 0, None, "the number of warm-up steps before the first selection")
+        if second_pass is None:
+            second_pass = "truncated" if model is not None else "masked"
+        if second_pass not in _SECOND_PASSES:
+            raise ConfigError(f"LayerwiseSAM second_pass={second_pass!r} is invalid; accepted: {_SECOND_PASSES}")
+        if second_pass == "truncated" and model is None:
+            raise ConfigError(
+                "LayerwiseSAM second_pass='truncated' needs the model (its module calls are replayed); pass the model "
+                "instead of parameters, or second_pass='masked'"
+            )
         super().__init__(params, base_optimizer, rho=rho, model=model, **base_kwargs)
         self.layers = layers if layers is not None else [list(group["params"]) for group in self.param_groups]
+        self.layer_modules = modules  # one module per layer when built from a model, else []
+        self.second_pass = second_pass
+        self.replay = PrefixReplay(model) if second_pass == "truncated" else None
+        self.select_after = select_after
+        self._ddp = ddp
+        self._ddp_sync: bool | None = None  # DDP's require_backward_grad_sync, saved while the second pass runs
+        self._warmup = False  # this step is a warm-up step: no perturbation, the first gradient is applied
         self.layer_names = names
         self.num_layers = num_layers
         self.reselect_every = reselect_every
@@ -128,6 +165,17 @@ class LayerwiseSAM(SAM):
         self.selected_at = -1  # step_count at which self.selection was made
         self.layer_norms: list[float] = []  # per-layer ‖g_i‖ at the last selection: the paper's diagnostic
         self._masked: list[torch.Tensor] = []  # params whose requires_grad is off during the perturbed pass
+        self.last_replayed = 0  # modules whose forward the last truncated second pass replayed (0: a full pass)
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the next step is a warm-up step (before ``select_after`` steps): no second pass is needed."""
+        return self.step_count < self.select_after
+
+    @property
+    def needs_second_pass(self) -> bool:
+        """False when the pending (or next) step ignores the perturbed gradient: a loop may skip its second pass."""
+        return not (self._warmup if self._perturbed else self.in_warmup)
 
     # ------------------------------------------------------------ selection
 
@@ -154,6 +202,8 @@ class LayerwiseSAM(SAM):
         Needs the gradient at w in ``.grad``; leaves ``.grad`` empty for the perturbed forward/backward. With
         ``grad_scaler`` the gradient is unscaled first (selection sees true norms); if it overflowed, nothing is
         chosen, perturbed or masked, the step counter does not advance and :meth:`second_step` skips the step.
+        During the first ``select_after`` steps (warm-up) nothing is chosen or perturbed: the step applies g, and a
+        second pass, if the caller runs one, is ignored (:attr:`needs_second_pass` is False).
         """
         if self._perturbed:
             raise LeantrainError("LayerwiseSAM.first_step was called twice without second_step in between")
@@ -162,23 +212,66 @@ class LayerwiseSAM(SAM):
         if grad_scaler is not None and not self._unscale_ascent(grad_scaler):
             for p in params:
                 p.grad = None  # as on a normal step, the second backward starts from empty gradients
+            if self.replay is not None:
+                self.replay.disarm()
             return
-        if not self.selection or self.step_count % self.reselect_every == 0:
+        self._warmup = self.in_warmup
+        if not self._warmup and (
+            not self.selection or (self.step_count - self.select_after) % self.reselect_every == 0
+        ):
             self.select_layers()
-        chosen = {id(p) for i in self.selection for p in self.layers[i]}
+        chosen = self._chosen()
         for p in params:
             state = self.state[p]
             state["g"] = p.grad  # moved out, so a zero_grad(set_to_none=False) in the closure cannot touch it
             if id(p) not in chosen:
                 p.grad = None  # SAM.first_step perturbs only params with a gradient, normalizing over those
                 state.pop("e_w", None)
-        super().first_step(zero_grad=False)  # unscaled already (and _scaled set): SAM must not unscale again
+        if self._warmup:
+            self._perturbed = True  # nothing moved; second_step applies g
+        else:
+            super().first_step(zero_grad=False)  # unscaled already (and _scaled set): SAM must not unscale again
         for p in params:
             p.grad = None
-            if id(p) not in chosen and p.requires_grad:
+            if not self._warmup and id(p) not in chosen and p.requires_grad:
                 p.requires_grad_(False)  # autograd then skips these weights and stops below the earliest w'
                 self._masked.append(p)
+        if not self._warmup:
+            if self._ddp is None and self._masked:
+                _warn_if_distributed()
+            if self._ddp is not None:  # the second pass must not wake DDP's reducer; second_step all-reduces
+                self._ddp_sync = self._ddp.require_backward_grad_sync
+                self._ddp.require_backward_grad_sync = False
+            if self.replay is not None:
+                self.last_replayed = self.replay.arm([self.layer_modules[i] for i in self.selection])
         self.step_count += 1
+
+    def use_ddp(self, model: DistributedDataParallel) -> None:
+        """Tell the optimizer that ``model`` (a DDP wrapper of its model) runs the passes; idempotent.
+
+        Needed when the optimizer was built from the unwrapped model: the second pass then bypasses DDP's reducer
+        (some weights have no gradient in it) and ``second_step`` all-reduces the perturbed gradients itself.
+        :func:`~leantrain.optim.sam_step.sam_training_step` calls it for you.
+        """
+        if not isinstance(model, DistributedDataParallel):
+            raise ConfigError(f"LayerwiseSAM.use_ddp needs a DistributedDataParallel, not {type(model).__name__}")
+        if self.model is not None and model.module is not self.model:
+            raise ConfigError("LayerwiseSAM.use_ddp got a DDP model that does not wrap this optimizer's model")
+        self._ddp = model
+
+    def _chosen(self) -> set[int]:
+        """ids of the parameters perturbed this step (none during warm-up)."""
+        return set() if self._warmup else {id(p) for i in self.selection for p in self.layers[i]}
+
+    def step(self, closure: Any = None) -> torch.Tensor:  # type: ignore[override]
+        """SAM's ``step(closure)``; during warm-up the closure runs once and the step applies its gradient."""
+        if closure is not None and not self._perturbed and self.in_warmup:
+            with torch.enable_grad():
+                loss = closure()
+            self.first_step()
+            self.second_step()
+            return loss
+        return super().step(closure)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None) -> None:
@@ -192,9 +285,11 @@ class LayerwiseSAM(SAM):
             raise LeantrainError("LayerwiseSAM.second_step was called without first_step; call first_step first")
         grad_scaler = _enabled(grad_scaler)
         self._check_same_scaler(grad_scaler)
+        chosen = self._chosen()
+        if self._ddp is not None and chosen and "g" in self.state.get(self.layers[0][0], {}):
+            self._all_reduce_chosen()  # before unscaling, so every replica's scaler sees the same (reduced) values
         if grad_scaler is not None and not self.last_step_skipped:
             grad_scaler.unscale_(self.base_optimizer)  # only the chosen layers have a gradient now; g is unscaled
-        chosen = {id(p) for i in self.selection for p in self.layers[i]}
         for layer in self.layers:
             for p in layer:
                 if "g" not in self.state.get(p, {}):
@@ -207,11 +302,32 @@ class LayerwiseSAM(SAM):
         super().second_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
 
     @torch.no_grad()
+    def _all_reduce_chosen(self) -> None:
+        """Average the perturbed gradients over the DDP replicas (the second pass ran without DDP's reducer)."""
+        params = [p for i in self.selection for p in self.layers[i]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        group = self._ddp.process_group
+        torch.distributed.all_reduce(flat, group=group)
+        flat.div_(torch.distributed.get_world_size(group))
+        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            p.grad = g
+
+    @torch.no_grad()
     def _restore(self) -> None:
         super()._restore()
         for p in self._masked:
             p.requires_grad_(True)
         self._masked.clear()
+        if self.replay is not None:
+            self.replay.disarm()
+        if self._ddp is not None and self._ddp_sync is not None:
+            self._ddp.require_backward_grad_sync = self._ddp_sync
+            self._ddp_sync = None
+        self._warmup = False
+        for layer in self.layers:  # a cancelled step must not leave the kept first gradient behind
+            for p in layer:
+                self.state.get(p, {}).pop("g", None)
 
     # ------------------------------------------------------------ checkpoints
 

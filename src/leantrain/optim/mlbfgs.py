@@ -44,8 +44,12 @@ direction scaling, where the default follows the official block file as the spec
   call ``step`` after the gradient all-reduce and every rank computes the same update.
 - History tensors live in the optimizer state of each block's first param (keys ``hist_s``, ``hist_y`` of
   shape (k, d_block), ``hist_sy`` of shape (k,)), so ``state_dict()`` / ``load_state_dict()`` carry them
-  and a resumed run is bit-identical to an uninterrupted one. The block partition itself is not saved:
-  build the optimizer with the same ``blocks`` before loading.
+  and a resumed run is bit-identical to an uninterrupted one. ``state_dict()`` also saves the block partition
+  (``"mlbfgs_blocks"``, param positions); ``load_state_dict`` checks it, the group sizes and every state shape
+  and raises ConfigError naming the mismatch, rather than failing with a shape error at the next step.
+- ``add_param_group`` gives the new group the blocks it would have had at construction (with a listed
+  partition, which cannot name later params, the group becomes one block). Its blocks start their own EMAs and
+  warm-up, exactly as a group present from the start whose params had no gradient until then.
 - Params whose ``.grad`` is None count as zero gradient inside their block and are not updated.
 """
 
@@ -60,6 +64,12 @@ import torch
 from leantrain.errors import ConfigError
 
 _DIRECTION_SCALINGS = ("none", "global_norm", "kl_clip")
+# optimizer-state keys of a block, kept on the block's first param (see _block_direction)
+_BLOCK_STATE = (
+    "mlbfgs_steps", "ema_param", "ema_grad", "snap_param", "snap_grad", "pair_s", "pair_y",
+    "hist_s", "hist_y", "hist_sy",
+)  # fmt: skip
+_CHECKPOINT_FIX = "build the optimizer over the same model, param groups and blocks as the saved run before loading"
 
 
 def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
@@ -126,7 +136,8 @@ class MLBFGS(torch.optim.Optimizer):
     ``rho_min`` (relative pair-rejection threshold).
 
     ``blocks``: "group" (default: each param group is one block), "param" (one block per param), or a list of
-    param lists (each inside one group; params in no block get plain SGD with momentum). Global options:
+    param lists (each inside one group; params in no block get plain SGD with momentum; a group added later
+    with ``add_param_group`` is one block). Global options:
     ``direction_scaling`` ("global_norm" (default: η is the step length once a pair exists) | "none" |
     "kl_clip"), ``kl_clip``, ``refresh_grad_ema``.
     """
@@ -168,20 +179,36 @@ class MLBFGS(torch.optim.Optimizer):
         if direction_scaling == "kl_clip":
             ok = _is_real(kl_clip) and 0 < kl_clip < math.inf
             _check("kl_clip", kl_clip, ok, "in (0, inf) when direction_scaling='kl_clip'")
+        # (group index, params) per block, in a fixed order so a resumed optimizer finds the same states.
+        # add_param_group fills it as groups arrive, at construction and after, so a group added later gets
+        # exactly the blocks it would have had at construction; a listed partition is built once all groups exist.
+        self._blocks: list[tuple[int, list[torch.Tensor]]] = []
+        self._block_rule = blocks if isinstance(blocks, str) and blocks in ("group", "param") else "listed"
         super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            _check_group(group, f"param_groups[{i}].")
         self.direction_scaling = direction_scaling
         self.kl_clip = kl_clip
         self.refresh_grad_ema = bool(refresh_grad_ema)
-        self._blocks = self._build_blocks(blocks)
+        if self._block_rule == "listed":
+            self._blocks = self._build_listed_blocks(blocks)
+            self._block_rule = "group"  # the list cannot name a later group's params: a later group is one block
 
-    def _build_blocks(self, blocks: Any) -> list[tuple[int, list[torch.Tensor]]]:
-        """(group index, params) per block, in a fixed order so a resumed optimizer finds the same states."""
-        if blocks == "group":
-            return [(i, list(g["params"])) for i, g in enumerate(self.param_groups) if g["params"]]
-        if blocks == "param":
-            return [(i, [p]) for i, g in enumerate(self.param_groups) for p in g["params"]]
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, plus validation and the group's blocks (see ``blocks``)."""
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            _check_group(group, f"param_groups[{gi}].")
+        except ConfigError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
+        if self._block_rule == "param":
+            self._blocks.extend((gi, [p]) for p in group["params"])
+        elif self._block_rule == "group" and group["params"]:
+            self._blocks.append((gi, list(group["params"])))
+
+    def _build_listed_blocks(self, blocks: Any) -> list[tuple[int, list[torch.Tensor]]]:
+        """Blocks from ``blocks`` given as a list of param lists, in the list's order."""
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         accepted = "'group', 'param' or a list of param lists, each param in one block and one param group"
         if isinstance(blocks, str) or not isinstance(blocks, Sequence):
@@ -196,6 +223,98 @@ class MLBFGS(torch.optim.Optimizer):
             seen.update(ids)
             out.append((group_of[ids[0]], params))
         return out
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _block_positions(self) -> list[list[int]]:
+        """Each block's params as positions in the flattened param groups (the ids of torch's state_dict)."""
+        pos = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return [[pos[id(p)] for p in params] for _, params in self._blocks]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"mlbfgs_blocks"`` (the partition, as in ``_block_positions``)."""
+        state = dict(super().state_dict())
+        state["mlbfgs_blocks"] = self._block_positions()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, after checking that the checkpoint's groups, blocks and state shapes fit this optimizer.
+
+        A mismatch raises ConfigError naming the group, block or param, instead of a shape error at the next step.
+        A checkpoint without ``"mlbfgs_blocks"`` (written before it was saved) is checked by its shapes only.
+        """
+        state_dict = dict(state_dict)
+        saved_blocks = state_dict.pop("mlbfgs_blocks", None)
+        self._check_checkpoint_layout(state_dict["param_groups"], saved_blocks)
+        self._check_checkpoint_shapes(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_checkpoint_layout(self, saved_groups: list[dict[str, Any]], saved_blocks: Any) -> None:
+        if len(saved_groups) != len(self.param_groups):
+            raise ConfigError(
+                f"MLBFGS checkpoint has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}; {_CHECKPOINT_FIX}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ConfigError(
+                    f"MLBFGS checkpoint param_groups[{i}] has {len(saved['params'])} params, this optimizer's "
+                    f"param_groups[{i}] has {len(group['params'])}; {_CHECKPOINT_FIX}"
+                )
+        if saved_blocks is None:
+            return
+        saved_blocks = [[int(k) for k in block] for block in saved_blocks]
+        blocks = self._block_positions()
+        if len(saved_blocks) != len(blocks):
+            raise ConfigError(
+                f"MLBFGS checkpoint has {len(saved_blocks)} blocks, this optimizer has {len(blocks)}; "
+                + _CHECKPOINT_FIX
+            )
+        for j, (saved, block) in enumerate(zip(saved_blocks, blocks, strict=True)):
+            if saved != block:
+                raise ConfigError(
+                    f"MLBFGS checkpoint block {j} holds params {saved}, this optimizer's block {j} holds {block} "
+                    f"(positions in the flattened param groups); {_CHECKPOINT_FIX}"
+                )
+
+    def _check_checkpoint_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Block state only on each block's first param, with the block's size; momentum buffers as their params."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        names = [
+            f"param_groups[{i}].params[{j}]" for i, g in enumerate(self.param_groups) for j in range(len(g["params"]))
+        ]
+        heads = {
+            block[0]: (j, sum(params[k].numel() for k in block)) for j, block in enumerate(self._block_positions())
+        }
+        saved_ids = [k for g in state_dict["param_groups"] for k in g["params"]]  # position -> id in the checkpoint
+        states = [state_dict["state"].get(saved_id, {}) for saved_id in saved_ids]
+        for k, st in enumerate(states):  # the partition first: it explains any block-state shape below
+            block_keys = [key for key in st if key in _BLOCK_STATE]
+            if block_keys and k not in heads:
+                raise ConfigError(
+                    f"MLBFGS checkpoint {names[k]} holds block state ({block_keys[0]}) but starts no block in this "
+                    f"optimizer, so the checkpoint was saved with other blocks; {_CHECKPOINT_FIX}"
+                )
+        for k, st in enumerate(states):
+            buf = st.get("momentum_buffer")
+            if isinstance(buf, torch.Tensor) and buf.shape != params[k].shape:
+                raise ConfigError(
+                    f"MLBFGS checkpoint {names[k]} has momentum_buffer of shape {tuple(buf.shape)}, expected "
+                    f"{tuple(params[k].shape)} (the param's shape); {_CHECKPOINT_FIX}"
+                )
+            if k not in heads:
+                continue
+            j, d = heads[k]
+            sy = st.get("hist_sy")
+            n = sy.shape[0] if isinstance(sy, torch.Tensor) and sy.dim() > 0 else 0  # pairs in the history
+            for key in (key for key in st if key in _BLOCK_STATE):
+                shape = (n, d) if key in ("hist_s", "hist_y") else (n,) if key == "hist_sy" else (d,)
+                value = st[key]
+                if isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+                    raise ConfigError(
+                        f"MLBFGS checkpoint block {j} (first param {names[k]}, {d} values) has {key} of shape "
+                        f"{tuple(value.shape)}, expected {shape}; {_CHECKPOINT_FIX}"
+                    )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]

@@ -21,13 +21,15 @@ BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": t
 @dataclass
 class OptimizerRequest:
     """What a builder gets: the recipe's ``optim`` section, the model, its trainable parameters, the epoch length
-    (LW-SAM re-selects its layers every epoch by default) and AsyncSAM's ascent data (or None)."""
+    (LW-SAM re-selects its layers every epoch by default), AsyncSAM's ascent data (or None) and the learning-rate
+    warm-up length (LW-SAM chooses its first layers after it by default)."""
 
     options: object
     model: nn.Module
     params: list[torch.Tensor]
     steps_per_epoch: int = 1
     ascent: object = None
+    warmup_steps: int = 0
 
 
 OptimizerBuilder = Callable[[OptimizerRequest], torch.optim.Optimizer]
@@ -51,8 +53,8 @@ def _sam(r: OptimizerRequest) -> torch.optim.Optimizer:
     from leantrain.optim.sam import SAM
 
     o = r.options
-    return SAM(r.params, base_optimizer=BASE_OPTIMIZERS[o.base], rho=o.rho, adaptive=o.adaptive,
-               **base_kwargs(o, o.base))  # fmt: skip
+    return SAM(r.params, base_optimizer=BASE_OPTIMIZERS[o.base], rho=o.rho, adaptive=o.adaptive, model=r.model,
+               adaptive_form=o.adaptive_form, adaptive_eta=o.adaptive_eta, **base_kwargs(o, o.base))  # fmt: skip
 
 
 @register_optimizer("lwsam")
@@ -60,18 +62,26 @@ def _lwsam(r: OptimizerRequest) -> torch.optim.Optimizer:
     from leantrain.optim.lwsam import LayerwiseSAM
 
     o = r.options
+    select_after = r.warmup_steps if o.select_after is None else o.select_after
     return LayerwiseSAM(r.model, base_optimizer=BASE_OPTIMIZERS[o.base], rho=o.rho, num_layers=o.num_layers,
-                        reselect_every=o.reselect_every or r.steps_per_epoch, **base_kwargs(o, o.base))  # fmt: skip
+                        reselect_every=o.reselect_every or r.steps_per_epoch, select_after=select_after,
+                        second_pass=o.second_pass, **base_kwargs(o, o.base))  # fmt: skip
 
 
 @register_optimizer("asyncsam")
 def _asyncsam(r: OptimizerRequest) -> torch.optim.Optimizer:
-    from leantrain.optim.async_sam import AsyncSAM
+    """``optim.mode: auto`` is resolved here: two processes when a second core is available, else sequential, where
+    an ascent batch sized by the two-process rule (``ascent_batch_size`` unset) falls back to the descent batch."""
+    from leantrain.optim.async_sam import AsyncSAM, resolve_mode
 
     o = r.options
+    mode, ascent = resolve_mode(o.mode, o.staleness), r.ascent
+    if mode == "sequential" and ascent is not None and ascent.batch_size == "auto":
+        ascent = None
     return AsyncSAM(r.params, base_optimizer=BASE_OPTIMIZERS[o.base], rho=o.rho, staleness=o.staleness,
-                    adaptive=o.adaptive, model=r.model, ascent=r.ascent, mode=o.mode, on_miss=o.on_miss,
-                    slowdown=o.slowdown, worker_cpu=o.worker_cpu, **base_kwargs(o, o.base))  # fmt: skip
+                    adaptive=o.adaptive, model=r.model, ascent=ascent, mode=mode, on_miss=o.on_miss,
+                    slowdown=o.slowdown, worker_cpu=o.worker_cpu, adaptive_form=o.adaptive_form,
+                    adaptive_eta=o.adaptive_eta, **base_kwargs(o, o.base))  # fmt: skip
 
 
 @register_optimizer("mlbfgs")

@@ -81,6 +81,8 @@ def sam_training_step(
             f"sam_training_step: {type(optimizer).__name__} steps with the first-pass gradient, which must be "
             "all-reduced under DDP; pass ddp_no_sync=False"
         )
+    if is_ddp and hasattr(optimizer, "use_ddp"):
+        optimizer.use_ddp(model)  # LayerwiseSAM: its second pass must bypass DDP's reducer
     if grad_scaler is not None and not grad_scaler.is_enabled():
         grad_scaler = None
     scaler_kw = {} if grad_scaler is None else {"grad_scaler": grad_scaler}
@@ -108,8 +110,9 @@ def sam_training_step(
     if per_replica and grad_scaler is not None:
         _share_overflow(model)
     optimizer.first_step(zero_grad=True, **scaler_kw)
-    with bn_stats_frozen(model):
-        pass_over(False)
+    if getattr(optimizer, "needs_second_pass", True):  # LW-SAM's warm-up steps apply the first gradient only
+        with bn_stats_frozen(model):
+            pass_over(False)
     optimizer.second_step(zero_grad=True, **scaler_kw)
     return torch.stack(losses).mean()
 

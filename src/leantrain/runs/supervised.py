@@ -231,7 +231,9 @@ def build_optimizer(
     from leantrain.optim.registry import build_optimizer as build_named
 
     try:
-        return build_named(OptimizerRequest(o, model, params, steps_per_epoch, _ascent(cfg, train, task)), o.name)
+        ascent = _ascent(cfg, train, task)
+        request = OptimizerRequest(o, model, params, steps_per_epoch, ascent, cfg.train.warmup_steps)
+        return build_named(request, o.name)
     except ValueError as err:  # torch's own argument checks (betas, nesterov without momentum, ...)
         raise ConfigError(f"optim: {err}") from None
 
