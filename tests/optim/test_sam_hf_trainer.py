@@ -208,3 +208,14 @@ def test_mlbfgs_is_a_plain_optimizer_for_the_trainer(tmp_path):
         ref_opt.step()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_lwsam_warmup_steps_take_one_pass_under_the_trainer(tmp_path):
+    model = _bert()
+    opt = LayerwiseSAM(model, num_layers=1, rho=0.5, lr=0.1, select_after=1)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    args = trainer_args(tmp_path, max_steps=2, per_device_train_batch_size=8)
+    SharpnessAwareTrainer(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, None)).train()
+    assert len(forwards) == 3  # warm-up step: one pass; then two
+    assert opt.step_count == 2 and opt.selected_at == 1

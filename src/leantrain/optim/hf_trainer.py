@@ -34,6 +34,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from leantrain.errors import ConfigError
 from leantrain.optim.sam import SAM, _grads_finite, bn_stats_frozen
@@ -69,8 +70,10 @@ class SharpnessAwareTrainer(Trainer):
         if not self.accelerator.sync_gradients:
             return loss  # not the window's last micro-batch: optimizer.step() comes later
         window, self._sam_window = self._sam_window, []
-        if not self._ascend(sam):
-            return loss
+        if isinstance(model, DistributedDataParallel) and hasattr(sam, "use_ddp"):
+            sam.use_ddp(model)  # LayerwiseSAM: its second pass bypasses DDP's reducer and all-reduces w' itself
+        if not self._ascend(sam) or not getattr(sam, "needs_second_pass", True):
+            return loss  # overflow, or a LayerwiseSAM warm-up step (it applies the first gradient)
         try:
             with bn_stats_frozen(model):
                 for i, (batch, count) in enumerate(window):

@@ -12,32 +12,44 @@ BatchNorm/LayerNorm affine pair is a layer of its own; a parameter shared by sev
 Given a list of param-group dicts, each group is one layer (this is how to attach norm parameters to the preceding
 module, or to exclude them); given a plain iterable of tensors, each tensor is one layer.
 
-Deliberate departures and choices (the paper's defaults for r, α, k and R could not be retrieved):
+Deliberate departures and choices (the paper's defaults for r, α, k and R, and its selection schedule, could not be
+retrieved: the full text and any official code are not public; see docs/lwsam.md):
 
 - Built on :class:`~leantrain.optim.sam.SAM`: the perturbation, the bit-exact restore, the closure-first
   ``step(closure)`` and the base-optimizer sharing are SAM's. With every layer chosen and α = 1 a step equals SAM's.
 - ``num_layers`` (k) defaults to 3, as in the spec's CPU reproduction; ``reselect_every`` defaults to 1 (select on
   every batch) because the optimizer does not know the epoch length; the spec recommends once per epoch, so pass
-  ``reselect_every=steps_per_epoch``. Selection uses the current batch's plain gradient norms (no EMA).
+  ``reselect_every=steps_per_epoch`` (recipes do). Selection uses the current batch's plain gradient norms.
+- Warm-up, chosen by measurement: at initialisation the largest gradient norms sit at the input (the first
+  convolution), and a selection made there keeps the second pass running through the whole network for a whole
+  period. ``select_after`` (recipes: the LR warm-up) makes the first ``select_after`` steps plain base-optimizer
+  steps (one pass, no perturbation) and the first selection right after them; re-selection then counts from there.
 - The perturbation is normalized by ‖g_{w'}‖ over the chosen layers only (the penalty's own form), not by the
   global ‖g‖ of GNP.
-- Cheaper second pass, "masked" mode only: between ``first_step`` and ``second_step`` the parameters of the layers
-  that are not chosen have ``requires_grad`` switched off, so autograd computes weight gradients for the chosen
-  layers only and stops backpropagating below the earliest chosen layer. The forward is still the full network;
-  the spec's "truncated" mode (re-running only the sub-network after a cached activation) is not implemented.
+- Second pass. ``second_pass="truncated"`` (default with a model): every module call of the first pass is recorded
+  and the modules that finished before the earliest chosen layer are replayed from their recorded outputs
+  (:class:`~leantrain.optim.prefix_replay.PrefixReplay`), so only the suffix of the network runs again; where
+  nothing can be replayed (the first layer chosen, other inputs) the pass runs in full, with the same result.
+  ``"masked"`` runs the whole forward. In both, the parameters of the unchosen layers have ``requires_grad`` off
+  during the second pass, so autograd computes weight gradients for w' only and stops below the earliest w'. The
+  truncated pass gives bit-identical weights and BatchNorm buffers to the masked one (tested), except that dropout
+  in the replayed prefix reuses the first pass's masks.
 - ``first_step`` always takes the first gradient out of ``.grad`` (it is kept internally and handed back to the
   layers that are not chosen), so the second backward starts from empty gradients whatever ``zero_grad`` says.
-- DDP: the non-chosen layers step with the first pass's gradient, so that pass must be all-reduced; per-replica
-  (``no_sync``) first passes would let the replicas drift apart. Run the first pass with sync;
-  :func:`~leantrain.optim.sam_step.sam_training_step` refuses ``ddp_no_sync=True`` for this optimizer
-  (``applies_first_gradient``).
+- DDP: the non-chosen layers step with the first pass's gradient, so that pass must be all-reduced (run it with
+  sync; :func:`~leantrain.optim.sam_step.sam_training_step` refuses ``ddp_no_sync=True`` here). The second pass
+  bypasses DDP's reducer (a synced backward in which some weights get no gradient is a reducer error without
+  ``find_unused_parameters``): ``second_step`` all-reduces the chosen layers' gradients itself, in one flat
+  tensor. Build the optimizer from the DDP model, or call :meth:`LayerwiseSAM.use_ddp`
+  (``sam_training_step`` and the Hugging Face adapter do).
 - Mixed precision: ``first_step`` / ``second_step`` take ``grad_scaler=`` with SAM's semantics. The perturbed
   gradients are unscaled inside ``second_step`` before the kept (already unscaled) g is mixed back, so callers
   must not call ``grad_scaler.unscale_`` in between. On a skipped step (overflow in either pass) the weights,
   ``requires_grad`` and the base optimizer end as they were; a first-pass overflow also leaves the selection
   and the step counter alone.
-- BatchNorm statistics are not frozen automatically; wrap the perturbed pass in
-  :func:`~leantrain.optim.sam.bn_stats_frozen`, as with SAM.
+- BatchNorm statistics: ``step(closure)`` freezes them during the perturbed pass (SAM's ``model=``, which a model
+  given here provides); in the two-call form wrap the second pass in :func:`~leantrain.optim.sam.bn_stats_frozen`
+  or use ``sam_training_step``.
 - ``state_dict()`` is the base optimizer's plus an ``"lwsam"`` entry holding the step counter, the current
   selection and the last per-layer gradient norms, so a resumed run re-chooses on the same steps as an
   uninterrupted one.

@@ -44,6 +44,9 @@ Deliberate departures and choices:
 - BatchNorm: the perturbed pass would update running statistics a second time; the paper's JAX code keeps
   the first pass's statistics. :func:`bn_stats_frozen` restores them exactly (buffers and
   ``num_batches_tracked``), which also works for ``momentum=None``, unlike setting momentum to 0.
+  ``step(closure)`` applies it to the perturbed pass when the optimizer got ``model=``; without a model it cannot
+  find the norm layers, and both passes update the statistics (the two-call form: wrap the second pass yourself,
+  or use :func:`~leantrain.optim.sam_step.sam_training_step`).
 - Mixed precision (the F-SAM recipe): ``first_step(grad_scaler=s)`` / ``second_step(grad_scaler=s)`` unscale
   each pass's gradient through the scaler's own bookkeeping, under two different optimizer objects that share
   the param groups: the ascent gradient as ``s.unscale_(sam)``, the descent gradient as
