@@ -179,7 +179,7 @@ def test_the_same_tensor_modified_in_place_is_other_input():
     replay = PrefixReplay(model)
     x, _ = _batch()
     model(x).sum().backward()
-    replay.arm([model.head])
+    replay.arm(list(model.head.parameters()))
     x.add_(1.0)
     model(x)
     assert replay.stats == {"replayed_forwards": 0, "full_forwards": 1}
@@ -302,3 +302,156 @@ def test_warmup_and_selection_survive_a_checkpoint():
 def test_select_after_is_checked():
     with pytest.raises(ConfigError, match="select_after"):
         LayerwiseSAM(_net(), lr=0.1, select_after=-1)
+
+
+# ------------------------------------------------------------ regressions found in review (each failed before)
+
+
+def _compare(make, names, setup=None, steps=3, between=None):
+    """Train `make()` with truncated and masked second passes on the same batches; both final states."""
+    out = []
+    for second_pass in ("truncated", "masked"):
+        torch.manual_seed(0)
+        model = make().double()
+        if setup is not None:
+            setup(model)
+        opt = LayerwiseSAM(model, lr=0.1, momentum=0.9, second_pass=second_pass, num_layers=len(names))
+        _pin(opt, names)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+            if between is not None:
+                between(model, x)
+            opt.step(_closure(model, opt, x, y))
+        out.append((model, opt))
+    return out
+
+
+def test_a_weight_tied_to_an_earlier_module_makes_it_a_boundary():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = nn.Linear(4, 4)  # holds the tied weight first in named_modules
+            self.enc = nn.Linear(4, 4)
+            self.enc.weight = self.dec.weight  # called first, with the same (perturbed) weight
+            self.mid = nn.Sequential(nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.dec(self.mid(self.enc(x))))
+
+    (truncated, opt), (masked, _) = _compare(Net, ["dec"])
+    assert opt.replay.replayed_modules == []
+    assert _same_state(truncated, masked)
+
+
+def test_a_weight_used_functionally_by_another_module_replays_nothing():
+    class Proj(nn.Module):
+        def __init__(self, owner):
+            super().__init__()
+            self.__dict__["owner"] = owner  # not a submodule: uses owner's weight functionally
+
+        def forward(self, x):
+            return F.linear(x, self.owner.weight)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Linear(4, 4, bias=False)  # never called itself
+            self.proj = Proj(self.table)
+            self.body = nn.Sequential(nn.Tanh(), nn.Linear(4, 4), nn.Tanh())
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.body(self.proj(x)))
+
+    (truncated, opt), (masked, _) = _compare(Net, ["table", "out"])
+    assert opt.last_replayed == 0
+    assert _same_state(truncated, masked)
+
+
+def _abc():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+            self.b = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.b(self.a(x))))
+
+    return Net()
+
+
+def test_a_user_forward_hook_is_applied_once_on_a_replayed_output():
+    (truncated, opt), (masked, _) = _compare(_abc, ["b", "out"], setup=lambda m: m.a.register_forward_hook(
+        lambda module, args, output: output * 2.0))  # fmt: skip
+    assert opt.replay.replayed_modules == ["a"]
+    assert _same_state(truncated, masked)
+
+
+def test_an_eval_mode_forward_on_the_same_batch_is_not_replayed():
+    def metric_forward(model, x):
+        model.eval()
+        model(x)  # gradients on, eval-mode BatchNorm
+        model.train()
+
+    (truncated, opt), (masked, _) = _compare(_abc, ["b", "out"], between=metric_forward)
+    assert opt.replay.replayed_modules == ["a"]
+    assert _same_state(truncated, masked)
+    assert len(opt.replay.forwards) == 0  # nothing held between steps
+
+
+def test_an_output_object_that_may_hide_tensors_is_not_replayed():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        h: torch.Tensor
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return Out(self.l(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.b, self.out = Enc(), nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.b(self.enc(x).h.relu_())))
+
+    (truncated, opt), (masked, _) = _compare(Net, ["b", "out"])
+    assert "enc" not in opt.replay.replayed_modules
+    assert _same_state(truncated, masked)
+
+
+def test_warmup_with_a_grad_scaler_equals_the_scaled_base_step():
+    model, reference = _net(), _net()
+    opt = LayerwiseSAM(model, lr=0.1, num_layers=1, select_after=2)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    s1, s2 = torch.amp.GradScaler("cpu", init_scale=2.0**4), torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    for step in range(2):
+        x, y = _batch(seed=step)
+        opt.zero_grad()
+        s1.scale(F.cross_entropy(model(x), y)).backward()
+        opt.first_step(grad_scaler=s1)
+        assert not opt.needs_second_pass
+        opt.second_step(grad_scaler=s1)
+        sgd.zero_grad()
+        s2.scale(F.cross_entropy(reference(x), y)).backward()
+        s2.step(sgd)
+        s2.update()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+    x, y = _batch(seed=5)
+    opt.zero_grad()
+    s1.scale(F.cross_entropy(model(x), y)).backward()
+    opt.first_step(grad_scaler=s1)
+    s1.scale(F.cross_entropy(model(x), y)).backward()
+    opt.second_step(grad_scaler=s1)
+    assert opt.selection and not opt.last_step_skipped

@@ -275,3 +275,38 @@ def test_ddp_overflow_on_another_replica_skips_here_too(gloo_group, monkeypatch)
     sam_training_step(ddp, _loss, (x, y), opt, grad_scaler=scaler)  # this replica's gradients are finite
     assert opt.last_step_skipped and scaler.get_scale() == 2.0**9
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_ddp_layerwise_sam_leaves_a_chosen_parameter_without_gradient_untouched(gloo_group):
+    """A chosen layer's parameter unused in the forward keeps grad None (no weight decay/momentum), as without DDP."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.gate = nn.Parameter(torch.ones(3))  # the root's own layer: never used
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.a(x)))
+
+    finals = []
+    for ddp in (False, True):
+        torch.manual_seed(0)
+        model = Net().double()
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+        opt = LayerwiseSAM(wrapped, lr=0.1, momentum=0.9, weight_decay=0.1, num_layers=3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+            def closure(opt=opt, wrapped=wrapped, x=x, y=y):
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(wrapped(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        finals.append([p.detach().clone() for p in model.parameters()])
+        assert torch.equal(model.gate, torch.ones(3, dtype=torch.float64))
+    for a, b in zip(*finals, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -73,23 +73,22 @@ _SELECTIONS = ("grad_norm",)
 _SECOND_PASSES = ("truncated", "masked")
 
 
-def _layers_of(model_or_params: Any) -> tuple[Any, list[str], list[list[torch.Tensor]] | None, list[nn.Module]]:
-    """(params for the optimizer, layer names, layers or None when each param group is one layer, layer modules)."""
+def _layers_of(model_or_params: Any) -> tuple[Any, list[str], list[list[torch.Tensor]] | None]:
+    """(params for the optimizer, layer names, layers or None when each param group is one layer)."""
     if isinstance(model_or_params, nn.Module):
         seen: set[int] = set()
-        layers, names, modules = [], [], []
+        layers, names = [], []
         for name, module in model_or_params.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
             if own:
                 seen.update(id(p) for p in own)
                 layers.append(own)
                 names.append(name or "<root>")
-                modules.append(module)
-        return [{"params": [p for layer in layers for p in layer]}], names, layers, modules
+        return [{"params": [p for layer in layers for p in layer]}], names, layers
     items = list(model_or_params)
     if items and all(isinstance(item, dict) for item in items):
-        return items, [f"group{i}" for i in range(len(items))], None, []
-    return items, [f"param{i}" for i in range(len(items))], [[p] for p in items], []
+        return items, [f"group{i}" for i in range(len(items))], None
+    return items, [f"param{i}" for i in range(len(items))], [[p] for p in items]
 
 
 def _warn_if_distributed() -> None:
@@ -143,7 +142,7 @@ class LayerwiseSAM(SAM):
         ddp = model_or_params if isinstance(model_or_params, DistributedDataParallel) else None
         model = ddp.module if ddp is not None else model_or_params
         model = model if isinstance(model, nn.Module) else None
-        params, names, layers, modules = _layers_of(model if model is not None else model_or_params)
+        params, names, layers = _layers_of(model if model is not None else model_or_params)
         if not names:
             raise ConfigError("LayerwiseSAM got no trainable parameters; pass a model or a non-empty parameter list")
         _check_int(num_layers, "num_layers", 1, len(names), f"the number of perturbed layers (of {len(names)})")
@@ -160,7 +159,6 @@ class LayerwiseSAM(SAM):
             )
         super().__init__(params, base_optimizer, rho=rho, model=model, **base_kwargs)
         self.layers = layers if layers is not None else [list(group["params"]) for group in self.param_groups]
-        self.layer_modules = modules  # one module per layer when built from a model, else []
         self.second_pass = second_pass
         self.replay = PrefixReplay(model) if second_pass == "truncated" else None
         self.select_after = select_after
@@ -221,13 +219,16 @@ class LayerwiseSAM(SAM):
             raise LeantrainError("LayerwiseSAM.first_step was called twice without second_step in between")
         grad_scaler = _enabled(grad_scaler)
         params = [p for layer in self.layers for p in layer]
-        if grad_scaler is not None and not self._unscale_ascent(grad_scaler):
+        self._warmup = self.in_warmup
+        if grad_scaler is not None and self._warmup:
+            self._scaled, self.last_step_skipped = True, False  # g stays scaled: second_step's base step unscales it
+        elif grad_scaler is not None and not self._unscale_ascent(grad_scaler):
+            self._warmup = False
             for p in params:
                 p.grad = None  # as on a normal step, the second backward starts from empty gradients
             if self.replay is not None:
                 self.replay.disarm()
             return
-        self._warmup = self.in_warmup
         if not self._warmup and (
             not self.selection or (self.step_count - self.select_after) % self.reselect_every == 0
         ):
@@ -255,7 +256,7 @@ class LayerwiseSAM(SAM):
                 self._ddp_sync = self._ddp.require_backward_grad_sync
                 self._ddp.require_backward_grad_sync = False
             if self.replay is not None:
-                self.last_replayed = self.replay.arm([self.layer_modules[i] for i in self.selection])
+                self.last_replayed = self.replay.arm([p for i in self.selection for p in self.layers[i]])
         self.step_count += 1
 
     def use_ddp(self, model: DistributedDataParallel) -> None:
@@ -298,9 +299,10 @@ class LayerwiseSAM(SAM):
         grad_scaler = _enabled(grad_scaler)
         self._check_same_scaler(grad_scaler)
         chosen = self._chosen()
-        if self._ddp is not None and chosen and "g" in self.state.get(self.layers[0][0], {}):
+        kept_g = any("g" in self.state.get(p, {}) for layer in self.layers for p in layer)
+        if self._ddp is not None and chosen and kept_g:
             self._all_reduce_chosen()  # before unscaling, so every replica's scaler sees the same (reduced) values
-        if grad_scaler is not None and not self.last_step_skipped:
+        if grad_scaler is not None and not self.last_step_skipped and not self._warmup:
             grad_scaler.unscale_(self.base_optimizer)  # only the chosen layers have a gradient now; g is unscaled
         for layer in self.layers:
             for p in layer:
@@ -318,12 +320,14 @@ class LayerwiseSAM(SAM):
         """Average the perturbed gradients over the DDP replicas (the second pass ran without DDP's reducer)."""
         params = [p for i in self.selection for p in self.layers[i]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch._utils._flatten_dense_tensors(grads)
+        present = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch._utils._flatten_dense_tensors([*grads, present])  # one all-reduce, gradients and presence
         group = self._ddp.process_group
         torch.distributed.all_reduce(flat, group=group)
-        flat.div_(torch.distributed.get_world_size(group))
-        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            p.grad = g
+        *reduced, anywhere = torch._utils._unflatten_dense_tensors(flat, [*grads, present])
+        world = torch.distributed.get_world_size(group)
+        for p, g, seen in zip(params, reduced, anywhere.tolist(), strict=True):
+            p.grad = g.div_(world) if seen else None  # no replica had a gradient: stays None, as without DDP
 
     @torch.no_grad()
     def _restore(self) -> None:

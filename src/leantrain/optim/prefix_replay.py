@@ -17,15 +17,24 @@ only slower):
 - a module called both before and after that point (a shared activation module, tied weights) is not replayed,
   nor is a module whose output was modified in place later (``ReLU(inplace=True)``); their parents may still be;
 - a second-pass forward whose inputs differ from every recorded first-pass forward (other tensors, or the same
-  tensor modified in place) runs in full.
+  tensor modified in place), whose inputs require gradients, or that runs in eval mode, runs in full;
+- a perturbed weight whose holding module is not called in the forward (it is used functionally) replays nothing;
+  a weight tied between modules makes every holder a boundary;
+- a module output that is not a plain tree of tensors and scalars (an object that may hide tensors) is not
+  replayed.
+
+Not detected: a perturbed weight read functionally by a module that does not hold it, *before* its holder is
+called (e.g. ``F.linear(x, other_module.weight)`` early in the network). Use ``second_pass="masked"`` for such a
+model. Forward hooks registered by users run again on replayed outputs, as on a re-run (ours run first).
 
 Semantics: outputs are replayed exactly, so the second pass gives bit-identical results to a full re-run for
 deterministic modules. Randomness in the replayed prefix (dropout) is *reused* from the first pass rather than
 re-drawn; a re-run would draw new masks there. Running statistics of replayed norm layers are not updated a second
 time (they are not called).
 
-Forwards are recorded only while gradients are enabled (evaluation under ``torch.no_grad`` is ignored); at most
-``max_forwards`` recent forwards are kept (micro-batches of one accumulated step).
+Forwards are recorded only in training mode with gradients enabled (evaluation is ignored, even with gradients
+on); at most ``max_forwards`` recent forwards are kept (micro-batches of one accumulated step), and every record
+is dropped at the end of each step.
 """
 
 from __future__ import annotations
@@ -65,6 +74,14 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
 
 
+_PLAIN = (torch.Tensor, type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)
+
+
+def _replayable_output(tree: Any) -> bool:
+    """True when every leaf is a tensor or a plain value: then the whole output can be detached and versioned."""
+    return all(isinstance(leaf, _PLAIN) for leaf in tree_flatten(tree)[0])
+
+
 def _detach(tree: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
@@ -88,11 +105,13 @@ class PrefixReplay:
         self._current: _Forward | None = None  # the first-pass forward being recorded, or the one being replayed
         self._cursor = 0
         self._stubs: dict[int, Any] = {}  # module index -> the instance-level forward it had (or None)
-        self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-                         model.register_forward_hook(self._root_post)]  # fmt: skip
+        # prepended: the recorded output is the module's own, before any user hook changes it (those run again on
+        # the replayed output, as they would on a re-run)
+        self._handles = [model.register_forward_pre_hook(self._root_pre, with_kwargs=True, prepend=True),
+                         model.register_forward_hook(self._root_post, prepend=True)]  # fmt: skip
         for i, module in enumerate(self.modules[1:], start=1):
-            self._handles.append(module.register_forward_pre_hook(self._pre(i)))
-            self._handles.append(module.register_forward_hook(self._post(i)))
+            self._handles.append(module.register_forward_pre_hook(self._pre(i), prepend=True))
+            self._handles.append(module.register_forward_hook(self._post(i), prepend=True))
 
     # ------------------------------------------------------------ recording (first pass)
 
@@ -102,11 +121,12 @@ class PrefixReplay:
         inputs = tree_flatten((args, kwargs))[0]
         versions = tuple(t._version for t in inputs if isinstance(t, torch.Tensor))
         if self.armed:
-            self._current = self._match(inputs, versions)
+            wants_input_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+            self._current = None if wants_input_grad or not self.root.training else self._match(inputs, versions)
             self.stats["replayed_forwards" if self._current is not None else "full_forwards"] += 1
             return
-        if not torch.is_grad_enabled():
-            self._current = None
+        if not torch.is_grad_enabled() or not self.root.training:
+            self._current = None  # evaluation (even with gradients on) is never a first pass to replay
             return
         self._current = _Forward(inputs, versions)
         self.forwards.append(self._current)
@@ -138,6 +158,8 @@ class PrefixReplay:
                 return
             call = fwd.stack.pop()
             fwd.clock += 1
+            if not _replayable_output(output):
+                return  # end stays -1: never replayed (an object that may hide tensors we cannot detach)
             call.end = fwd.clock
             call.output = _detach(output)
             call.versions = tuple(t._version for t in _tensors(output))
@@ -146,20 +168,25 @@ class PrefixReplay:
 
     # ------------------------------------------------------------ replay (second pass)
 
-    def arm(self, perturbed: list[nn.Module]) -> int:
-        """Stub the outermost modules that finish before the first call of any module in ``perturbed``.
+    def arm(self, perturbed: list[torch.Tensor]) -> int:
+        """Stub the outermost modules that finish before the first call of a module holding a ``perturbed`` tensor.
 
-        Returns how many modules were stubbed (0: nothing to replay, the second pass runs in full).
+        A module holds a tensor when it is one of its own parameters (``parameters(recurse=False)``), so a weight
+        tied between several modules makes each of them a boundary. A forward in which some holder is not called
+        (its tensor is used functionally elsewhere) replays nothing. Returns how many modules were stubbed
+        (0: nothing to replay, the second pass runs in full).
         """
         if self.armed:
             raise LeantrainError("PrefixReplay.arm was called twice without disarm in between")
-        targets = {self._index[id(m)] for m in perturbed if id(m) in self._index}
+        wanted = {id(t) for t in perturbed}
+        targets = {i for i, m in enumerate(self.modules) if any(id(p) in wanted for p in m.parameters(recurse=False))}
         forwards = [f for f in self.forwards if not f.stack]  # a forward that raised is not replayable
         replayable: set[int] = set()
         banned: set[int] = {0}
         for fwd in forwards:
             starts = [c.start for c in fwd.calls if c.module in targets]
-            boundary = min(starts) if starts else fwd.clock + 1
+            # a holder never called: its tensor is used functionally somewhere, maybe early; replay nothing
+            boundary = min(starts) if targets <= {c.module for c in fwd.calls} else 0
             for call in fwd.calls:
                 done = 0 < call.end < boundary and call.versions == tuple(t._version for t in _tensors(call.output))
                 (replayable if done else banned).add(call.module)
