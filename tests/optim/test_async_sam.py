@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from async_sam_steps import rows, train_steps
 from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
@@ -123,9 +124,7 @@ def test_trains_in_the_leantrain_loop():
 
 
 def _rows(n=96):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(n, 5, generator=g)
-    return {"x": x, "labels": (x[:, 0] > 0).long() + (x[:, 1] > 0).long()}
+    return rows(n)
 
 
 def _dropout_model():
@@ -134,21 +133,7 @@ def _dropout_model():
 
 
 def _train(model, opt, rows, steps=5, batch=16):
-    from leantrain.train import ClassificationTask
-
-    losses = []
-    for i in range(steps):
-        b = {k: v[i * batch : (i + 1) * batch] for k, v in rows.items()}
-
-        def closure(b=b):
-            opt.zero_grad()
-            loss = ClassificationTask().loss(model, b)[0]
-            loss.backward()
-            return loss
-
-        torch.manual_seed(100 + i)  # the descent's dropout masks
-        losses.append(opt.step(closure).item())
-    return losses
+    return train_steps(model, opt, rows, steps, batch)
 
 
 def _ascent(rows, batch_size=12):

@@ -7,6 +7,7 @@ data) and a stand-in for the device synchronization.
 
 import pytest
 import torch
+from async_sam_steps import rows, train_steps
 from torch import nn
 
 from leantrain.errors import ConfigError
@@ -16,9 +17,7 @@ from leantrain.train import ClassificationTask
 
 
 def _rows(n=96):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(n, 5, generator=g)
-    return {"x": x, "labels": (x[:, 0] > 0).long() + (x[:, 1] > 0).long()}
+    return rows(n)
 
 
 def _dropout_model():
@@ -27,19 +26,7 @@ def _dropout_model():
 
 
 def _train(model, opt, rows, steps=5, batch=16):
-    losses = []
-    for i in range(steps):
-        b = {k: v[i * batch : (i + 1) * batch] for k, v in rows.items()}
-
-        def closure(b=b):
-            opt.zero_grad()
-            loss = ClassificationTask().loss(model, b)[0]
-            loss.backward()
-            return loss
-
-        torch.manual_seed(100 + i)  # the descent's dropout masks
-        losses.append(opt.step(closure).item())
-    return losses
+    return train_steps(model, opt, rows, steps, batch)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

@@ -3,6 +3,7 @@ passes restarted, reproducible, and the same trajectory in the sequential, forke
 
 import pytest
 import torch
+from async_sam_steps import train_steps
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,18 +29,7 @@ def _model():
 
 
 def _train(model, opt, steps=6, batch=16):
-    rows = _rows()
-    for i in range(steps):
-        b = {k: v[i * batch : (i + 1) * batch] for k, v in rows.items()}
-
-        def closure(b=b):
-            opt.zero_grad()
-            loss = ClassificationTask().loss(model, b)[0]
-            loss.backward()
-            return loss
-
-        torch.manual_seed(100 + i)
-        opt.step(closure)
+    return train_steps(model, opt, _rows(), steps, batch)
 
 
 def test_batches_in_order_cut_to_b_prime_and_passes_restart():
