@@ -118,7 +118,7 @@ def compress(
     remove: Annotated[int, typer.Option(help="decoder blocks to remove (the first and last are protected)")],
     out: Annotated[Path, typer.Option(help="new folder for the compressed model, tokenizer and compress.json")],
     model: Annotated[str, typer.Option(help="pretrained decoder LM")] = "smollm2-135m",
-    select: Annotated[str, typer.Option(help="block selection: lorp, shortgpt, last_n")] = "lorp",
+    select: Annotated[str, typer.Option(help="block selection: lorp, shortgpt, streamline, last_n")] = "lorp",
     recover: Annotated[str, typer.Option(help="recovery: ghosted, symmetric, diag, none")] = "ghosted",
     calib_dataset: Annotated[
         str | None, typer.Option(help="calibration text: a registered corpus (default wikipedia; its train slice)")
@@ -138,7 +138,8 @@ def compress(
     ridge: Annotated[float, typer.Option(help="Ghosted ridge epsilon (absolute)")] = 1e-6,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
 ) -> None:
-    """Remove decoder blocks from a pretrained LLM (LoRP / ShortGPT / last-n) and recover them (Ghosted Layers).
+    """Remove decoder blocks from a pretrained LLM (LoRP / ShortGPT / LLM-Streamline / last-n) and recover them
+    (Ghosted Layers).
 
     Perplexity is reported on held-out text of the calibration source and on a second, different text: recovery is
     fitted to its calibration domain, so calibrate on text like the one the model will see."""

@@ -15,6 +15,7 @@ from leantrain.prune.lorp import (  # noqa: E402
     select_layers_last_n,
     select_layers_lorp,
     select_layers_shortgpt,
+    select_layers_streamline,
 )
 
 
@@ -121,9 +122,14 @@ def test_selectors_never_pick_protected_layers_and_hit_the_budget(seed):
     model = tiny_llama(seed=seed)
     states = boundary_states(model, batches(seed=seed))
     for k in range(0, 7):
-        for chosen in (select_layers_lorp(model, states, k).indices, select_layers_shortgpt(model, states, k),
+        for chosen in (select_layers_lorp(model, states, k).indices, select_layers_streamline(model, states, k)[0],
                        select_layers_last_n(model, k)):  # fmt: skip
             assert len(chosen) == k == len(set(chosen)) and not {0, 7} & set(chosen)
+        if k <= 5:  # ShortGPT's official candidates: blocks 1 .. N-3
+            chosen = select_layers_shortgpt(model, states, k)
+            assert len(chosen) == k == len(set(chosen)) and not {0, 6, 7} & set(chosen)
+    with pytest.raises(ConfigError, match="cannot remove 6 of 8"):
+        select_layers_shortgpt(model, states, 6)
     assert select_layers_last_n(model, 3) == [4, 5, 6]
     with pytest.raises(ConfigError, match="cannot remove 7 of 8"):
         select_layers_lorp(model, states, 7)
@@ -137,3 +143,24 @@ def test_shortgpt_removes_the_least_influential_blocks():
             model.model.layers[i].self_attn.o_proj.weight.zero_()
             model.model.layers[i].mlp.down_proj.weight.zero_()
     assert select_layers_shortgpt(model, batches(), 2) == [3, 5]
+
+
+def test_shortgpt_never_takes_the_second_to_last_block_unless_asked():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[6].self_attn.o_proj.weight.zero_()
+        model.model.layers[6].mlp.down_proj.weight.zero_()
+    states = boundary_states(model, batches())
+    assert 6 not in select_layers_shortgpt(model, states, 1)
+    assert select_layers_shortgpt(model, states, 1, protect=(0, -1)) == [6]
+
+
+def test_streamline_removes_the_most_redundant_contiguous_run():
+    model = tiny_llama()
+    with torch.no_grad():  # blocks 4 and 5 the identity: the window [4, 6) maps its input to itself
+        for i in (4, 5):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    blocks, cosine = select_layers_streamline(model, boundary_states(model, batches()), 2)
+    assert blocks == [4, 5] and cosine == pytest.approx(1.0, abs=1e-6)
+    assert select_layers_streamline(model, boundary_states(model, batches()), 3)[0] in ([3, 4, 5], [4, 5, 6])

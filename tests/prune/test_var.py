@@ -90,3 +90,26 @@ def test_bad_inputs_raise_config_error(kwargs, match):
 def test_model_without_layers_raises():
     with pytest.raises(ConfigError, match="no matching parameters"):
         VarianceAmplifyingRegularizer(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), lam=1.0)
+
+
+def test_accumulate_grad_after_the_task_backward_on_a_pruned_model():
+    """Regression: accumulate_grad() used to re-enter the graph of the weight computed by the last forward, which
+    loss.backward() had freed ("backward through the graph a second time")."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        prune_magnitude(model, 0.5)
+        models.append(model)
+    two_calls, reference = models
+    reg = VarianceAmplifyingRegularizer(two_calls, lam=0.01)
+    nn.functional.cross_entropy(two_calls(x), y).backward()
+    penalty = reg.accumulate_grad()  # the leantrain loop's form: after the task loss's backward
+    ref_reg = VarianceAmplifyingRegularizer(reference, lam=0.01)
+    (nn.functional.cross_entropy(reference(x), y) + ref_reg()).backward()
+    torch.testing.assert_close(penalty, ref_reg().detach())
+    for a, b in zip(two_calls.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert two_calls[0].weight_orig.grad[two_calls[0].weight_mask == 0].abs().sum() == 0  # masked: no gradient

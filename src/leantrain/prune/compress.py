@@ -29,7 +29,14 @@ from leantrain.prune.compress_args import (
 )
 from leantrain.prune.depth import BoundaryStates, boundary_states, check_budget, decoder_layers
 from leantrain.prune.ghosted import METHODS, GhostReport, fit_ghosted_layers
-from leantrain.prune.lorp import PROTECT, select_layers_last_n, select_layers_lorp, select_layers_shortgpt
+from leantrain.prune.lorp import (
+    PROTECT,
+    SHORTGPT_PROTECT,
+    select_layers_last_n,
+    select_layers_lorp,
+    select_layers_shortgpt,
+    select_layers_streamline,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -106,19 +113,36 @@ def check_choices(select: str, recover: str, prefix: str = "") -> None:
         raise ConfigError(f"{prefix}recover {recover!r} is invalid; use one of {', '.join(METHODS)}")
 
 
+def _lorp(model, states, num_remove, protect, num_clusters):
+    sel = select_layers_lorp(model, states, num_remove, num_clusters=num_clusters, protect=protect)
+    return sel.indices, {"rls": sel.rls, "num_clusters": sel.num_clusters, "labels": sel.labels}
+
+
+def _streamline(model, states, num_remove, protect, _num_clusters):
+    blocks, cos = select_layers_streamline(model, states, num_remove, protect=protect)
+    return blocks, {"cosine": cos}
+
+
+# selector -> (its function (model, states, num_remove, protect, num_clusters) -> (blocks, info), default protection)
+SELECTIONS = {
+    "lorp": (_lorp, PROTECT),
+    "shortgpt": (lambda m, st, k, p, _c: (select_layers_shortgpt(m, st, k, protect=p), {}), SHORTGPT_PROTECT),
+    "streamline": (_streamline, PROTECT),
+    "last_n": (lambda m, _st, k, p, _c: (select_layers_last_n(m, k, protect=p), {}), PROTECT),
+}
+
+
 def select_layers(
-    model: nn.Module, states: BoundaryStates, num_remove: int, select: str, protect: Sequence[int] = PROTECT,
+    model: nn.Module, states: BoundaryStates, num_remove: int, select: str, protect: Sequence[int] | None = None,
     num_clusters: int | None = None,
 ) -> tuple[list[int], dict]:  # fmt: skip
-    """The blocks ``select`` removes, and what it learned (LoRP's RLS, K and clusters)."""
-    if select == "lorp":
-        sel = select_layers_lorp(model, states, num_remove, num_clusters=num_clusters, protect=protect)
-        return sel.indices, {"rls": sel.rls, "num_clusters": sel.num_clusters, "labels": sel.labels}
-    if select == "shortgpt":
-        return select_layers_shortgpt(model, states, num_remove, protect=protect), {}
-    if select == "last_n":
-        return select_layers_last_n(model, num_remove, protect=protect), {}
-    raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTORS)}")
+    """The blocks ``select`` removes, and what it learned (LoRP's RLS, K and clusters; Streamline's cosine).
+
+    ``protect=None``: the selector's own default (the first and last blocks; ShortGPT's official candidates)."""
+    if select not in SELECTIONS:
+        raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTORS)}")
+    function, default = SELECTIONS[select]
+    return function(model, states, num_remove, default if protect is None else protect, num_clusters)
 
 
 def compress_model(
@@ -127,7 +151,7 @@ def compress_model(
     num_remove: int,
     select: str = "lorp",
     recover: str = "ghosted",
-    protect: Sequence[int] = PROTECT,
+    protect: Sequence[int] | None = None,
     num_clusters: int | None = None,
     ridge: float = 1e-6,
     on_stage: Callable[[str], None] | None = None,
@@ -135,6 +159,7 @@ def compress_model(
     """Select ``num_remove`` blocks of ``model`` on ``calibration``, remove them and recover with ``recover``."""
     check_choices(select, recover)
     n = len(decoder_layers(model))
+    protect = SELECTIONS[select][1] if protect is None else protect
     check_budget(num_remove, n, protect)
     stage = on_stage or (lambda _text: None)
     if isinstance(calibration, BoundaryStates):

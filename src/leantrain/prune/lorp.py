@@ -5,15 +5,18 @@ RLS = −log2 of the mean off-diagonal similarity), spectral-clusters the blocks
 from the RLS, then spreads the removal budget over the clusters: first the most redundant block of each
 cluster in depth order (coverage), then repeatedly from the cluster whose remaining blocks are most similar to
 one another. Baselines: ShortGPT (remove the blocks whose input and output are most alike, block influence
-BI_l = 1 − mean_t cos(h_l, h_{l+1})) and removing the last n blocks before the protected last one.
+BI_l = 1 − mean_t cos(h_l, h_{l+1})), LLM-Streamline (the n consecutive blocks whose input and output are most
+alike, the selection Ghosted Layers' headline results use) and removing the last n blocks before the protected
+last one.
 
 Deliberate departures and choices:
 
 - The official RLS → K thresholds (RLS ≥ 1.0: K = 2; ≥ 0.7: 3; else 4) are kept as defaults; they were
   calibrated on 7–14B models. ``num_clusters`` overrides them. K is capped at N − 1 (spectral clustering
   needs more points than clusters).
-- Protected blocks default to the first and the last for every selector (the official ShortGPT protects only
-  block 0); it keeps the three selectors comparable.
+- Protected blocks default to the first and the last (LoRP's and LLM-Streamline's official choice; the official
+  Streamline code starts its windows at block 1 and ends them before the last block). ShortGPT defaults to its
+  official candidates, which also exclude the second-to-last block (:data:`SHORTGPT_PROTECT`).
 - The similarity is the mean over all calibration tokens (the official code averages per-batch means, equal for
   equal-length batches).
 """
@@ -156,13 +159,19 @@ def block_influence(states: BoundaryStates) -> torch.Tensor:
                         for i in range(len(h) - 1)])  # fmt: skip
 
 
+# The official ShortGPT code scores blocks 0..N-3 (``bi_score[:-1]`` of the N-1 captured in/out pairs) and sets
+# block 0's score so that it is never chosen: blocks 0, N-2 and N-1 are never removed.
+SHORTGPT_PROTECT = (0, -2, -1)
+
+
 def select_layers_shortgpt(
     model: nn.Module,
     calibration: Iterable[Batch] | BoundaryStates,
     num_remove: int,
-    protect: Sequence[int] = PROTECT,
+    protect: Sequence[int] = SHORTGPT_PROTECT,
 ) -> list[int]:
-    """ShortGPT: the ``num_remove`` unprotected blocks with the lowest block influence, sorted."""
+    """ShortGPT: the ``num_remove`` unprotected blocks with the lowest block influence, sorted (by default the
+    official candidates: neither the first block nor the last two)."""
     n = len(decoder_layers(model))
     check_budget(num_remove, n, protect)
     states = calibration if isinstance(calibration, BoundaryStates) else boundary_states(model, calibration)
@@ -170,6 +179,31 @@ def select_layers_shortgpt(
     bi = block_influence(states)
     order = sorted((i for i in range(n) if i not in protected), key=lambda i: (bi[i].item(), i))
     return sorted(order[:num_remove])
+
+
+def select_layers_streamline(
+    model: nn.Module,
+    calibration: Iterable[Batch] | BoundaryStates,
+    num_remove: int,
+    protect: Sequence[int] = PROTECT,
+) -> tuple[list[int], float]:
+    """LLM-Streamline's selection: the ``num_remove`` consecutive unprotected blocks whose input and output hidden
+    states are most alike (largest mean_t cos(h_i, h_{i+n})); returns (blocks, that cosine). Ties: the earliest."""
+    n = len(decoder_layers(model))
+    check_budget(num_remove, n, protect)
+    states = calibration if isinstance(calibration, BoundaryStates) else boundary_states(model, calibration)
+    protected = {p % n for p in protect}
+    h = states.states
+    best, best_cos = None, -math.inf
+    for start in range(n - num_remove + 1):
+        if protected & set(range(start, start + num_remove)):
+            continue
+        cos = nn.functional.cosine_similarity(h[start].double(), h[start + num_remove].double(), dim=-1).mean().item()
+        if cos > best_cos:
+            best, best_cos = start, cos
+    if best is None:
+        raise ConfigError(f"no {num_remove} consecutive blocks of {n} avoid the protected blocks {sorted(protected)}")
+    return list(range(best, best + num_remove)), best_cos
 
 
 def select_layers_last_n(model: nn.Module, num_remove: int, protect: Sequence[int] = PROTECT) -> list[int]:

@@ -14,9 +14,10 @@ Deliberate departures and choices:
   added without silently changing what old configs compute; we could not verify the v2 formula.
 - The paper does not say which tensors count as "layers". The default is the ``weight`` of every ``nn.Linear``
   and ``nn.Conv*d`` (ndim > 1): kernels only, no biases, norms or embeddings. ``param_filter(name, param)``
-  overrides it. Layers are read through ``module.weight`` at every call, so the penalty keeps working on a
-  model pruned with :func:`~leantrain.prune.prune_magnitude` (the gradient then reaches ``weight_orig``
-  through the mask).
+  overrides it. Layers are read at every call, with a pruning mask applied afresh, so the penalty (and
+  :meth:`VarianceAmplifyingRegularizer.accumulate_grad` after the task loss's backward) keeps working on a model
+  pruned with :func:`~leantrain.prune.prune_magnitude` (the gradient then reaches ``weight_orig`` through the
+  mask).
 - The variance is computed in at least float32 (as the reference sketch does) even for half-precision
   weights, because E[w̃²] − E[w̃]² cancels badly in fp16/bf16; float64 weights stay float64.
 - λ has no default: the paper's value was not retrievable. The spec suggests calibrating λ so the penalty
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import prune
 
 from leantrain.errors import ConfigError
 
@@ -49,6 +51,16 @@ def var_layer_term(weight: torch.Tensor, r: float = 1e-8, eps: float = 1e-8) -> 
     wt = torch.sqrt(w.pow(2) + r)  # same shape as weight
     var = wt.pow(2).mean() - wt.mean().pow(2)
     return 1.0 / (var + eps)
+
+
+def _current_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as the next forward will compute it. For a module pruned with ``torch.nn.utils.prune``
+    the ``weight`` attribute is the product computed by the *last* forward (or by the pruning call), whose graph a
+    ``backward`` may already have freed; the mask is applied afresh here, so the gradient reaches ``weight_orig``."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+            return hook.apply_mask(module)
+    return module.weight
 
 
 def _check_nonneg(name: str, value: object, accepted: str) -> float:
@@ -96,9 +108,9 @@ class VarianceAmplifyingRegularizer:
     ) -> list[tuple[str, Callable[[], torch.Tensor]]]:
         if isinstance(source, nn.Module):
             if param_filter is None:
-                # read module.weight lazily: after torch.nn.utils.prune it is recomputed each forward
+                # read the weight at every call: after torch.nn.utils.prune it is weight_orig * weight_mask
                 return [
-                    (f"{name}.weight" if name else "weight", lambda m=m: m.weight)
+                    (f"{name}.weight" if name else "weight", lambda m=m: _current_weight(m))
                     for name, m in source.named_modules()
                     if is_prunable_module(m)
                 ]
