@@ -118,7 +118,13 @@ def compress(
     remove: Annotated[int, typer.Option(help="decoder blocks to remove (the first and last are protected)")],
     out: Annotated[Path, typer.Option(help="new folder for the compressed model, tokenizer and compress.json")],
     model: Annotated[str, typer.Option(help="pretrained decoder LM")] = "smollm2-135m",
-    select: Annotated[str, typer.Option(help="block selection: lorp, shortgpt, streamline, last_n")] = "lorp",
+    select: Annotated[
+        str,
+        typer.Option(
+            help="block selection: lorp, shortgpt, streamline, last_n, or auto (the best of the first three, "
+            "with recovery, on held-out calibration text)"
+        ),
+    ] = "lorp",
     recover: Annotated[str, typer.Option(help="recovery: ghosted, symmetric, diag, none")] = "ghosted",
     calib_dataset: Annotated[
         str | None, typer.Option(help="calibration text: a registered corpus (default wikipedia; its train slice)")
@@ -173,7 +179,8 @@ def compress(
                              eval_windows, num_clusters, ridge, stage=stage)  # fmt: skip
     except KeyboardInterrupt:
         raise Interrupted(f"nothing was written to {out} (it is written whole, at the end)") from None
-    table = Table(title=f"{model}: removed {s['removed']} ({select} + {recover})")
+    chosen = f"auto: {s['selected']}" if select == "auto" else select
+    table = Table(title=f"{model}: removed {s['removed']} ({chosen} + {recover})")
     for col in ("", "before", "after", "after / before"):
         table.add_column(col, justify="right")
     rows = [("layers", "layers_before", "layers_after", "{:d}"),

@@ -16,7 +16,7 @@ LEANTRAIN = Path(sys.executable).with_name("leantrain")  # the console script of
 # (arguments, the message); {tmp} is a folder holding full/keep.txt and a file named "file"
 BAD = [
     (["--model", "minilm"], "--model 'minilm' is not a pretrained decoder LM here; use one of smollm2-135m"),
-    (["--select", "random"], "--select 'random' is invalid; use one of lorp, shortgpt, streamline, last_n"),
+    (["--select", "random"], "--select 'random' is invalid; use one of lorp, shortgpt, streamline, last_n, auto"),
     (["--recover", "finetune"], "--recover 'finetune' is invalid; use one of none, diag, symmetric, ghosted"),
     (
         ["--calib-dataset", "digits"],
@@ -66,7 +66,7 @@ def test_the_console_script_answers_a_bad_argument_fast(tmp_path):
         proc = subprocess.run(args, capture_output=True, text=True)
         seconds.append(time.perf_counter() - started)
     assert proc.returncode == 2
-    assert proc.stderr == "error: --select 'bogus' is invalid; use one of lorp, shortgpt, streamline, last_n\n"
+    assert proc.stderr == "error: --select 'bogus' is invalid; use one of lorp, shortgpt, streamline, last_n, auto\n"
     assert min(seconds) < 1.5, seconds
 
 
@@ -95,5 +95,5 @@ def test_choices_match_the_methods():
     from leantrain.prune.ghosted import METHODS
     from leantrain.prune.lorp import PROTECT
 
-    assert RECOVERIES == METHODS and PROTECTED == PROTECT and SELECTORS == tuple(SELECTIONS)
+    assert RECOVERIES == METHODS and PROTECTED == PROTECT and SELECTORS == (*SELECTIONS, "auto")
     assert CAUSAL_LMS == {"smollm2-135m": 30} and "30-layer" in list_models()["smollm2-135m"]

@@ -22,13 +22,13 @@ import torch
 from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets
 
 REMOVALS = (4, 6, 8)
-SELECTORS = ("lorp", "shortgpt", "streamline", "last_n")
+SELECTORS = ("lorp", "shortgpt", "streamline", "last_n", "auto")
 RECOVERIES = ("none", "diag", "symmetric", "ghosted")
 
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = ()) -> Path:
     from leantrain.models import build_model, load_tokenizer
-    from leantrain.prune.compress import corpus_streams, perplexity, token_windows
+    from leantrain.prune.compress import AUTO_WINDOWS, corpus_splits, corpus_streams, perplexity, token_windows
     from leantrain.prune.compress_args import DEFAULT_CALIB, DEFAULT_EVAL
     from leantrain.prune.depth import boundary_states
 
@@ -40,8 +40,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     results = BenchResults("compress", out_dir, threads=threads, quick=quick)
     model = build_model("smollm2-135m").eval()
     tokenizer = load_tokenizer("smollm2-135m")
-    calib_ids, eval_ids = corpus_streams(DEFAULT_CALIB, tokenizer)
+    calib_ids, validation_ids, eval_ids = corpus_splits(DEFAULT_CALIB, tokenizer)
     calibration = token_windows(calib_ids, block, calib_n)
+    validation = token_windows(validation_ids, block, AUTO_WINDOWS)  # select="auto" compares selections on it
     evaluation = {"in": token_windows(eval_ids, block, eval_n),
                   "cross": token_windows(corpus_streams(DEFAULT_EVAL, tokenizer)[1], block, eval_n)}  # fmt: skip
     log(f"SmolLM2-135M: calibration {calib_n}x{block} tokens of {DEFAULT_CALIB}, evaluation {eval_n}x{block} of "
@@ -52,7 +53,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     capture_s = time.perf_counter() - t0
     log(f"  original perplexity {base_ppl['in']:.3f} in-domain, {base_ppl['cross']:.3f} cross-domain; boundary "
         f"states captured in {capture_s:.1f} s")  # fmt: skip
-    rows, ghosted = perplexity_rows(model, states, evaluation, removals, add=results.add)
+    rows, ghosted = perplexity_rows(model, states, evaluation, removals, add=results.add, validation=validation)
     log("generation speed: 1 thread, greedy 32 new tokens, interleaved with the original")
     torch.set_num_threads(1)
     try:
@@ -89,13 +90,15 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     return path
 
 
-def perplexity_rows(model, states, evaluation, removals: tuple[int, ...], add=discard) -> tuple[list[dict], dict]:
+def perplexity_rows(model, states, evaluation, removals: tuple[int, ...], add=discard,
+                    validation=None) -> tuple[list[dict], dict]:  # fmt: skip
     """Rows of perplexity per (removal count, selection, recovery), and the Ghosted models for the speed part.
 
     Every row is passed to ``add`` when measured. The selection is computed once per (removal count, selection),
-    inside the unit of its first recovery; ``ghosted`` maps (removal count, selection) to the Ghosted model.
+    inside the unit of its first recovery, except ``auto``, which chooses per recovery on ``validation`` (held-out
+    calibration text); ``ghosted`` maps (removal count, selection) to the Ghosted model.
     """
-    from leantrain.prune.compress import perplexity, select_layers
+    from leantrain.prune.compress import auto_select, perplexity, select_layers
     from leantrain.prune.ghosted import fit_ghosted_layers
 
     progress = Progress("compress perplexity", len(removals) * len(SELECTORS) * len(RECOVERIES))
@@ -104,7 +107,12 @@ def perplexity_rows(model, states, evaluation, removals: tuple[int, ...], add=di
         for select in SELECTORS:
             for recover in RECOVERIES:
                 with progress.unit(f"remove {k}, {select}+{recover}"):
-                    if recover == RECOVERIES[0]:
+                    if select == "auto":
+                        t0 = time.perf_counter()
+                        best, info = auto_select(model, states, k, recover, None, None, 1e-6, validation, discard)
+                        removed, _ = select_layers(model, states, k, best)
+                        select_s = time.perf_counter() - t0
+                    elif recover == RECOVERIES[0]:
                         t0 = time.perf_counter()
                         removed, info = select_layers(model, states, k, select)
                         select_s = time.perf_counter() - t0

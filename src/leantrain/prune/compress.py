@@ -105,6 +105,23 @@ class Compression:
     select_seconds: float = 0.0
 
 
+def check_family(model: nn.Module, recover: str) -> None:
+    """Refuse, before anything is modified, a model whose recovered form could not be saved and reloaded.
+
+    Recovery operators ride on ghosted subclasses of the supported families (Llama, Mistral, Qwen2, Qwen3); other
+    decoder families (OLMo, Gemma, ...) would be pruned and then fail at conversion. ``recover="none"`` only deletes
+    blocks and renumbers them, which works for any Hugging Face decoder with ``model.model.layers``.
+    """
+    from leantrain.prune.configuration_ghosted import FAMILIES, PREFIX
+
+    family = str(getattr(getattr(model, "config", None), "model_type", "")).removeprefix(PREFIX)
+    if recover != "none" and family not in FAMILIES:
+        raise ConfigError(
+            f"recovery {recover!r} supports {', '.join(FAMILIES)} models, not model_type {family or '?'!r}; use "
+            "recover='none' (block removal only) for this model"
+        )
+
+
 def check_choices(select: str, recover: str, prefix: str = "") -> None:
     """A ConfigError naming the valid choices for an unknown selection or recovery (``prefix``: "--" for the CLI)."""
     if select not in SELECTORS:
@@ -132,6 +149,11 @@ SELECTIONS = {
 }
 
 
+AUTO_WINDOWS = 8  # validation windows (of ``block`` tokens) on which ``select="auto"`` compares the selections
+# the selections ``select="auto"`` compares (with the chosen recovery, on held-out calibration text)
+AUTO_CANDIDATES = ("lorp", "shortgpt", "streamline")
+
+
 def select_layers(
     model: nn.Module, states: BoundaryStates, num_remove: int, select: str, protect: Sequence[int] | None = None,
     num_clusters: int | None = None,
@@ -155,25 +177,57 @@ def compress_model(
     num_clusters: int | None = None,
     ridge: float = 1e-6,
     on_stage: Callable[[str], None] | None = None,
+    validation: Sequence[Batch] | None = None,
 ) -> Compression:
-    """Select ``num_remove`` blocks of ``model`` on ``calibration``, remove them and recover with ``recover``."""
+    """Select ``num_remove`` blocks of ``model`` on ``calibration``, remove them and recover with ``recover``.
+
+    ``select="auto"`` compresses with every selector of :data:`AUTO_CANDIDATES` (each with ``recover``) and keeps
+    the one with the lowest perplexity on ``validation`` (batches of held-out text from the calibration source,
+    never the evaluation text); ``info["auto"]`` holds each candidate's blocks and validation perplexity.
+    """
     check_choices(select, recover)
+    check_family(model, recover)
+    if select == "auto" and not validation:
+        raise ConfigError("select='auto' needs validation batches (held-out calibration text) to compare selections")
     n = len(decoder_layers(model))
-    protect = SELECTIONS[select][1] if protect is None else protect
-    check_budget(num_remove, n, protect)
     stage = on_stage or (lambda _text: None)
     if isinstance(calibration, BoundaryStates):
         states = calibration
     else:
         stage("calibration: hidden states at every block boundary")
         states = boundary_states(model, calibration)
-    stage(f"selecting {num_remove} of {n} blocks ({select})")
     started = time.perf_counter()
-    removed, info = select_layers(model, states, num_remove, select, protect, num_clusters)
+    info: dict = {}
+    if select == "auto":
+        select, info = auto_select(model, states, num_remove, recover, protect, num_clusters, ridge, validation,
+                                    stage)  # fmt: skip
+    protect = SELECTIONS[select][1] if protect is None else protect
+    check_budget(num_remove, n, protect)
+    stage(f"selecting {num_remove} of {n} blocks ({select})")
+    removed, found = select_layers(model, states, num_remove, select, protect, num_clusters)
+    info = {**found, **info}
     seconds = time.perf_counter() - started
     stage(f"removing blocks {removed}, recovery: {recover}")
     compressed, report = fit_ghosted_layers(model, removed, states, ridge=ridge, method=recover, protect=protect)
     return Compression(compressed, removed, select, recover, n, n - len(removed), info, report, seconds)
+
+
+def auto_select(model, states, num_remove, recover, protect, num_clusters, ridge, validation, stage):
+    """(the selector whose compressed model has the lowest validation perplexity, {"auto": per-candidate results})."""
+    import copy
+
+    scores = {}
+    for candidate in AUTO_CANDIDATES:
+        guard = SELECTIONS[candidate][1] if protect is None else protect
+        removed, _ = select_layers(model, states, num_remove, candidate, guard, num_clusters)
+        trial, _ = fit_ghosted_layers(copy.deepcopy(model), removed, states, ridge=ridge, method=recover,
+                                      protect=guard)  # fmt: skip
+        scores[candidate] = {"removed": removed, "validation_perplexity": perplexity(trial, validation)}
+        ppl = scores[candidate]["validation_perplexity"]
+        stage(f"auto: {candidate} removes {removed}, validation perplexity {ppl:.3f}")
+        del trial
+    best = min(scores, key=lambda c: (scores[c]["validation_perplexity"], AUTO_CANDIDATES.index(c)))
+    return best, {"auto": {"chosen": best, "candidates": scores}}
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -183,28 +237,35 @@ def parameter_count(model: nn.Module) -> int:
 
 def corpus_streams(corpus: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(calibration, evaluation) token streams: the train and the test slice of ``corpus``, disjoint."""
+    fit, _validation, test = corpus_splits(corpus, tokenizer)
+    return fit, test
+
+
+def corpus_splits(corpus: str, tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train, val and test token streams of ``corpus`` (contiguous, disjoint)."""
     from leantrain.data import load_dataset
 
     ds = load_dataset(corpus, tokenizer=tokenizer)
     if ds.kind != "lm":
         raise ConfigError(f"corpus {corpus!r} is not a language-modelling dataset; use e.g. wikipedia")
-    return np.asarray(ds.train.x), np.asarray(ds.test.x)
+    return np.asarray(ds.train.x), np.asarray(ds.val.x), np.asarray(ds.test.x)
 
 
-def source_streams(source: TextSource, tokenizer, held_out_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) token streams of ``source``, disjoint: a dataset's train and test slices, or a file's tokens
-    with its last ``held_out_tokens`` held out."""
+def source_streams(source: TextSource, tokenizer, held_out_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fit, validation, held-out) token streams of ``source``, disjoint: a dataset's train, val and test slices,
+    or a file's tokens with its last ``held_out_tokens`` held out and as many before them for validation."""
     if source.dataset is not None:
-        return corpus_streams(source.dataset, tokenizer)
+        return corpus_splits(source.dataset, tokenizer)
     from leantrain.data.lm_corpus import read_text_file, tokenize_corpus
 
     ids = tokenize_corpus(tokenizer, read_text_file(source.file, source.field))
-    if len(ids) <= held_out_tokens:
+    if len(ids) <= 2 * held_out_tokens:
         raise ConfigError(
             f"{source.file} has {len(ids):,} tokens; its last {held_out_tokens:,} are held out for the in-domain "
-            "perplexity and the rest calibrates: pass a longer file, or fewer or shorter --eval-windows"
+            f"perplexity, {held_out_tokens:,} before them for validation, and the rest calibrates: pass a longer "
+            "file, or fewer or shorter --eval-windows"
         )
-    return ids[:-held_out_tokens], ids[-held_out_tokens:]
+    return ids[: -2 * held_out_tokens], ids[-2 * held_out_tokens : -held_out_tokens], ids[-held_out_tokens:]
 
 
 def run_compress(
@@ -247,16 +308,18 @@ def run_compress(
     tokenizer = load_tokenizer(model_name)
     check_budget(num_remove, len(decoder_layers(model)), PROTECT)
     eval_tokens = block * eval_windows
-    calib_ids, held_out_ids = source_streams(calib, tokenizer, eval_tokens)
-    cross_ids = source_streams(evaluation, tokenizer, eval_tokens)[1]
+    calib_ids, validation_ids, held_out_ids = source_streams(calib, tokenizer, eval_tokens)
+    cross_ids = source_streams(evaluation, tokenizer, eval_tokens)[2]
     calibration = token_windows(calib_ids, block, calib_windows, where=f"the calibration text ({calib.name})")
     in_domain = token_windows(held_out_ids, block, eval_windows, where=f"the held-out slice of {calib.name}")
     cross = token_windows(cross_ids, block, eval_windows, where=f"the held-out slice of {evaluation.name}")
     stage(f"perplexity of the original model on {eval_windows} x {block} held-out tokens of each text")
     original = copy.deepcopy(model)
     ppl_before, cross_before = perplexity(original, in_domain), perplexity(original, cross)
+    validation = (token_windows(validation_ids, block, AUTO_WINDOWS, where=f"the validation slice of {calib.name}")
+                  if select == "auto" else None)  # fmt: skip
     result = compress_model(model, calibration, num_remove, select, recover, num_clusters=num_clusters, ridge=ridge,
-                            on_stage=stage)  # fmt: skip
+                            on_stage=stage, validation=validation)  # fmt: skip
     stage("perplexity of the compressed model")
     ppl_after, cross_after = perplexity(result.model, in_domain), perplexity(result.model, cross)
     stage(f"generation speed: {new_tokens} new tokens, greedy, batch 1, interleaved x{speed_repeats}")
@@ -264,7 +327,8 @@ def run_compress(
     speed = tokens_per_second({"before": original, "after": result.model}, prompt, new_tokens, speed_repeats)
     ghosts = result.ghosts
     summary = {
-        "model": model_name, "select": select, "recover": recover, "removed": result.removed,
+        "model": model_name, "select": select, "selected": result.select, "recover": recover,
+        "removed": result.removed,
         "layers_before": result.layers_before, "layers_after": result.layers_after,
         "params_before": parameter_count(original), "params_after": parameter_count(result.model),
         "perplexity_before": ppl_before, "perplexity_after": ppl_after,

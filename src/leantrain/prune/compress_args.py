@@ -18,12 +18,8 @@ from pathlib import Path
 from leantrain.data import list_datasets
 from leantrain.errors import ConfigError
 
-SELECTORS = (
-    "lorp",
-    "shortgpt",
-    "streamline",
-    "last_n",
-)  # leantrain.prune.compress.SELECTIONS (a test keeps them equal)
+# leantrain.prune.compress.SELECTIONS, then "auto" (a test keeps them equal)
+SELECTORS = ("lorp", "shortgpt", "streamline", "last_n", "auto")
 RECOVERIES = ("none", "diag", "symmetric", "ghosted")  # leantrain.prune.ghosted.METHODS (a test keeps them equal)
 PROTECTED = (0, -1)  # the first and last blocks: leantrain.prune.lorp.PROTECT (a test keeps them equal)
 # The pretrained decoder LMs shipped offline here -> their number of decoder blocks.
