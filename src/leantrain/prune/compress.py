@@ -271,14 +271,14 @@ def source_streams(source: TextSource, tokenizer, held_out_tokens: int) -> tuple
 def run_compress(
     model_name: str,
     num_remove: int,
-    select: str = "lorp",
+    select: str = "auto",
     recover: str = "ghosted",
     out=None,
     calib: TextSource | None = None,
     evaluation: TextSource | None = None,
     block: int = 256,
     calib_windows: int = 64,
-    eval_windows: int = 32,
+    eval_windows: int = 16,
     num_clusters: int | None = None,
     ridge: float = 1e-6,
     new_tokens: int = 32,
@@ -287,6 +287,8 @@ def run_compress(
 ) -> dict:
     """Load ``model_name``, compress it, measure perplexity / parameters / generation speed before and after.
 
+    ``select="auto"`` (the default, best across ``leantrain bench compress``) compares LoRP, ShortGPT and
+    LLM-Streamline with recovery on the calibration source's validation slice and keeps the best.
     Calibrates on ``calib`` (default: Wikipedia prose; its train slice, or a file minus its held-out tail) and
     reports perplexity twice: on held-out text of the calibration source (in-domain) and on ``evaluation``
     (another source, by default :func:`~leantrain.prune.compress_args.default_eval_source`): recovery is fitted

@@ -75,12 +75,12 @@ def default_eval_source(calib: TextSource) -> TextSource:
 def check_compress_args(
     model: str,
     remove: int,
-    select: str = "lorp",
+    select: str = "auto",
     recover: str = "ghosted",
     out: str | os.PathLike | None = None,
     block: int = 256,
     calib_windows: int = 64,
-    eval_windows: int = 32,
+    eval_windows: int = 16,
     num_clusters: int | None = None,
     ridge: float = 1e-6,
 ) -> None:
