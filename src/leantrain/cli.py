@@ -193,7 +193,16 @@ def compress(
     for label, a, b, fmt in rows:
         table.add_row(label, fmt.format(s[a]), fmt.format(s[b]), f"{s[b] / s[a]:.3f}")
     Console().print(table)
-    extra = f"RLS {s['selection']['rls']:.3f}, K {s['selection']['num_clusters']}; " if s["selection"] else ""
+    selection = s["selection"]
+    extra = f"RLS {selection['rls']:.3f}, K {selection['num_clusters']}; " if "rls" in selection else ""
+    if "auto" in selection:
+        extra += (
+            "auto, validation perplexity: "
+            + ", ".join(
+                f"{name} {c['validation_perplexity']:.2f}" for name, c in selection["auto"]["candidates"].items()
+            )
+            + "; "
+        )
     typer.echo(f"{extra}fit {s['fit_seconds']:.2f} s; wrote {s['out']}")
 
 
