@@ -38,8 +38,13 @@ def saved(tmp_path_factory):
     ghosted, _ = fit_ghosted_layers(tiny_llama(), [2, 3, 5], batches(8))
     ghosted.save_pretrained(folder)
     _tokenizer(folder)
-    with torch.no_grad():
-        np.save(folder.parent / "logits.npy", ghosted(torch.tensor(PROMPT)).logits.numpy())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess computes with 1 thread too: bit-identical reductions
+    try:
+        with torch.no_grad():
+            np.save(folder.parent / "logits.npy", ghosted(torch.tensor(PROMPT)).logits.numpy())
+    finally:
+        torch.set_num_threads(threads)
     return folder, ghosted
 
 
@@ -72,6 +77,7 @@ def test_it_loads_with_plain_transformers_and_remote_code(saved):
     out = _run_without_leantrain(f"""
         import numpy as np, torch
         from transformers import AutoModelForCausalLM, pipeline
+        torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert type(model).__name__ == "GhostedLlamaForCausalLM", type(model)
         with torch.no_grad():
