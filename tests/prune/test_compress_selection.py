@@ -57,3 +57,14 @@ def test_an_unsupported_family_is_refused_before_anything_changes():
     assert len(model.model.layers) == 6 and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     pruned = compress_model(model, batches(8), 2, select="shortgpt", recover="none").model
     assert len(pruned.model.layers) == 4 and pruned(torch.randint(0, 64, (1, 8))).logits.shape == (1, 8, 64)
+
+
+def test_compress_model_streams_calibration_and_matches_held_states():
+    from leantrain.prune.depth import boundary_states
+
+    for select in ("shortgpt", "streamline", "lorp"):
+        streamed = compress_model(tiny_llama(), batches(8), 3, select=select)
+        held = compress_model(tiny_llama(), boundary_states(tiny_llama(), batches(8)), 3, select=select)
+        assert streamed.removed == held.removed
+        x = torch.randint(0, 64, (2, 9))
+        torch.testing.assert_close(streamed.model(x).logits, held.model(x).logits, rtol=1e-5, atol=1e-5)

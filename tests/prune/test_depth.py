@@ -77,7 +77,8 @@ def test_boundary_states_and_similarity():
     torch.testing.assert_close(states.states[0][:32], out.hidden_states[0].reshape(-1, 16))
     torch.testing.assert_close(states.states[3][:32], out.hidden_states[3].reshape(-1, 16))
     s = layer_similarity(states)
-    assert torch.equal(s, layer_similarity(model, batches()))
+    # streamed batch by batch (one batch of activations held) vs from the held states: the same sums in another order
+    torch.testing.assert_close(s, layer_similarity(model, batches()), rtol=0, atol=1e-12)
     assert s.shape == (8, 8)
     torch.testing.assert_close(s, s.T, rtol=0, atol=0)
     assert torch.equal(s.diagonal(), torch.ones(8, dtype=torch.float64))

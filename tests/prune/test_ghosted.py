@@ -110,3 +110,32 @@ def test_bad_input_is_refused():
         fit_ghosted_layers(tiny_llama(), [9], batches(8))
     with pytest.raises(ConfigError, match="method"):
         fit_ghosted_layers(tiny_llama(), [3], batches(8), method="lstsq")
+
+
+@pytest.mark.parametrize("method", ["ghosted", "symmetric", "diag"])
+def test_the_streamed_fit_equals_the_fit_on_held_states(method):
+    """Batches streamed one at a time (only the gaps' boundaries captured, C x C moments summed) give the operator
+    the held (N + 1) x T x C states give: the same least-squares problem, summed in another order."""
+    held, _ = fit_ghosted_layers(tiny_llama(), [2, 3, 6], boundary_states(tiny_llama(), batches(8)), method=method)
+    streamed, report = fit_ghosted_layers(tiny_llama(), [2, 3, 6], batches(8), method=method)
+    x = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(streamed(x).logits, held(x).logits, rtol=1e-5, atol=1e-5)
+    assert report.tokens == 8 * 2 * 16 and len(report.relative_error) == 2
+    assert all(0 <= e < n for e, n in zip(report.relative_error, report.relative_error_none, strict=True))
+
+
+def test_gap_moments_capture_only_the_boundaries_the_gaps_need():
+    from leantrain.prune.depth import boundary_batches
+    from leantrain.prune.ghosted import GapMoments, gap_moments
+
+    model = tiny_llama()
+    chunks = list(boundary_batches(model, batches(3), wanted={2, 4}))
+    assert len(chunks) == 3 and all(set(c) == {2, 4} for c in chunks)  # one batch at a time, two boundaries
+    moments = gap_moments(model, batches(3), [(2, 3)])
+    states = boundary_states(model, batches(3))
+    exact = GapMoments.of(states.states[2], states.states[4])
+    torch.testing.assert_close(moments[(2, 3)].gram, exact.gram, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moments[(2, 3)].cross, exact.cross, rtol=1e-12, atol=1e-12)
+    w = torch.eye(16, dtype=torch.float64) * 0.5
+    direct = (states.states[2].double() @ w - states.states[4].double()).norm().item()
+    assert moments[(2, 3)].residual(w) == pytest.approx(direct, rel=1e-9)

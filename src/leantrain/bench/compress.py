@@ -101,8 +101,15 @@ def perplexity_rows(model, states, evaluation, removals: tuple[int, ...], add=di
     inside the unit of its first recovery, except ``auto``, which chooses per recovery on ``validation`` (held-out
     calibration text); ``ghosted`` maps (removal count, selection) to the Ghosted model.
     """
-    from leantrain.prune.compress import auto_select, perplexity, select_layers
-    from leantrain.prune.ghosted import fit_ghosted_layers
+    from leantrain.prune.compress import (
+        AUTO_CANDIDATES,
+        auto_select,
+        candidate_picks,
+        perplexity,
+        picks_gaps,
+        select_layers,
+    )
+    from leantrain.prune.ghosted import fit_ghosted_layers, gap_moments
 
     progress = Progress("compress perplexity", len(removals) * len(SELECTORS) * len(RECOVERIES))
     rows, ghosted = [], {}
@@ -112,8 +119,10 @@ def perplexity_rows(model, states, evaluation, removals: tuple[int, ...], add=di
                 with progress.unit(f"remove {k}, {select}+{recover}"):
                     if select == "auto":
                         t0 = time.perf_counter()
-                        best, info = auto_select(model, states, k, recover, None, None, 1e-6, validation, discard)
-                        removed, _ = select_layers(model, states, k, best)
+                        picks = candidate_picks(model, states, k, AUTO_CANDIDATES)
+                        moments = gap_moments(model, states, picks_gaps(picks)) if recover != "none" else None
+                        best, info = auto_select(model, picks, moments, recover, 1e-6, validation, discard)
+                        removed = picks[best][0]
                         select_s = time.perf_counter() - t0
                     elif recover == RECOVERIES[0]:
                         t0 = time.perf_counter()

@@ -27,8 +27,8 @@ from leantrain.prune.compress_args import (
     check_compress_args,
     default_eval_source,
 )
-from leantrain.prune.depth import BoundaryStates, boundary_states, check_budget, decoder_layers
-from leantrain.prune.ghosted import METHODS, GhostReport, fit_ghosted_layers
+from leantrain.prune.depth import BoundarySimilarity, BoundaryStates, boundary_similarity, check_budget, decoder_layers
+from leantrain.prune.ghosted import METHODS, GhostReport, contiguous_gaps, fit_ghosted_layers, gap_moments
 from leantrain.prune.lorp import (
     PROTECT,
     SHORTGPT_PROTECT,
@@ -155,8 +155,8 @@ AUTO_CANDIDATES = ("lorp", "shortgpt", "streamline")
 
 
 def select_layers(
-    model: nn.Module, states: BoundaryStates, num_remove: int, select: str, protect: Sequence[int] | None = None,
-    num_clusters: int | None = None,
+    model: nn.Module, states: BoundaryStates | BoundarySimilarity, num_remove: int, select: str,
+    protect: Sequence[int] | None = None, num_clusters: int | None = None,
 ) -> tuple[list[int], dict]:  # fmt: skip
     """The blocks ``select`` removes, and what it learned (LoRP's RLS, K and clusters; Streamline's cosine).
 
@@ -191,36 +191,56 @@ def compress_model(
         raise ConfigError("select='auto' needs validation batches (held-out calibration text) to compare selections")
     n = len(decoder_layers(model))
     stage = on_stage or (lambda _text: None)
-    if isinstance(calibration, BoundaryStates):
-        states = calibration
-    else:
-        stage("calibration: hidden states at every block boundary")
-        states = boundary_states(model, calibration)
     started = time.perf_counter()
+    if isinstance(calibration, BoundaryStates):
+        similarity = boundary_similarity(calibration)
+    else:
+        stage("calibration pass 1 of 2: similarity between all block boundaries, streamed batch by batch")
+        similarity = boundary_similarity(model, calibration)
+    candidates = AUTO_CANDIDATES if select == "auto" else (select,)
+    picks = candidate_picks(model, similarity, num_remove, candidates, protect, num_clusters)
+    moments = None
+    if recover != "none":
+        if not isinstance(calibration, BoundaryStates):
+            stage("calibration pass 2 of 2: moments of the states around each gap, streamed")
+        moments = gap_moments(model, calibration, picks_gaps(picks))
     info: dict = {}
     if select == "auto":
-        select, info = auto_select(model, states, num_remove, recover, protect, num_clusters, ridge, validation,
-                                    stage)  # fmt: skip
-    protect = SELECTIONS[select][1] if protect is None else protect
-    check_budget(num_remove, n, protect)
-    stage(f"selecting {num_remove} of {n} blocks ({select})")
-    removed, found = select_layers(model, states, num_remove, select, protect, num_clusters)
+        select, info = auto_select(model, picks, moments, recover, ridge, validation, stage)
+    removed, found, protect = picks[select]
     info = {**found, **info}
     seconds = time.perf_counter() - started
-    stage(f"removing blocks {removed}, recovery: {recover}")
-    compressed, report = fit_ghosted_layers(model, removed, states, ridge=ridge, method=recover, protect=protect)
+    stage(f"removing blocks {removed} ({select}), recovery: {recover}")
+    compressed, report = fit_ghosted_layers(model, removed, moments, ridge=ridge, method=recover, protect=protect)
     return Compression(compressed, removed, select, recover, n, n - len(removed), info, report, seconds)
 
 
-def auto_select(model, states, num_remove, recover, protect, num_clusters, ridge, validation, stage):
-    """(the selector whose compressed model has the lowest validation perplexity, {"auto": per-candidate results})."""
+def candidate_picks(model, similarity, num_remove, candidates, protect=None, num_clusters=None) -> dict:
+    """{selector: (blocks, what it learned, its protection)} for each of ``candidates`` on one similarity."""
+    n = len(decoder_layers(model))
+    picks = {}
+    for candidate in candidates:
+        guard = SELECTIONS[candidate][1] if protect is None else protect
+        check_budget(num_remove, n, guard)
+        picks[candidate] = (*select_layers(model, similarity, num_remove, candidate, guard, num_clusters), guard)
+    return picks
+
+
+def picks_gaps(picks: dict) -> set[tuple[int, int]]:
+    """Every gap (first, last) that some pick's removal leaves: the moments one calibration pass must gather."""
+    return {gap for removed, _info, _guard in picks.values() for gap in contiguous_gaps(removed)}
+
+
+def auto_select(model, picks, moments, recover, ridge, validation, stage):
+    """(the candidate whose compressed model has the lowest validation perplexity, {"auto": per-candidate results}).
+
+    ``picks``: {candidate: (blocks, info, protection)}; ``moments``: the gaps' :class:`GapMoments` (None without
+    recovery). Each candidate is compressed on a copy of ``model``, evaluated, and dropped before the next."""
     import copy
 
     scores = {}
-    for candidate in AUTO_CANDIDATES:
-        guard = SELECTIONS[candidate][1] if protect is None else protect
-        removed, _ = select_layers(model, states, num_remove, candidate, guard, num_clusters)
-        trial, _ = fit_ghosted_layers(copy.deepcopy(model), removed, states, ridge=ridge, method=recover,
+    for candidate, (removed, _info, guard) in picks.items():
+        trial, _ = fit_ghosted_layers(copy.deepcopy(model), removed, moments, ridge=ridge, method=recover,
                                       protect=guard)  # fmt: skip
         scores[candidate] = {"removed": removed, "validation_perplexity": perplexity(trial, validation)}
         ppl = scores[candidate]["validation_perplexity"]

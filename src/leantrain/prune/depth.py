@@ -14,7 +14,7 @@ Shared by LoRP (:mod:`leantrain.prune.lorp`), its baselines and Ghosted Layers (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,36 +83,47 @@ def _token_mask(batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def boundary_states(
-    model: nn.Module, batches: Iterable[Batch], max_tokens: int | None = None, dtype: torch.dtype = torch.float32
-) -> BoundaryStates:
-    """Run ``batches`` (dicts with ``input_ids`` and optional ``attention_mask``) and capture every boundary."""
+def boundary_batches(
+    model: nn.Module, batches: Iterable[Batch], max_tokens: int | None = None, dtype: torch.dtype = torch.float32,
+    wanted: Iterable[int] | None = None,
+) -> Iterator[dict[int, torch.Tensor]]:  # fmt: skip
+    """Per calibration batch, the hidden states at the ``wanted`` block boundaries (default all N + 1) as
+    {boundary: (tokens, C)}, padding dropped, the last batch trimmed to ``max_tokens`` in all. One batch at a time:
+    memory is one batch's activations, whatever the number of batches."""
     layers = decoder_layers(model)
     n = len(layers)
-    captured: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]
+    keep = set(range(n + 1)) if wanted is None else {int(i) for i in wanted}
+    captured: dict[int, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
 
     def pre_hook(index: int):
         def hook(_module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            captured[index].append(h[current["mask"]].to(dtype))  # (tokens, C)
+            captured[index] = h[current["mask"]].to(dtype)  # (tokens, C)
 
         return hook
 
     def last_hook(_module, _args, _kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
-        captured[n].append(h[current["mask"]].to(dtype))
+        captured[n] = h[current["mask"]].to(dtype)
 
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+               if i in keep]  # fmt: skip
+    if n in keep:
+        handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     seen = 0
     try:
         for batch in batches:
             current["mask"] = _token_mask(batch)
+            captured.clear()
             model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-            seen += int(current["mask"].sum())
+            count = int(current["mask"].sum())
+            take = count if max_tokens is None else min(count, max_tokens - seen)
+            seen += take
+            if take:
+                yield {i: h[:take] for i, h in captured.items()}
             if max_tokens is not None and seen >= max_tokens:
                 break
     finally:
@@ -121,28 +132,85 @@ def boundary_states(
         model.train(was_training)
     if not seen:
         raise ConfigError("the calibration batches hold no tokens")
-    states = [torch.cat(c)[:max_tokens] for c in captured]
-    return BoundaryStates(states)
 
 
-def layer_similarity(source: BoundaryStates | nn.Module, calibration: Iterable[Batch] | None = None) -> torch.Tensor:
+def boundary_states(
+    model: nn.Module, batches: Iterable[Batch], max_tokens: int | None = None, dtype: torch.dtype = torch.float32
+) -> BoundaryStates:
+    """Run ``batches`` (dicts with ``input_ids`` and optional ``attention_mask``) and keep every boundary.
+
+    Holds (N + 1) x tokens x C values (about 2.3 GB in float32 for a 30-block, C = 576 model at 16k tokens); the
+    selectors and the recovery fit also take the batches themselves and stream them (:func:`boundary_similarity`,
+    :func:`leantrain.prune.ghosted.gap_moments`), holding one batch at a time.
+    """
+    captured: list[list[torch.Tensor]] = []
+    for per_batch in boundary_batches(model, batches, max_tokens, dtype):
+        captured.append([per_batch[i] for i in range(len(per_batch))])
+    return BoundaryStates([torch.cat(column) for column in zip(*captured, strict=True)])
+
+
+@dataclass
+class BoundarySimilarity:
+    """mean over tokens of cos(h_i(t), h_j(t)) between all N + 1 block boundaries, (N + 1, N + 1) float64 with a
+    unit diagonal: what LoRP (block inputs i, j < N), ShortGPT (i, i + 1) and LLM-Streamline (i, i + n) need."""
+
+    cosine: torch.Tensor
+    tokens: int
+
+
+_CHUNK = 2048  # token rows per accumulation step when the states are already held
+
+
+def boundary_similarity(source: BoundaryStates | nn.Module, calibration: Iterable[Batch] | None = None,
+                        max_tokens: int | None = None) -> BoundarySimilarity:  # fmt: skip
+    """:class:`BoundarySimilarity` of held :class:`BoundaryStates`, or of a model on ``calibration`` batches,
+    accumulated one batch at a time (memory: one batch of activations, not the whole stack)."""
+    if isinstance(source, BoundaryStates):
+        total = source.tokens
+        chunks = ({i: h[a : a + _CHUNK] for i, h in enumerate(source.states)} for a in range(0, total, _CHUNK))
+    elif calibration is None:
+        raise ConfigError("boundary_similarity(model, calibration) needs the calibration batches")
+    else:
+        chunks = boundary_batches(source, calibration, max_tokens)
+    acc, tokens = None, 0
+    for chunk in chunks:
+        h = nn.functional.normalize(torch.stack([chunk[i] for i in range(len(chunk))]).double(), dim=-1)
+        part = torch.einsum("itc,jtc->ij", h, h)  # (N + 1, N + 1) sums over this chunk's tokens
+        acc = part if acc is None else acc + part
+        tokens += h.shape[1]
+    if acc is None or not tokens:
+        raise ConfigError("the calibration batches hold no tokens")
+    cosine = (acc + acc.T) / (2 * tokens)  # symmetric by construction (the kernel's sums may differ in the last bit)
+    cosine.fill_diagonal_(1.0)
+    return BoundarySimilarity(cosine, tokens)
+
+
+def similarity_of(model: nn.Module, calibration: Iterable[Batch] | BoundaryStates | BoundarySimilarity
+                  ) -> BoundarySimilarity:  # fmt: skip
+    """The :class:`BoundarySimilarity` of whatever calibration form a selector was given."""
+    if isinstance(calibration, BoundarySimilarity):
+        return calibration
+    if isinstance(calibration, BoundaryStates):
+        return boundary_similarity(calibration)
+    return boundary_similarity(model, calibration)
+
+
+def layer_similarity(
+    source: BoundaryStates | BoundarySimilarity | nn.Module, calibration: Iterable[Batch] | None = None
+) -> torch.Tensor:
     """LoRP's S (N, N): mean over tokens of cos(h_i(t), h_j(t)) between block inputs, diagonal set to 1.
 
-    ``source`` is captured :class:`BoundaryStates`, or a model with its ``calibration`` batches. The official code
-    averages per-batch token means; over equal-length batches (fixed calibration windows, as here) that is the
-    mean over all tokens, which is what this computes.
+    ``source`` is captured :class:`BoundaryStates` or :class:`BoundarySimilarity`, or a model with its
+    ``calibration`` batches (streamed). The official code averages per-batch token means; over equal-length batches
+    (fixed calibration windows, as here) that is the mean over all tokens, which is what this computes.
     """
-    if isinstance(source, BoundaryStates):
-        states = source
-    elif calibration is None:
-        raise ConfigError("layer_similarity(model, calibration) needs the calibration batches")
+    if isinstance(source, nn.Module):
+        if calibration is None:
+            raise ConfigError("layer_similarity(model, calibration) needs the calibration batches")
+        sim = boundary_similarity(source, calibration)
     else:
-        states = boundary_states(source, calibration)
-    h = torch.stack(states.states[:-1])  # (N, T, C) block inputs
-    h = nn.functional.normalize(h.double(), dim=-1)
-    s = torch.einsum("itc,jtc->ij", h, h) / h.shape[1]  # (N, N)
-    s.fill_diagonal_(1.0)
-    return s
+        sim = source if isinstance(source, BoundarySimilarity) else boundary_similarity(source)
+    return sim.cosine[:-1, :-1].clone()
 
 
 def remove_layers(model: nn.Module, indices: Iterable[int], protect: Sequence[int] = (0, -1)) -> nn.Module:

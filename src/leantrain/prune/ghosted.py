@@ -36,6 +36,7 @@ Deliberate departures and choices:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from leantrain.errors import ConfigError
 from leantrain.prune.depth import (
     Batch,
     BoundaryStates,
-    boundary_states,
+    boundary_batches,
     decoder_layers,
     remove_layers,
     resolve_indices,
@@ -68,20 +69,51 @@ def contiguous_gaps(removed: Sequence[int]) -> list[tuple[int, int]]:
     return gaps
 
 
+@dataclass
+class GapMoments:
+    """Sufficient statistics of one gap's fit, summed over calibration tokens: X = states entering the gap, Y =
+    states leaving it. Accumulated batch by batch (:func:`gap_moments`), so the fit never holds the token rows."""
+
+    gram: torch.Tensor  # XᵀX (C, C) float64
+    cross: torch.Tensor  # XᵀY (C, C) float64
+    yy: float  # ‖Y‖²
+    abs_x: torch.Tensor  # Σ_t |X| (C,)
+    abs_y: torch.Tensor  # Σ_t |Y| (C,)
+    tokens: int
+
+    @classmethod
+    def of(cls, x_pre: torch.Tensor, x_post: torch.Tensor) -> GapMoments:
+        x, y = x_pre.double(), x_post.double()
+        return cls(x.T @ x, x.T @ y, float(y.pow(2).sum()), x.abs().sum(0), y.abs().sum(0), x.shape[0])
+
+    def __add__(self, other: GapMoments) -> GapMoments:
+        return GapMoments(self.gram + other.gram, self.cross + other.cross, self.yy + other.yy,
+                          self.abs_x + other.abs_x, self.abs_y + other.abs_y, self.tokens + other.tokens)  # fmt: skip
+
+    def residual(self, w: torch.Tensor) -> float:
+        """‖X W − Y‖ from the moments: tr(WᵀGW) − 2 tr(WᵀXᵀY) + ‖Y‖² (clamped at 0 against rounding)."""
+        sq = (w * (self.gram @ w)).sum() - 2 * (w * self.cross).sum() + self.yy
+        return float(sq.clamp_min(0.0).sqrt())
+
+
 def fit_operator(x_pre: torch.Tensor, x_post: torch.Tensor, method: str = "ghosted", ridge: float = 1e-6):
     """The (C, C) float64 operator W of ``method`` such that x_pre @ W ≈ x_post (token rows (T, C) each)."""
-    if method not in METHODS or method == "none":
-        raise ConfigError(f"fit_operator method={method!r} is invalid; use one of diag, symmetric, ghosted")
     if x_pre.shape != x_post.shape or x_pre.ndim != 2:
         raise ConfigError(
             f"fit_operator needs two (tokens, C) matrices of one shape, got {x_pre.shape}, {x_post.shape}"
         )
-    x, y = x_pre.double(), x_post.double()
-    c = x.shape[1]
+    return fit_operator_from_moments(GapMoments.of(x_pre, x_post), method, ridge)
+
+
+def fit_operator_from_moments(moments: GapMoments, method: str = "ghosted", ridge: float = 1e-6) -> torch.Tensor:
+    """:func:`fit_operator` from a gap's :class:`GapMoments` (what the streaming fit accumulates)."""
+    if method not in METHODS or method == "none":
+        raise ConfigError(f"fit_operator method={method!r} is invalid; use one of diag, symmetric, ghosted")
     if method == "diag":
-        return torch.diag(y.abs().mean(0) / x.abs().mean(0).clamp_min(1e-12))
-    eye = torch.eye(c, dtype=torch.float64)
-    gram, cross = x.T @ x, x.T @ (y - x)  # (C, C) each
+        return torch.diag(moments.abs_y / moments.abs_x.clamp_min(1e-12))  # mean|Y| / mean|X|: same token count
+    gram = moments.gram
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    cross = moments.cross - gram  # Xᵀ(Y − X)
     if method == "ghosted":
         return eye + torch.linalg.solve(gram + ridge * eye, cross)
     # symmetric: min ||X(I + M) - Y||² + ε||M||² over M = Mᵀ. Stationarity: G M + M G + 2εM = C + Cᵀ, a Sylvester
@@ -89,6 +121,23 @@ def fit_operator(x_pre: torch.Tensor, x_post: torch.Tensor, method: str = "ghost
     lam, q = torch.linalg.eigh(gram)
     rhs = q.T @ (cross + cross.T) @ q
     return eye + q @ (rhs / (lam[:, None] + lam[None, :] + 2 * ridge)) @ q.T
+
+
+def gap_moments(model: nn.Module, calibration: Iterable[Batch] | BoundaryStates, gaps: Iterable[tuple[int, int]],
+                max_tokens: int | None = None) -> dict[tuple[int, int], GapMoments]:  # fmt: skip
+    """{gap (first, last): its :class:`GapMoments`} for the unpruned ``model``: from held states, or streamed from
+    calibration batches capturing only the boundaries the gaps need (memory: one batch, plus C x C per gap)."""
+    gaps = sorted(set(gaps))
+    if isinstance(calibration, BoundaryStates):
+        h = calibration.states
+        return {(a, b): GapMoments.of(h[a], h[b + 1]) for a, b in gaps}
+    wanted = {i for a, b in gaps for i in (a, b + 1)}
+    out: dict[tuple[int, int], GapMoments] = {}
+    for chunk in boundary_batches(model, calibration, max_tokens, wanted=wanted):
+        for a, b in gaps:
+            part = GapMoments.of(chunk[a], chunk[b + 1])
+            out[(a, b)] = part if (a, b) not in out else out[(a, b)] + part
+    return out
 
 
 @dataclass
@@ -109,7 +158,7 @@ class GhostReport:
 def fit_ghosted_layers(
     model: nn.Module,
     removed: Iterable[int],
-    calibration: Iterable[Batch] | BoundaryStates,
+    calibration: Iterable[Batch] | BoundaryStates | dict[tuple[int, int], GapMoments],
     ridge: float = 1e-6,
     method: str = "ghosted",
     protect: Sequence[int] = (0, -1),
@@ -117,8 +166,9 @@ def fit_ghosted_layers(
 ) -> tuple[nn.Module, GhostReport]:
     """Remove ``removed`` blocks and insert the fitted operator at each gap; returns (pruned model, report).
 
-    ``calibration`` is batches (``input_ids``, optional ``attention_mask``) or the unpruned model's
-    :func:`~leantrain.prune.depth.boundary_states`. The tokens should far outnumber the hidden size C; fewer
+    ``calibration`` is batches (``input_ids``, optional ``attention_mask``; streamed, only the boundaries of the
+    gaps are captured), the unpruned model's :func:`~leantrain.prune.depth.boundary_states`, or the gaps'
+    :func:`gap_moments`. The tokens should far outnumber the hidden size C; fewer
     than 2·C is refused. The model is changed in place except for its class: the returned model is a new
     ``leantrain_ghosted_*`` model (same weights) unless ``method="none"``.
     """
@@ -132,28 +182,30 @@ def fit_ghosted_layers(
     if method == "none" or not drop:
         return remove_layers(model, drop, protect), report
     started = time.perf_counter()
-    if isinstance(calibration, BoundaryStates):
-        states = calibration
+    if isinstance(calibration, dict):
+        moments = calibration
     else:
-        states = boundary_states(model, calibration, max_tokens=max_tokens)
-    hidden = states.states[0].shape[1]
-    if states.tokens < 2 * hidden:
+        moments = gap_moments(model, calibration, report.gaps, max_tokens=max_tokens)
+    hidden = moments[report.gaps[0]].gram.shape[0]
+    tokens = moments[report.gaps[0]].tokens
+    if tokens < 2 * hidden:
         raise ConfigError(
-            f"the calibration data hold {states.tokens} tokens; fitting a {hidden}x{hidden} operator needs well "
+            f"the calibration data hold {tokens} tokens; fitting a {hidden}x{hidden} operator needs well "
             f"over {hidden} (at least {2 * hidden}); pass more or longer calibration batches"
         )
-    report.tokens = states.tokens
+    report.tokens = tokens
     operators = []
-    for first, last in report.gaps:
-        x_pre, x_post = states.states[first].double(), states.states[last + 1].double()
-        w = fit_operator(x_pre, x_post, method, ridge)
+    eye = torch.eye(hidden, dtype=torch.float64)
+    for gap in report.gaps:
+        m = moments[gap]
+        w = fit_operator_from_moments(m, method, ridge)
         operators.append(w)
-        norm = x_post.norm().item()
-        report.relative_error.append(((x_pre @ w - x_post).norm() / norm).item())
-        report.relative_error_none.append(((x_pre - x_post).norm() / norm).item())
+        norm = math.sqrt(m.yy)
+        report.relative_error.append(m.residual(w) / norm)
+        report.relative_error_none.append(m.residual(eye) / norm)
         if method == "ghosted":
-            m = w - torch.eye(hidden, dtype=torch.float64)
-            report.antisymmetric_fraction.append((((m - m.T) / 2).norm() / m.norm().clamp_min(1e-300)).item())
+            d = w - eye
+            report.antisymmetric_fraction.append((((d - d.T) / 2).norm() / d.norm().clamp_min(1e-300)).item())
     remove_layers(model, drop, protect)
     kept = n - len(drop)
     for (_first, last), w in zip(report.gaps, operators, strict=True):

@@ -34,11 +34,13 @@ from torch import nn
 from leantrain.errors import ConfigError
 from leantrain.prune.depth import (
     Batch,
+    BoundarySimilarity,
     BoundaryStates,
-    boundary_states,
+    boundary_similarity,
     check_budget,
     decoder_layers,
     layer_similarity,
+    similarity_of,
 )
 
 PROTECT = (0, -1)
@@ -140,23 +142,23 @@ def lorp_from_similarity(
 
 def select_layers_lorp(
     model: nn.Module,
-    calibration: Iterable[Batch] | BoundaryStates,
+    calibration: Iterable[Batch] | BoundaryStates | BoundarySimilarity,
     num_remove: int,
     num_clusters: int | None = None,
     protect: Sequence[int] = PROTECT,
     seed: int = 0,
 ) -> LorpSelection:
-    """LoRP's selection of ``num_remove`` decoder blocks from calibration batches (or captured states)."""
+    """LoRP's selection of ``num_remove`` decoder blocks from calibration batches (streamed), captured states or
+    their :class:`~leantrain.prune.depth.BoundarySimilarity`."""
     check_budget(num_remove, len(decoder_layers(model)), protect)
-    states = calibration if isinstance(calibration, BoundaryStates) else boundary_states(model, calibration)
-    return lorp_from_similarity(layer_similarity(states), num_remove, num_clusters, protect, seed)
+    sim = similarity_of(model, calibration)
+    return lorp_from_similarity(layer_similarity(sim), num_remove, num_clusters, protect, seed)
 
 
-def block_influence(states: BoundaryStates) -> torch.Tensor:
+def block_influence(states: BoundaryStates | BoundarySimilarity) -> torch.Tensor:
     """ShortGPT's BI_l = 1 − mean_t cos(h_l(t), h_{l+1}(t)) for every block l, shape (N,)."""
-    h = states.states
-    return torch.stack([1 - nn.functional.cosine_similarity(h[i].double(), h[i + 1].double(), dim=-1).mean()
-                        for i in range(len(h) - 1)])  # fmt: skip
+    cosine = (states if isinstance(states, BoundarySimilarity) else boundary_similarity(states)).cosine
+    return 1 - torch.diagonal(cosine, offset=1)
 
 
 # The official ShortGPT code scores blocks 0..N-3 (``bi_score[:-1]`` of the N-1 captured in/out pairs) and sets
@@ -166,7 +168,7 @@ SHORTGPT_PROTECT = (0, -2, -1)
 
 def select_layers_shortgpt(
     model: nn.Module,
-    calibration: Iterable[Batch] | BoundaryStates,
+    calibration: Iterable[Batch] | BoundaryStates | BoundarySimilarity,
     num_remove: int,
     protect: Sequence[int] = SHORTGPT_PROTECT,
 ) -> list[int]:
@@ -174,16 +176,15 @@ def select_layers_shortgpt(
     official candidates: neither the first block nor the last two)."""
     n = len(decoder_layers(model))
     check_budget(num_remove, n, protect)
-    states = calibration if isinstance(calibration, BoundaryStates) else boundary_states(model, calibration)
     protected = {p % n for p in protect}
-    bi = block_influence(states)
+    bi = block_influence(similarity_of(model, calibration))
     order = sorted((i for i in range(n) if i not in protected), key=lambda i: (bi[i].item(), i))
     return sorted(order[:num_remove])
 
 
 def select_layers_streamline(
     model: nn.Module,
-    calibration: Iterable[Batch] | BoundaryStates,
+    calibration: Iterable[Batch] | BoundaryStates | BoundarySimilarity,
     num_remove: int,
     protect: Sequence[int] = PROTECT,
 ) -> tuple[list[int], float]:
@@ -191,14 +192,13 @@ def select_layers_streamline(
     states are most alike (largest mean_t cos(h_i, h_{i+n})); returns (blocks, that cosine). Ties: the earliest."""
     n = len(decoder_layers(model))
     check_budget(num_remove, n, protect)
-    states = calibration if isinstance(calibration, BoundaryStates) else boundary_states(model, calibration)
+    cosine = similarity_of(model, calibration).cosine
     protected = {p % n for p in protect}
-    h = states.states
     best, best_cos = None, -math.inf
     for start in range(n - num_remove + 1):
         if protected & set(range(start, start + num_remove)):
             continue
-        cos = nn.functional.cosine_similarity(h[start].double(), h[start + num_remove].double(), dim=-1).mean().item()
+        cos = cosine[start, start + num_remove].item()
         if cos > best_cos:
             best, best_cos = start, cos
     if best is None:
