@@ -82,6 +82,10 @@ def _token_mask(batch: Batch) -> torch.Tensor:
     return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
 
+class _Captured(Exception):
+    """Raised by a capture hook once the deepest wanted boundary is in: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def boundary_batches(
     model: nn.Module, batches: Iterable[Batch], max_tokens: int | None = None, dtype: torch.dtype = torch.float32,
@@ -89,10 +93,12 @@ def boundary_batches(
 ) -> Iterator[dict[int, torch.Tensor]]:  # fmt: skip
     """Per calibration batch, the hidden states at the ``wanted`` block boundaries (default all N + 1) as
     {boundary: (tokens, C)}, padding dropped, the last batch trimmed to ``max_tokens`` in all. One batch at a time:
-    memory is one batch's activations, whatever the number of batches."""
+    memory is one batch's activations, whatever the number of batches. Each forward stops at the deepest wanted
+    boundary (never computing the logits)."""
     layers = decoder_layers(model)
     n = len(layers)
     keep = set(range(n + 1)) if wanted is None else {int(i) for i in wanted}
+    last_wanted = max(keep)
     captured: dict[int, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
 
@@ -100,12 +106,15 @@ def boundary_batches(
         def hook(_module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
             captured[index] = h[current["mask"]].to(dtype)  # (tokens, C)
+            if index == last_wanted:
+                raise _Captured  # nothing deeper is needed: skip the remaining blocks
 
         return hook
 
     def last_hook(_module, _args, _kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
         captured[n] = h[current["mask"]].to(dtype)
+        raise _Captured  # skip the final norm and the vocabulary projection (logits: tokens x vocab floats)
 
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
                if i in keep]  # fmt: skip
@@ -118,7 +127,10 @@ def boundary_batches(
         for batch in batches:
             current["mask"] = _token_mask(batch)
             captured.clear()
-            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+            try:
+                model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+            except _Captured:
+                pass
             count = int(current["mask"].sum())
             take = count if max_tokens is None else min(count, max_tokens - seen)
             seen += take
