@@ -43,6 +43,9 @@ def main(rank: int, world: int, port: int, path: str, second_pass: str, form: st
         torch.save({"params": [p.detach() for p in model.parameters()], "selection": list(opt.selection)}, path)
     else:
         torch.save({"params": [p.detach() for p in model.parameters()], "selection": list(opt.selection)}, path + ".1")
+    # both ranks done before either tears gloo down: a rank destroying its group while the other still talks to it
+    # aborted with "terminate called without an active exception" (seen once in CI)
+    dist.barrier()
     dist.destroy_process_group()
 
 
