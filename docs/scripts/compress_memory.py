@@ -9,9 +9,10 @@ import sys
 
 import torch
 
-torch.set_num_threads(2)
 from leantrain.models import build_model, load_tokenizer
 from leantrain.prune.compress import compress_model, corpus_streams, token_windows
+
+torch.set_num_threads(2)
 
 
 def peak():
