@@ -27,7 +27,7 @@ from leantrain.prune.compress_args import (
     check_compress_args,
     default_eval_source,
 )
-from leantrain.prune.depth import BoundarySimilarity, BoundaryStates, boundary_similarity, check_budget, decoder_layers
+from leantrain.prune.depth import BoundarySimilarity, BoundaryStates, check_budget, decoder_layers, similarity_of
 from leantrain.prune.ghosted import METHODS, GhostReport, contiguous_gaps, fit_ghosted_layers, gap_moments
 from leantrain.prune.lorp import (
     PROTECT,
@@ -162,7 +162,7 @@ def select_layers(
 
     ``protect=None``: the selector's own default (the first and last blocks; ShortGPT's official candidates)."""
     if select not in SELECTIONS:
-        raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTORS)}")
+        raise ConfigError(f"select={select!r} is invalid; use one of {', '.join(SELECTIONS)}")
     function, default = SELECTIONS[select]
     return function(model, states, num_remove, default if protect is None else protect, num_clusters)
 
@@ -192,11 +192,9 @@ def compress_model(
     n = len(decoder_layers(model))
     stage = on_stage or (lambda _text: None)
     started = time.perf_counter()
-    if isinstance(calibration, BoundaryStates):
-        similarity = boundary_similarity(calibration)
-    else:
+    if not isinstance(calibration, BoundaryStates):
         stage("calibration pass 1 of 2: similarity between all block boundaries, streamed batch by batch")
-        similarity = boundary_similarity(model, calibration)
+    similarity = similarity_of(model, calibration)
     candidates = AUTO_CANDIDATES if select == "auto" else (select,)
     picks = candidate_picks(model, similarity, num_remove, candidates, protect, num_clusters)
     moments = None

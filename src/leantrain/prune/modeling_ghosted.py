@@ -134,8 +134,6 @@ def __getattr__(name: str) -> type:  # GhostedLlamaForCausalLM, ... made on firs
     for family in FAMILIES:
         if name == model_class_name(family):
             return ghosted_model_class(family)
-        if name == config_class_name(family):
-            return ghosted_config_class(family)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
