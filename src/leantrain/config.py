@@ -204,14 +204,17 @@ class MarlConfig:
     env: str | None = _f(
         None,
         "multi-agent environment: matrix:climbing|penalty|nonmonotonic|shifting, lbf:<id>, rware:<id>, "
-        "mpe:simple_spread; None: not a MARL run",
+        "mpe:simple_spread|simple_tag, vmas:<scenario>; None: not a MARL run",
     )
+    env_args: dict = _f({}, "keyword arguments of the environment (lbf: max_episode_steps; mpe:simple_tag: "
+                        "n_predators, prey; vmas: the scenario's options)")  # fmt: skip
     algo: str = _f(
         "qmix",
         "learner: plain value decomposition (qmix, vdn), s2q, or wall (training under the Wolfpack attack)",
         choices="leantrain.marl.learners:LEARNERS",
     )
-    mixer: Literal["qmix", "vdn"] = _f("qmix", "mixing network")
+    mixer: str = _f("qmix", "mixing network", choices="leantrain.marl.networks:MIXERS")
+    agent: str = _f("rnn", "agent network (shared by the agents)", choices="leantrain.marl.networks:AGENTS")
     max_steps: int = _f(20_000, "environment steps to train for", ge=1)
     n_envs: int = _f(8, "environments stepped in lockstep by the runner", ge=1)
     batch_episodes: int = _f(32, "episodes per learner update", ge=1)
@@ -360,10 +363,13 @@ def _check_run_name(name: str) -> None:
 
 
 def _check_marl(marl: MarlConfig) -> None:
-    if marl.env is not None and marl.env.partition(":")[0] not in ("matrix", "lbf", "rware", "mpe"):
+    from leantrain.marl.envs import ENVIRONMENTS
+
+    if marl.env is not None and marl.env.partition(":")[0] not in ENVIRONMENTS:
         raise ConfigError(
-            f"config: unknown environment {marl.env!r} in marl.env; use matrix:<game>, lbf:<id>, rware:<id> or "
-            "mpe:simple_spread"
+            f"config: unknown environment {marl.env!r} in marl.env; use one of the kinds {', '.join(ENVIRONMENTS)} "
+            "as <kind>:<name> (matrix:climbing, lbf:<id>, rware:<id>, mpe:simple_spread, mpe:simple_tag, "
+            "vmas:<scenario>)"
         )
 
 

@@ -30,8 +30,24 @@ from pathlib import Path
 from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets, progress
 from leantrain.errors import ConfigError
 
-METHODS = {"qmix": ("qmix-climbing", []), "vdn": ("qmix-climbing", ["marl.mixer=vdn"]), "s2q": ("s2q-climbing", [])}
+
+def _s2q_options(**change) -> str:
+    options = {"k": 2, "temperature": 0.1, "w_c": 0.1, **change}
+    return "marl.method_options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"
+
+
+# every arm has the same optimizer and targets (Adam 1e-3, TD(lambda) 0.6: the qmix-climbing and s2q-climbing recipes)
+METHODS = {
+    "qmix": ("qmix-climbing", []),
+    "vdn": ("qmix-climbing", ["marl.mixer=vdn"]),
+    "s2q": ("s2q-climbing", []),  # w_c 0.1 on Q1 and the sub-values (the recipe)
+    "s2q-wc0.9": ("s2q-climbing", [_s2q_options(w_c=0.9)]),  # the official SMAC/GRF value
+    "s2q-sub-wc0.1": ("s2q-climbing", [_s2q_options(w_c=0.1, w_c_first=0.9)]),  # only the sub-values weighted
+    "s2q-q1-wc0.1": ("s2q-climbing", [_s2q_options(w_c=0.9, w_c_first=0.1)]),  # only Q1 weighted (WQMIX's idea)
+}
+SHIFTING_METHODS = ("qmix", "vdn", "s2q", "s2q-wc0.9")
 SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.eval_every=500"]
+CLIMB = ["marl.eval_every=1000"]  # a greedy test (and the sub-values' greedy joint actions) every 1000 episodes
 QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_every=1000"]
 PARTS = ("matrix", "throughput", "lbf")
 LBF_STEPS, FINETUNE_STEPS, ATTACK_EPISODES = 300_000, 50_000, 200
@@ -57,37 +73,47 @@ def _recovery(tests: list[dict], switch: int) -> int | None:
     return None
 
 
-def _sub_value_greedy(run_dir: str) -> list[list[int]]:
-    import torch
+def _first_optimum(tests: list[dict]) -> dict:
+    """Of the trained tests (episodes > 0): the first after which Q1's greedy joint action stays (0, 0) to the end,
+    and the first where another sub-value's is (0, 0)."""
+    trained = [r for r in tests if r["episodes"] > 0 and r.get("sub_value_greedy")]
+    out = {"q1": None, "sub": None}
+    for i, r in enumerate(trained):
+        if out["q1"] is None and all(x["sub_value_greedy"][0] == [0, 0] for x in trained[i:]):
+            out["q1"] = r["episodes"]
+        if out["sub"] is None and any(j == [0, 0] for j in r["sub_value_greedy"][1:]):
+            out["sub"] = r["episodes"]
+    return out
 
-    from leantrain.marl.robustness import load_run
 
-    _, envs, _, learner = load_run(run_dir)
-    first = envs[0].reset(seed=0)
-    return learner.sub_value_greedy(torch.as_tensor(first.obs), torch.as_tensor(first.avail))
+def _matrix_job(method: str, game: str, seed: int, quick: bool) -> dict:
+    recipe, overrides = METHODS[method]
+    extra = SHIFT if game == "shifting" else CLIMB
+    with tempfile.TemporaryDirectory() as tmp:
+        res = _run(recipe, [*overrides, *extra, *(QUICK if quick else [])], seed, tmp)
+    res.update(method=method, game=game, seed=seed)
+    if method.startswith("s2q"):
+        res["first_optimum"] = _first_optimum(res["tests"])
+        res["sub_value_greedy"] = res["tests"][-1].get("sub_value_greedy")
+    return res
 
 
 def matrix_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
-    """One row per (method, game) over ``seeds`` seeds (interleaved), passed to ``add`` when its last seed is done."""
-    games = (("climbing", []), ("shifting", SHIFT))
-    units = Progress("marl matrix", seeds * len(METHODS) * len(games))
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        results: dict[tuple[str, str], list[dict]] = {}
-        for seed in range(seeds):
-            for method, (recipe, overrides) in METHODS.items():
-                for game, extra in games:
-                    with units.unit(f"{method} {game} seed {seed}"):
-                        res = _run(recipe, [*overrides, *extra, *(QUICK if quick else [])], seed, tmp)
-                        if method == "s2q":
-                            res["sub_value_greedy"] = _sub_value_greedy(res["summary"]["run_dir"])
-                        results.setdefault((method, game), []).append(res)
-                        final = res["summary"]["final"]["test_return"]
-                        log(f"  {method:<5} {game:<9} seed {seed}: final greedy return {final:g}, "
-                            f"{res['summary']['env_steps_per_s']:.0f} env steps/s")  # fmt: skip
-                    if seed == seeds - 1:
-                        rows.append(_matrix_row(method, game, results[(method, game)]))
-                        add(rows[-1])
+    """One row per (method, game) over ``seeds`` seeds; the runs are spread over two worker processes."""
+    jobs = [(m, "climbing") for m in METHODS] + [(m, "shifting") for m in SHIFTING_METHODS]
+    units = [(m, g, s) for m, g in jobs for s in range(seeds)]
+    rows, results = [], {}
+    with ProcessPoolExecutor(_workers(len(units))) as pool:
+        futures = {pool.submit(_in_worker, (f"marl matrix: {m} {g} seed {s}", i, len(units)), _matrix_job, m, g, s,
+                               quick): (m, g) for i, (m, g, s) in enumerate(units, 1)}  # fmt: skip
+        for future, key in futures.items():
+            res = future.result()
+            results.setdefault(key, []).append(res)
+            final = res["summary"]["final"]["test_return"]
+            log(f"  {res['method']:<14} {res['game']:<9} seed {res['seed']}: final greedy return {final:g}")
+            if len(results[key]) == seeds:
+                rows.append(_matrix_row(*key, results[key]))
+                add(rows[-1])
     return rows
 
 
@@ -95,9 +121,11 @@ def _matrix_row(method: str, game: str, runs: list[dict]) -> dict:
     finals = [r["summary"]["final"]["test_return"] for r in runs]
     speed = statistics.median(r["summary"]["env_steps_per_s"] for r in runs)
     rate = sum(f == 11.0 for f in finals) / len(finals)
-    extra = {"final_returns": finals, "optimum_rate": rate, "env_steps_per_s_median": speed}
-    if method == "s2q":  # which joint actions the sub-values ended up representing
+    extra = {"final_returns": finals, "optimum_rate": rate, "env_steps_per_s_median": speed,
+             "overrides": METHODS[method][1]}  # fmt: skip
+    if method.startswith("s2q"):  # which joint actions the sub-values represent, and who found the optimum first
         extra["sub_value_greedy"] = [r["sub_value_greedy"] for r in runs]
+        extra["first_optimum"] = [r["first_optimum"] for r in runs]
     if game == "shifting":
         switch = 10_000
         rec = [_recovery(r["tests"], switch) for r in runs]
@@ -292,15 +320,22 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         tables.append("Throughput (LBF 8x8, 2 players, cooperative foods, 1 thread)\n"
                       + markdown_table(part, ["method", "metric", "updates_per_s", "step_time_s_median"]))  # fmt: skip
     if "matrix" in parts:
-        log("matrix games: QMIX, VDN, S2Q on climbing and shifting climbing, 20k episodes each, 1 thread")
+        log("matrix games: QMIX, VDN and S2Q arms (same Adam 1e-3, TD(lambda) 0.6), 20k episodes each, 1 thread")
         part = matrix_rows(seeds or (1 if quick else 5), quick, add=results.add)
         met.update(targets(part))
         for row in part:
             ex = row["extra"]
+            firsts = ex.get("first_optimum") or []
             row.update(finals=ex["final_returns"], steps_per_s=ex["env_steps_per_s_median"],
-                       recovered=ex.get("recovered"), recovery=ex.get("recovery_episodes"))  # fmt: skip
-        cols = ["method", "seeds", "metric", "finals", "recovered", "recovery", "steps_per_s"]
-        tables.append("Matrix games (final greedy return per seed; optimum = 11)\n" + markdown_table(part, cols))
+                       recovered=ex.get("recovered"), recovery=ex.get("recovery_episodes"),
+                       first_q1=[f["q1"] for f in firsts] or None,
+                       first_sub=[f["sub"] for f in firsts] or None)  # fmt: skip
+        cols = ["method", "seeds", "metric", "finals", "first_q1", "first_sub", "recovered", "recovery", "steps_per_s"]
+        title = (
+            "Matrix games (final greedy return per seed; optimum = 11; first_q1 / first_sub: episodes at the "
+            "first test where Q1 / another sub-value is greedy on (0, 0))"
+        )
+        tables.append(title + "\n" + markdown_table(part, cols))
     if "lbf" in parts:
         log(f"lbf: QMIX and S2Q {LBF_STEPS} steps, then vanilla / WALL {FINETUNE_STEPS} steps and attacks")
         part = lbf_rows(seeds or (1 if quick else 3), quick)

@@ -2,7 +2,7 @@
 
 A checkpoint (``checkpoints/step-<t_env>/``, written after every periodic test through
 :func:`leantrain.train.checkpoint.save_state_checkpoint`, atomically) holds the learner's networks, optimizer
-states and counters, the filled part of the replay, every runner's episode counter and random generator (and
+states and counters, the filled part of the replay, every runner's episode counter and random generators (and
 its hook's: S2Q's behaviour, the Wolfpack attack), torch's generator, the shifting game's episode clock and the
 loop's counters. ``leantrain run resume=<run folder>`` then continues as if never stopped: the final
 networks and the metrics are the same as an uninterrupted run's (tested), and ``marl.max_steps`` may be raised.
@@ -38,7 +38,12 @@ def capture(loop: dict, learner, buffer: ReplayBuffer, runners: dict, clock) -> 
             "storage": {k: v[:filled] for k, v in (buffer.storage or {}).items()},
         },  # fmt: skip
         "runners": {
-            name: {"episodes": r.episodes, "rng": _rng(r), "hook_rng": _rng(r.action_hook)}
+            name: {
+                "episodes": r.episodes,
+                "rng": _rng(r),
+                "hook_rng": _rng(r.action_hook),
+                "generator": r.generator.get_state(),
+            }  # fmt: skip
             for name, r in runners.items()
         },  # fmt: skip
         "torch_rng": torch.get_rng_state(),
@@ -63,6 +68,8 @@ def restore(state: dict, learner, buffer: ReplayBuffer, runners: dict, clock) ->
         runner.episodes = r["episodes"]
         _set_rng(runner, r["rng"])
         _set_rng(runner.action_hook, r["hook_rng"])
+        if "generator" in r:  # checkpoints written before the runner kept one generator have none
+            runner.generator.set_state(r["generator"])
     torch.set_rng_state(state["torch_rng"])
     if clock is not None and state["clock"] is not None:
         clock.episodes = state["clock"]

@@ -1,8 +1,11 @@
 """The multi-agent controller: one shared agent network run for every agent, and action selection.
 
 Agent inputs at slot t: the agent's observation, its previous action one-hot (zeros at t = 0) and its one-hot id
-(PyMARL's ``obs_last_action`` and ``obs_agent_id``). Action selection is epsilon-greedy over the available
-actions; exploration picks uniformly among available actions.
+(PyMARL's ``obs_last_action`` and ``obs_agent_id``). The agent network is picked by name from
+:data:`~leantrain.marl.networks.AGENTS` (``marl.agent``, default the GRU ``rnn``). Acting steps one slot for every
+environment at once (:meth:`MultiAgentController.step`); training unrolls whole episodes in one call
+(:meth:`MultiAgentController.unroll`: every slot's inputs are known from the batch). Action selection is
+epsilon-greedy over the available actions; exploration picks uniformly among available actions.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 from torch import nn
 
 from leantrain.marl.env import EnvInfo
-from leantrain.marl.networks import RNNAgent
+from leantrain.marl.networks import AGENTS
 
 NEG = -1e9  # the Q of an unavailable action when taking maxima
 
@@ -29,11 +32,15 @@ class EpsilonSchedule:
 
 
 class MultiAgentController(nn.Module):
-    def __init__(self, info: EnvInfo, hidden: int = 64):
+    def __init__(self, info: EnvInfo, hidden: int = 64, agent: str = "rnn"):
         super().__init__()
-        self.info = info
-        self.agent = RNNAgent(info.obs_dim + info.n_actions + info.n_agents, info.n_actions, hidden)
+        self.info, self.agent_name = info, agent
+        self.agent = AGENTS.pick(agent)(info.obs_dim + info.n_actions + info.n_agents, info.n_actions, hidden)
         self.register_buffer("ids", torch.eye(info.n_agents))
+
+    def like(self) -> MultiAgentController:
+        """A fresh controller of the same shape and agent network (S2Q's sub-values, its central critic)."""
+        return MultiAgentController(self.info, self.agent.hidden, self.agent_name)
 
     def inputs(self, obs: torch.Tensor, last_actions: torch.Tensor | None) -> torch.Tensor:
         """obs (B, N, obs_dim), last_actions (B, N) or None -> (B·N, input_dim)."""
@@ -54,17 +61,15 @@ class MultiAgentController(nn.Module):
     def unroll(self, obs: torch.Tensor, actions: torch.Tensor, hidden: bool = False):
         """Q of every slot of a batch: obs (B, T+1, N, obs_dim), actions (B, T, N) -> (B, T+1, N, A).
 
-        With ``hidden=True`` also the agents' hidden states after each slot, (B, T+1, N, hidden).
-        """
-        b, slots = obs.shape[:2]
-        h = self.init_hidden(b)
-        out, states = [], []
-        for t in range(slots):
-            q, h = self.step(obs[:, t], actions[:, t - 1] if t else None, h)
-            out.append(q)
-            states.append(h.view(b, self.info.n_agents, -1))
-        qs = torch.stack(out, dim=1)
-        return (qs, torch.stack(states, dim=1)) if hidden else qs
+        With ``hidden=True`` also the agents' hidden states after each slot, (B, T+1, N, hidden). The same values
+        as calling :meth:`step` slot by slot (tested), computed as one sequence per agent."""
+        b, slots, n, _ = obs.shape
+        last = torch.zeros(b, slots, n, self.info.n_actions)
+        last[:, 1:] = nn.functional.one_hot(actions[:, : slots - 1], self.info.n_actions).float()
+        x = torch.cat([obs, last, self.ids.expand(b, slots, n, n)], dim=-1)  # (B, T+1, N, D)
+        q, h = self.agent.unroll(x.transpose(1, 2).reshape(b * n, slots, -1))  # (B·N, T+1, ·)
+        qs = q.view(b, n, slots, -1).transpose(1, 2)
+        return (qs, h.view(b, n, slots, -1).transpose(1, 2)) if hidden else qs
 
 
 def greedy(q: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
@@ -72,13 +77,20 @@ def greedy(q: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
     return q.masked_fill(~avail.bool(), NEG).argmax(-1)
 
 
-def epsilon_greedy(q: torch.Tensor, avail: torch.Tensor, epsilon: float, rng: np.random.Generator) -> torch.Tensor:
-    """q, avail (B, N, A) -> actions (B, N): greedy, or with probability epsilon uniform over available actions."""
+def epsilon_greedy(q: torch.Tensor, avail: torch.Tensor, epsilon: float, rng: np.random.Generator,
+                   generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    """q, avail (B, N, A) -> actions (B, N): greedy, or with probability epsilon uniform over available actions.
+
+    ``rng`` draws who explores; ``generator`` (a runner keeps one for its lifetime) draws the random actions;
+    without one, a generator is seeded from ``rng`` for this call."""
     actions = greedy(q, avail)
+    if epsilon <= 0:
+        return actions
     explore = torch.as_tensor(rng.random(actions.shape) < epsilon)
     if explore.any():
         weights = avail.float().view(-1, avail.shape[-1])
-        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         random = torch.multinomial(weights, 1, generator=generator).view(actions.shape)
         actions = torch.where(explore, random, actions)
     return actions

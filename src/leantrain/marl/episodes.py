@@ -3,8 +3,9 @@
 An episode of length T (≤ the environment's limit) is stored as tensors over T + 1 time slots, padded to the
 limit: ``obs`` (T+1, N, obs_dim), ``state`` (T+1, state_dim), ``avail`` (T+1, N, n_actions), then per step
 ``actions`` (T, N), ``reward`` (T,), ``terminated`` (T,) and ``filled`` (T,) (1 for real steps, 0 for
-padding). A batch stacks episodes along a leading dimension B. Extra per-step fields (``extra_fields``) let
-methods record what they need (e.g. which agents an attack controlled) without touching this module.
+padding). A batch stacks episodes along a leading dimension B. Extra per-step fields (``extra_fields``, stored as
+``step_<name>``) and per-slot fields (``slot_fields``, stored under their name, T+1 slots) let methods record what
+they need (which agents an attack controlled, the unmasked observations) without touching this module.
 """
 
 from __future__ import annotations
@@ -46,21 +47,32 @@ class EpisodeBatch:
 class EpisodeRecorder:
     """Collects one episode step by step, then yields it padded to the episode limit."""
 
-    def __init__(self, info: EnvInfo, extra_fields: dict[str, tuple[int, ...]] | None = None):
+    def __init__(self, info: EnvInfo, extra_fields: dict[str, tuple[int, ...]] | None = None,
+                 slot_fields: dict[str, tuple[int, ...]] | None = None):  # fmt: skip
         self.info = info
         self.extra_fields = extra_fields or {}
+        self.slot_fields = slot_fields or {}
         self.obs, self.state, self.avail, self.actions, self.reward, self.terminated = [], [], [], [], [], []
         self.extra: dict[str, list] = {k: [] for k in self.extra_fields}
+        self.slot_extra: dict[str, list] = {k: [] for k in self.slot_fields}
 
-    def add_observation(self, obs: np.ndarray, state: np.ndarray, avail: np.ndarray) -> None:
+    def add_observation(self, obs: np.ndarray, state: np.ndarray, avail: np.ndarray, **slot) -> None:
         self.obs.append(obs)
         self.state.append(state)
         self.avail.append(avail)
+        for key in self.slot_fields:
+            self.slot_extra[key].append(slot[key])
 
     def add_step(self, actions: np.ndarray, reward: float, terminated: bool, **extra) -> None:
+        """One step; its extra fields now or later through :meth:`add_extra`."""
         self.actions.append(actions)
         self.reward.append(reward)
         self.terminated.append(terminated)
+        if extra:
+            self.add_extra(**extra)
+
+    def add_extra(self, **extra) -> None:
+        """The extra fields of the latest step."""
         for key in self.extra_fields:
             self.extra[key].append(extra[key])
 
@@ -90,6 +102,8 @@ class EpisodeRecorder:
         data["avail"][0, t + 1 :] = True  # padding slots: any action "available" so masked maxima stay finite
         for key, shape in self.extra_fields.items():
             data[f"step_{key}"] = pad(self.extra[key], limit, shape, np.float32)
+        for key, shape in self.slot_fields.items():
+            data[key] = pad(self.slot_extra[key], limit + 1, shape, np.float32)
         return EpisodeBatch(data)
 
 

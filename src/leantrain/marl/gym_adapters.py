@@ -12,6 +12,12 @@
   it never terminates, its step limit is a truncation.
 - ``mpe2`` ``simple_spread_v3`` (discrete actions, N = 3 by default): PettingZoo parallel API; the state is
   the environment's global state; the team reward is the (shared) mean of the agents' rewards.
+- ``mpe2`` ``simple_tag_v3`` as predator-prey (:class:`PredatorPrey`, WALL's PP family): ``n_predators`` (4)
+  learning predators, ``n_prey`` (1) scripted prey (``prey="flee"``: each step the prey takes the move that
+  points most directly away from its nearest predator, turned back towards the centre near the border of the
+  arena; ``"random"``: uniform moves), ``n_obstacles`` (2), ``episode_limit`` 25 steps. The team reward is the
+  predators' shared reward: 10 for every predator touching a prey at that step (so catching needs the team to
+  corner a prey that is faster than any predator, 1.3 against 1.0).
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ MARL_INSTALL = 'pip install -c constraints.txt -e ".[marl]"'
 class GymnasiumMultiAgent(MultiAgentEnv):
     """A gymnasium env with Tuple observation/action spaces (one entry per agent): lbforaging, rware."""
 
-    def __init__(self, env_id: str, episode_limit: int | None = None, scale_obs: bool = True):
+    def __init__(self, env_id: str, episode_limit: int | None = None, scale_obs: bool = True, **env_kwargs):
+        """``env_kwargs`` go to ``gymnasium.make`` (the environment's own options, e.g. LBF's ``sight`` or
+        ``penalty``); ``max_episode_steps`` there shortens the episodes (a time limit, also the ``episode_limit``)."""
+        if "max_episode_steps" in env_kwargs:
+            episode_limit = episode_limit or int(env_kwargs["max_episode_steps"])
         try:
             import gymnasium as gym
 
@@ -38,7 +48,9 @@ class GymnasiumMultiAgent(MultiAgentEnv):
         except ImportError as err:
             raise MissingDependencyError(f"environment {env_id!r} needs the marl extras: {MARL_INSTALL}") from err
         try:
-            self.env = gym.make(env_id, disable_env_checker=True)
+            self.env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
+        except TypeError as err:
+            raise ConfigError(f"marl.env_args for {env_id!r}: {err}") from None
         except gym.error.Error as err:
             raise ConfigError(f"unknown environment id {env_id!r}: {err}") from None
         core = self.env.unwrapped
@@ -119,6 +131,73 @@ class SimpleSpread(MultiAgentEnv):
         )
         self.steps += 1
         reward = float(np.mean([rewards[name] for name in self.agents]))
+        cut = self.steps >= self.info.episode_limit or all(truncs.values())
+        return Step(self._observation(obs), reward, False, cut, info)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+# the five discrete MPE moves: no-op, -x, +x, -y, +y
+MPE_MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.float64)
+
+
+def flee_action(prey_pos: np.ndarray, predator_pos: np.ndarray, border: float = 0.9) -> int:
+    """The MPE move that points most directly away from the nearest predator, towards the centre near the border."""
+    nearest = predator_pos[np.argmin(((predator_pos - prey_pos) ** 2).sum(-1))]
+    away = prey_pos - nearest
+    away = away / max(np.linalg.norm(away), 1e-8)
+    outside = np.abs(prey_pos) > border
+    away[outside] = -np.sign(prey_pos[outside])  # the way back in wins over fleeing along that axis
+    return int(np.argmax(MPE_MOVES[1:] @ away)) + 1
+
+
+class PredatorPrey(MultiAgentEnv):
+    """mpe2 ``simple_tag_v3``: learning predators (the agents), scripted prey (part of the environment)."""
+
+    def __init__(self, n_predators: int = 4, n_prey: int = 1, n_obstacles: int = 2, episode_limit: int = 25,
+                 prey: str = "flee"):  # fmt: skip
+        try:
+            from mpe2 import simple_tag_v3
+        except ImportError as err:
+            raise MissingDependencyError(f"simple_tag needs the marl extras: {MARL_INSTALL}") from err
+        if prey not in ("flee", "random"):
+            raise ConfigError(f"predator-prey prey={prey!r}; choose 'flee' or 'random'")
+        if n_predators < 1 or n_prey < 1:
+            raise ConfigError("predator-prey needs n_predators >= 1 and n_prey >= 1")
+        self.env = simple_tag_v3.parallel_env(num_good=n_prey, num_adversaries=n_predators, num_obstacles=n_obstacles,
+                                              max_cycles=episode_limit, continuous_actions=False)  # fmt: skip
+        self.env.reset(seed=0)
+        self.predators = [a for a in self.env.possible_agents if a.startswith("adversary")]
+        self.prey = [a for a in self.env.possible_agents if not a.startswith("adversary")]
+        self.policy, self.rng = prey, np.random.default_rng(0)
+        obs_dim = int(self.env.observation_space(self.predators[0]).shape[0])
+        self.info = EnvInfo(n_predators, 5, obs_dim, int(self.env.state().shape[0]), episode_limit)
+        self.steps = 0
+
+    def _observation(self, obs) -> Observation:
+        o = np.stack([np.asarray(obs[a], np.float32) for a in self.predators])
+        return Observation(o, np.asarray(self.env.state(), np.float32), np.ones((len(self.predators), 5), bool))
+
+    def _prey_actions(self) -> dict[str, int]:
+        world = self.env.unwrapped.world
+        chasers = np.stack([a.state.p_pos for a in world.agents if a.adversary])
+        if self.policy == "random":
+            return {name: int(self.rng.integers(5)) for name in self.prey}
+        return {a.name: flee_action(a.state.p_pos, chasers) for a in world.agents if not a.adversary}
+
+    def reset(self, seed: int | None = None) -> Observation:
+        obs, _ = self.env.reset(seed=seed)
+        self.rng = np.random.default_rng(seed)
+        self.steps = 0
+        return self._observation(obs)
+
+    def step(self, actions) -> Step:
+        a = self.check_actions(actions, np.ones((self.info.n_agents, 5), bool))
+        joint = {name: int(x) for name, x in zip(self.predators, a, strict=True)} | self._prey_actions()
+        obs, rewards, terms, truncs, info = self.env.step(joint)
+        self.steps += 1
+        reward = float(np.mean([rewards[name] for name in self.predators]))
         cut = self.steps >= self.info.episode_limit or all(truncs.values())
         return Step(self._observation(obs), reward, False, cut, info)
 

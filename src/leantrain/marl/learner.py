@@ -5,8 +5,12 @@ the target networks, double-Q (the online networks pick the next actions, the ta
 masked mean squared error over real steps, gradient-norm clip 10, a hard target update every
 ``target_update_episodes`` episodes. Methods subclass :class:`QLearner` and override
 
-- ``intrinsic_reward(batch) -> (B, T)`` added to the environment reward (exploration bonuses),
+- ``intrinsic_reward(batch) -> (B, T)`` added to the environment reward (exploration bonuses); every learner's
+  targets read the reward through :meth:`QLearner.rewards`, so a bonus reaches S2Q's targets as well,
 - ``extra_losses(batch, context) -> {name: loss}`` added to the TD loss (auxiliary objectives),
+- ``collection_epsilon(t_env, epsilon)``: the exploration of the next training batch (WALL switches its attack on
+  here and collects greedily), ``evaluation_runners(make_runner)``: extra test conditions (WALL's attacked
+  tests), ``test_stats(runner)``: extra fields of a test record (S2Q's sub-values' greedy joint actions),
 
 or replace :meth:`td_loss` entirely (S2Q's several sub-values); the runner and replay stay untouched.
 """
@@ -62,15 +66,30 @@ class QLearner:
     def extra_losses(self, batch: EpisodeBatch, context: dict) -> dict[str, torch.Tensor]:
         return {}
 
+    def rewards(self, batch: EpisodeBatch) -> torch.Tensor:
+        """The reward every target is built from: the environment's plus :meth:`intrinsic_reward` (B, T)."""
+        bonus = self.intrinsic_reward(batch)
+        return batch["reward"] if bonus is None else batch["reward"] + bonus
+
+    def collection_epsilon(self, t_env: int, epsilon: float) -> float:
+        """Exploration of the training episodes collected at ``t_env`` (the schedule's ``epsilon`` by default)."""
+        return epsilon
+
+    def evaluation_runners(self, make_runner) -> dict:
+        """Extra test conditions: {name: runner} built with ``make_runner(seed_offset)``; tests report each one's
+        greedy return as ``<name>_return_mean``."""
+        return {}
+
+    def test_stats(self, runner) -> dict:
+        """Extra fields of a test record."""
+        return {}
+
     # ------------------------------------------------------------ the update
 
     def targets(self, batch: EpisodeBatch, q: torch.Tensor, target_qtot_next: torch.Tensor) -> torch.Tensor:
-        rewards = batch["reward"]
-        bonus = self.intrinsic_reward(batch)
-        if bonus is not None:
-            rewards = rewards + bonus
         c = self.config
-        return td_lambda_targets(rewards, batch["terminated"], batch["filled"], target_qtot_next, c.gamma, c.td_lambda)
+        return td_lambda_targets(self.rewards(batch), batch["terminated"], batch["filled"], target_qtot_next, c.gamma,
+                                 c.td_lambda)  # fmt: skip
 
     def td_loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, dict]:
         """Masked MSE of Q_tot(s, a) against the (TD(λ)) target; returns (loss, context for extra losses)."""

@@ -42,12 +42,11 @@ def _s2q(cfg, mac, lc, runner):
 @register_learner("wall")
 def _wall(cfg, mac, lc, runner):
     from leantrain.marl.wall import WALLLearner
-    from leantrain.marl.wolfpack import WolfpackAttack
 
     options = dict(cfg.marl.method_options)
     clean_steps = options.pop("clean_steps", 0)
     learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed, clean_steps=int(clean_steps))
-    WolfpackAttack(runner, mac, learner.mixer, learner.planner, learner.attack, lr=lc.lr, seed=cfg.seed)
+    learner.attach(runner)
     return learner
 
 

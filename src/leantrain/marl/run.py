@@ -37,15 +37,15 @@ def build(cfg):
     m = cfg.marl
     torch.manual_seed(cfg.seed)
     clock = EpisodeClock()
-    envs = [make_env(m.env, m.switch_episode, clock) for _ in range(m.n_envs)]
-    mac = MultiAgentController(envs[0].info, hidden=m.agent_hidden)
+    envs = [make_env(m.env, m.switch_episode, clock, **m.env_args) for _ in range(m.n_envs)]
+    mac = MultiAgentController(envs[0].info, hidden=m.agent_hidden, agent=m.agent)
     lc = LearnerConfig(mixer=m.mixer, gamma=m.gamma, td_lambda=m.td_lambda, lr=m.lr, optimizer=m.optimizer,
                        grad_clip=m.grad_norm_clip, target_update_episodes=m.target_update_episodes)  # fmt: skip
     runner = EpisodeRunner(envs, mac, seed=cfg.seed)
     learner = build_learner(cfg, mac, lc, runner)
     if m.pretrained_policy:
         learner.load_policy(policy_file(m.pretrained_policy))
-    test_envs = [make_env(m.env, m.switch_episode, clock, counts=False) for _ in range(m.n_envs)]
+    test_envs = [make_env(m.env, m.switch_episode, clock, counts=False, **m.env_args) for _ in range(m.n_envs)]
     return envs, test_envs, mac, learner, runner
 
 
@@ -61,6 +61,7 @@ def policy_file(path: str | Path) -> Path:
 def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     from leantrain.marl import checkpoint
     from leantrain.marl.controller import EpsilonSchedule
+    from leantrain.marl.envs import make_env
     from leantrain.marl.episodes import ReplayBuffer
     from leantrain.train.checkpoint import load_state_checkpoint, save_state_checkpoint
     from leantrain.train.interrupt import deferred_sigint
@@ -81,29 +82,27 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     logger = open_metric_loggers(run_dir, cfg.log_formats, x_key="t_env", resume_after=resumed)
     start = start_text(run_dir, f"{m.max_steps} environment steps ({m.env}, {m.algo})", resumed)
     progress = make_progress(cfg.progress, m.max_steps, completed=resumed or 0, unit="env step", start=start)
-    attack = runner.action_hook if m.algo == "wall" else None
-    attacked_runner = None
-    if attack is not None:  # WALL runs also test under the Wolfpack attack (test budget)
-        from leantrain.marl.envs import make_env
-        from leantrain.marl.wolfpack import WolfpackAttack
 
-        attack_envs = [make_env(m.env, m.switch_episode, None, counts=False) for _ in range(m.n_envs)]
-        test_envs += attack_envs
-        attacked_runner = type(runner)(attack_envs, mac, seed=cfg.seed + 20_011)
-        WolfpackAttack(attacked_runner, mac, learner.mixer, learner.planner, learner.attack, lr=m.lr,
-                       seed=cfg.seed + 1)  # fmt: skip
+    def make_runner(offset: int):
+        """A runner on fresh test environments, seeded ``cfg.seed + offset`` (a learner's extra test conditions)."""
+        runner_envs = [make_env(m.env, m.switch_episode, None, counts=False, **m.env_args) for _ in range(m.n_envs)]
+        test_envs.extend(runner_envs)
+        return type(runner)(runner_envs, mac, seed=cfg.seed + offset)
+
+    extra_runners = learner.evaluation_runners(make_runner)
 
     def test() -> dict:
         value = test_runner.test_return(m.test_episodes)
         record = {"split": "test", "t_env": t_env, "episodes": episodes, "return_mean": value}
-        if attacked_runner is not None:
-            record["attacked_return_mean"] = attacked_runner.test_return(m.test_episodes)
+        for name, extra in extra_runners.items():
+            record[f"{name}_return_mean"] = extra.test_return(m.test_episodes)
+        record.update(learner.test_stats(test_runner))
         logger.log(record)
         progress.message(f"test @ t_env {t_env}: " + "  ".join(f"{k} {record[k]:.4g}" for k in record
                                                                   if k.endswith("return_mean")))  # fmt: skip
         return record
 
-    runners = {"train": runner, "test": test_runner} | ({"attacked": attacked_runner} if attacked_runner else {})
+    runners = {"train": runner, "test": test_runner} | extra_runners
     clock = getattr(envs[0], "clock", None)
     last_test: dict | None = None
     if resume_from is not None:
@@ -141,9 +140,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
                 if t_env:
                     save_policy()
                     save_checkpoint()
-            if attack is not None:  # WALL: clean pre-training, then greedy collection under the attack (official)
-                attack.enabled = t_env >= learner.clean_steps
-            batch, stats = runner.run(0.0 if attack is not None and attack.enabled else epsilon(t_env))
+            batch, stats = runner.run(learner.collection_epsilon(t_env, epsilon(t_env)))
             buffer.insert(batch)
             t_env += stats.steps
             episodes += len(stats.returns)
@@ -181,7 +178,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         "status": status, "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,
         "updates": learner.updates,
         "final": {"test_return": final.get("return_mean")}
-        | ({"attacked_test_return": final.get("attacked_return_mean")} if attacked_runner is not None else {}),
+        | {f"{name}_test_return": final.get(f"{name}_return_mean") for name in extra_runners},
         "wall_time_s": round(elapsed + time.perf_counter() - started, 3),
         "env_steps_per_s": t_env / max(elapsed + time.perf_counter() - started, 1e-9),
     }  # fmt: skip

@@ -1,17 +1,27 @@
 """Collect episodes from several environments in lockstep (one batched agent forward per step, one process).
 
 A subprocess-per-environment runner gains nothing on 2 cores; stepping E environments in one process and
-batching the agent network over them does. Finished environments wait for the others. Hooks for methods:
+batching the agent network over them does. Finished environments wait for the others. Per step the runner stacks
+the observations and masks once, runs one agent forward for all environments and draws exploration from
+generators it keeps for its lifetime. Hooks for methods (all optional):
 
+- ``observation_hook(t, obs, state, avail, fresh) -> obs``: change what the agents observe before they see it
+  (IBAL's observation masking). ``obs`` (E, N, obs_dim) numpy, ``fresh`` (E,) bool: the environments whose
+  observation is new this slot (including an episode's last one). The hooked observations are what the agents
+  act on and what the batch stores as ``obs``; the environment's own are kept in the slot field ``env_obs``.
 - ``action_hook(t, actions, q, avail, active) -> actions``: change the joint actions before they are executed
   (attacks replace some agents' actions; behaviour policies pick other sub-values). ``actions`` (E, N),
   ``q`` (E, N, A), ``avail`` (E, N, A), ``active`` (E,) bool. ``runner.current`` holds the step's ``obs``,
   ``state``, ``last_actions``, the controller's hidden state before (``hidden_prev``) and after (``hidden``)
   the step and ``epsilon``; ``runner.test`` says whether the episode is a greedy test episode.
+- ``step_hooks``: callables ``(t, transition)`` run after every step of a *training* episode (never in tests):
+  ``transition`` holds ``obs``, ``state``, ``actions`` (executed), ``reward`` (E,), ``next_obs``,
+  ``next_state`` and ``active`` (E,) (formation counting, visitation statistics). They may ``record`` fields.
 - ``store_intended``: record the actions the agents chose (before the hook) rather than the executed ones (an
   attack is then part of the environment's dynamics, as WALL trains); the agents' last-action inputs follow
   what is recorded.
-- ``step_fields``: extra per-step fields the hook fills through ``record`` ({name: shape}).
+- ``step_fields``: extra per-step fields hooks fill through ``record`` ({name: shape}); zeros where no hook
+  recorded one (a step hook's field in a test episode).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from leantrain.marl.env import MultiAgentEnv
 from leantrain.marl.episodes import EpisodeBatch, EpisodeRecorder
 
 ActionHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
+ObservationHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+StepHook = Callable[[int, dict], None]
 
 
 @dataclass
@@ -44,15 +56,19 @@ class EpisodeRunner:
         self.envs, self.mac = envs, mac
         self.info = envs[0].info
         self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(int(self.rng.integers(2**31)))  # exploration's actions
         self.seed = seed
         self.episodes = 0  # episodes started (seeds the environments' resets)
+        self.test = False
         self.action_hook: ActionHook | None = None
+        self.observation_hook: ObservationHook | None = None
+        self.step_hooks: list[StepHook] = []
         self.step_fields: dict[str, tuple[int, ...]] = {}
-        self.pending: dict[str, np.ndarray] = {}  # what the hook recorded for the current step, per env
+        self.pending: dict[str, np.ndarray] = {}  # what the hooks recorded for the current step, per env
         self.store_intended = False
 
     def record(self, name: str, values: np.ndarray) -> None:
-        """Called by an action hook: ``values`` (E, *shape) for the step being taken."""
+        """Called by a hook: ``values`` (E, *shape) for the step being taken."""
         self.pending[name] = values
 
     @torch.no_grad()
@@ -60,44 +76,63 @@ class EpisodeRunner:
         """One episode in every environment; returns them as a batch (E episodes) and their statistics."""
         n_env, info = len(self.envs), self.info
         self.test = test
-        recorders = [EpisodeRecorder(info, self.step_fields) for _ in range(n_env)]
-        current = []
-        for i, env in enumerate(self.envs):
-            o = env.reset(seed=self.seed * 1_000_003 + self.episodes + i)
-            recorders[i].add_observation(o.obs, o.state, o.avail)
-            current.append(o)
+        epsilon = 0.0 if test else epsilon
+        hooked = self.observation_hook is not None
+        slot_fields = {"env_obs": (info.n_agents, info.obs_dim)} if hooked else {}
+        recorders = [EpisodeRecorder(info, self.step_fields, slot_fields) for _ in range(n_env)]
+        current = [env.reset(seed=self.seed * 1_000_003 + self.episodes + i) for i, env in enumerate(self.envs)]
         self.episodes += n_env
         active = np.ones(n_env, bool)
+        fresh = np.ones(n_env, bool)  # environments whose current observation is not recorded yet
         returns, lengths = np.zeros(n_env), np.zeros(n_env, int)
         h = self.mac.init_hidden(n_env)
         last = None
         t = 0
-        while active.any():
-            obs = torch.as_tensor(np.stack([c.obs for c in current]))
-            avail = torch.as_tensor(np.stack([c.avail for c in current]))
+        while True:
+            env_obs = np.stack([c.obs for c in current])
+            state_np, avail_np = np.stack([c.state for c in current]), np.stack([c.avail for c in current])
+            obs_np = self.observation_hook(t, env_obs, state_np, avail_np, fresh.copy()) if hooked else env_obs
+            for i in np.flatnonzero(fresh):
+                extra = {"env_obs": env_obs[i]} if hooked else {}
+                recorders[i].add_observation(obs_np[i], state_np[i], avail_np[i], **extra)
+            fresh[:] = False
+            if not active.any():
+                break
+            obs, state, avail = (torch.as_tensor(x) for x in (obs_np, state_np, avail_np))
             h_prev = h
             q, h = self.mac.step(obs, last, h)
-            actions = epsilon_greedy(q, avail, 0.0 if test else epsilon, self.rng)
+            actions = epsilon_greedy(q, avail, epsilon, self.rng, self.generator)
             self.pending = {}
             # what a hook may read: this step's inputs, the controller's hidden states, the exploration rate
-            self.current = {"obs": obs, "state": torch.as_tensor(np.stack([c.state for c in current])),
-                            "last_actions": last, "hidden_prev": h_prev, "hidden": h,
-                            "epsilon": 0.0 if test else epsilon}  # fmt: skip
+            self.current = {"obs": obs, "state": state, "last_actions": last, "hidden_prev": h_prev, "hidden": h,
+                            "epsilon": epsilon}  # fmt: skip
             executed = actions
             if self.action_hook is not None:
                 executed = self.action_hook(t, actions, q, avail, active.copy())
             recorded = actions if self.store_intended else executed
-            for i in np.flatnonzero(active):
+            stepped = np.flatnonzero(active)
+            rewards = np.zeros(n_env)
+            for i in stepped:
                 s = self.envs[i].step(executed[i].numpy())
-                extra = {k: self.pending[k][i] for k in self.step_fields}
-                recorders[i].add_step(recorded[i].numpy(), s.reward, s.terminated, **extra)
-                o = s.observation
-                recorders[i].add_observation(o.obs, o.state, o.avail)
-                current[i] = o
+                current[i] = s.observation
+                rewards[i] = s.reward
                 returns[i] += s.reward
                 lengths[i] += 1
+                recorders[i].add_step(recorded[i].numpy(), s.reward, s.terminated)
                 if s.terminated or s.truncated or lengths[i] >= info.episode_limit:
                     active[i] = False
+            if self.step_hooks and not test:
+                was_active = np.zeros(n_env, bool)
+                was_active[stepped] = True
+                transition = {"obs": obs, "state": state, "actions": executed, "reward": rewards,
+                              "next_obs": np.stack([c.obs for c in current]),
+                              "next_state": np.stack([c.state for c in current]), "active": was_active}  # fmt: skip
+                for hook in self.step_hooks:
+                    hook(t, transition)
+            for i in stepped:
+                recorders[i].add_extra(**{k: self.pending[k][i] if k in self.pending else np.zeros(shape)
+                                          for k, shape in self.step_fields.items()})  # fmt: skip
+            fresh[stepped] = True
             last = recorded
             t += 1
         episodes = [r.episode() for r in recorders]

@@ -9,15 +9,23 @@ encoder-decoder that predicts, from the agents' hidden states, which sub-value's
 
 - target (shared): y = TD(λ = 0.6) return bootstrapped with Q*_tgt(s', ā¹(s'));
 - L* = mean (Q*(s, a) − y)²;
-- L1 = mean w1 (Q¹_tot(s, a) − y)², w1 = 1 if Q*(s, a) ≥ Q*_tgt(s, ā^k) for every k, else w_c = 0.9;
+- L1 = mean w1 (Q¹_tot(s, a) − y)², w1 = 1 if Q*(s, a) ≥ Q*_tgt(s, ā^k) for every k, else w_c (``w_c_first``
+  when set);
 - L_{k+1} = mean w (Q^{k+1}_tot(s, a) − [y − 1[a ∈ {ā¹..ā^k}] Q*(s, a)])², w = 1 where the sub-value is below
   its target, else w_c (suppression: the earlier greedy actions are pushed towards 0);
 - L_latent = KL(softmax(Q*_tgt(s, ā^k)/T)_k ‖ P̂) + MSE(ŝ, s) with (P̂, ŝ) decoded from the Q¹ agents' hidden states;
-- behaviour (training only): per episode, with probability 0.5 act greedily on Q¹, else at every step sample
-  k ~ P̂ (shared by the agents) and execute ā^k; epsilon-greedy on top. Test: greedy on Q¹.
+  the KL is averaged over the K + 1 entries as the official ``F.kl_div(..., reduction="mean")``
+  (``latent_kl="sum"``: summed, K + 1 times the weight), masked over real steps;
+- behaviour (training only): with probability 0.5 act greedily on Q¹, else at every step sample k ~ P̂ (shared
+  by the agents) and execute ā^k; epsilon-greedy on top. The mode is drawn once per runner batch (the official
+  parallel runner; ``behaviour_draw="episode"``: per environment). Test: greedy on Q¹.
 
 All losses are summed and optimized with one Adam (lr 1e-3), gradient clip 10. Defaults: K = 2, T = 0.1,
-w_c = 0.9, TD(λ) 0.6 (the official ``s2q.yaml``).
+w_c = 0.9, TD(λ) 0.6 (the official ``s2q.yaml``, tuned for SMAC and GRF). **On matrix games use w_c = 0.1**
+(the ``s2q-climbing`` recipe): with 0.9 every sub-value is nearly an unweighted QMIX fit of a replay concentrated
+on the safe joint action and S2Q behaves like QMIX (docs/marl.md measures it). ``w_c_first`` sets Q¹'s weight
+apart from the sub-values' (the docs' split: the sub-values' weight is what lets S2Q find the optimum, Q¹'s alone
+is WQMIX's weighting).
 
 Deliberate departures and choices:
 
@@ -51,7 +59,10 @@ class S2QConfig:
     k: int = 2  # extra sub-values
     temperature: float = 0.1
     w_c: float = 0.9
+    w_c_first: float | None = None  # Q¹'s weight when not w_c (the split of docs/marl.md)
     greedy_episode_prob: float = 0.5
+    behaviour_draw: str = "batch"  # "batch": one greedy/mixed draw per runner batch (official); "episode"
+    latent_kl: str = "mean"  # "mean": KL averaged over the K+1 entries (official); "sum"
     suppression: str = "code"  # "code": subtract Q*(s, a); "paper": subtract alpha
     alpha: float = 1.0
     central_embed: int = 256
@@ -64,6 +75,12 @@ class S2QConfig:
             raise ConfigError(f"S2Q suppression={self.suppression!r} must be 'code' or 'paper'")
         if not self.temperature > 0 or not 0 <= self.w_c <= 1:
             raise ConfigError("S2Q needs temperature > 0 and w_c in [0, 1]")
+        if self.w_c_first is not None and not 0 <= self.w_c_first <= 1:
+            raise ConfigError(f"S2Q w_c_first={self.w_c_first!r} must be in [0, 1] (or unset: w_c)")
+        if self.behaviour_draw not in ("batch", "episode"):
+            raise ConfigError(f"S2Q behaviour_draw={self.behaviour_draw!r} must be 'batch' or 'episode'")
+        if self.latent_kl not in ("mean", "sum"):
+            raise ConfigError(f"S2Q latent_kl={self.latent_kl!r} must be 'mean' or 'sum'")
 
 
 class CentralMixer(nn.Module):
@@ -110,7 +127,7 @@ class S2QLearner(QLearner):
             return  # exactly QMIX
         info = mac.info
         hidden = mac.agent.hidden
-        self.subs = [mac] + [MultiAgentController(info, hidden) for _ in range(self.s2q.k)]
+        self.subs = [mac] + [mac.like() for _ in range(self.s2q.k)]
         self.sub_mixers = [self.mixer] + [QMixer(info.n_agents, info.state_dim) for _ in range(self.s2q.k)]
         self.central_agent = MultiAgentController(info, hidden)
         self.central_mixer = CentralMixer(info.n_agents, info.state_dim, self.s2q.central_embed)
@@ -150,7 +167,8 @@ class S2QLearner(QLearner):
             q_star_greedy = torch.stack(
                 [self._central(self.target_central_mixer, target_central_q, g, states) for g in greedy_joint]
             )
-            y = td_lambda_targets(batch["reward"], batch["terminated"], filled, q_star_greedy[0], c.gamma, c.td_lambda)
+            y = td_lambda_targets(self.rewards(batch), batch["terminated"], filled, q_star_greedy[0], c.gamma,
+                                 c.td_lambda)  # fmt: skip
         mask_sum = filled.sum()
         losses = {"central": ((q_star - y) * filled).pow(2).sum() / mask_sum}
         taken_star = q_star.detach()
@@ -159,7 +177,8 @@ class S2QLearner(QLearner):
             chosen = q[:, :-1].gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (B, T, N)
             qtot = mixer(chosen, states[:, :-1])  # (B, T)
             if i == 0:
-                target, w = y, best + (1 - best) * s2q.w_c
+                w_first = s2q.w_c if s2q.w_c_first is None else s2q.w_c_first
+                target, w = y, best + (1 - best) * w_first
             else:
                 hit = torch.clamp(sum(_joint_equal(actions, g[:, :-1]) for g in greedy_joint[:i]), max=1.0)
                 amount = taken_star if s2q.suppression == "code" else torch.full_like(y, s2q.alpha)
@@ -169,6 +188,8 @@ class S2QLearner(QLearner):
         log_p, state_hat = self.selector(hidden[:, :-1].detach())  # (B, T, K+1), (B, T, S)
         p_k = F.softmax(q_star_greedy[:, :, :-1].permute(1, 2, 0) / s2q.temperature, -1)  # (B, T, K+1)
         kl = (p_k * (torch.log(p_k.clamp_min(1e-12)) - log_p)).sum(-1)
+        if s2q.latent_kl == "mean":
+            kl = kl / (s2q.k + 1)
         mse = (state_hat - states[:, :-1]).pow(2).mean(-1)
         losses["latent"] = ((kl + mse) * filled).sum() / mask_sum
         total = sum(losses.values())
@@ -197,7 +218,14 @@ class S2QLearner(QLearner):
     @torch.no_grad()
     def sub_value_greedy(self, obs: torch.Tensor, avail: torch.Tensor) -> list[list[int]]:
         """Every sub-value's greedy joint action at an episode's first step: obs (N, O), avail (N, A)."""
-        return [greedy(sub.step(obs[None], None, sub.init_hidden(1))[0], avail[None])[0].tolist() for sub in self.subs]
+        subs = self.subs if self.s2q.k else [self.mac]
+        return [greedy(sub.step(obs[None], None, sub.init_hidden(1))[0], avail[None])[0].tolist() for sub in subs]
+
+    def test_stats(self, runner) -> dict:
+        """The sub-values' greedy joint actions at the first step of the runner's first environment (seed 0): which
+        joint actions S2Q keeps valued over training (docs/marl.md's matrix-game split)."""
+        first = runner.envs[0].reset(seed=0)
+        return {"sub_value_greedy": self.sub_value_greedy(torch.as_tensor(first.obs), torch.as_tensor(first.avail))}
 
     # ------------------------------------------------------------ behaviour policy
 
@@ -207,8 +235,9 @@ class S2QLearner(QLearner):
 
 
 class S2QBehaviour:
-    """S2Q's training behaviour as a runner hook: per episode greedy on Q¹ (probability ``greedy_episode_prob``)
-    or, every step, the greedy joint action of a sub-value sampled from the selector, epsilon-greedy on top."""
+    """S2Q's training behaviour as a runner hook: greedy on Q¹ (probability ``greedy_episode_prob``, drawn once per
+    runner batch or per environment) or, every step, the greedy joint action of a sub-value sampled from the
+    selector, epsilon-greedy on top."""
 
     def __init__(self, learner: S2QLearner, runner, seed: int = 0):
         self.learner, self.runner = learner, runner
@@ -224,7 +253,8 @@ class S2QBehaviour:
         cur = runner.current
         e = actions.shape[0]
         if t == 0:
-            self.mixed = self.rng.random(e) >= learner.s2q.greedy_episode_prob
+            draws = 1 if learner.s2q.behaviour_draw == "batch" else e
+            self.mixed = np.broadcast_to(self.rng.random(draws) >= learner.s2q.greedy_episode_prob, (e,)).copy()
             self.hidden = [sub.init_hidden(e) for sub in learner.subs[1:]]
         joints = [greedy(q, avail)]
         for i, sub in enumerate(learner.subs[1:]):

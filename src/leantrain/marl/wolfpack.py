@@ -15,6 +15,10 @@ training, 8 at test): one cycle costs 1 + L steps.
   started at each of the next ``period`` steps; the maximum over agents per offset goes through
   softmax(·/T, T = 0.5), an offset is sampled and the attack starts now if it is 0. Offsets further than
   ``period`` steps from the previous initial attack are cut, so one comes at least every ``period`` steps.
+  T = 0.5 suits SMAC's Q scale (rewards up to 20 per episode); on tasks whose return is at most 1 the predicted
+  damages differ by hundredths and the softmax is nearly uniform, i.e. random timing. ``damage_scale="std"``
+  (ours) divides the predicted damages by their standard deviation over the candidate offsets first, so T acts
+  on a scale-free spread; ``"raw"`` (default) is the paper's rule.
   ``"random"``: start a cycle with probability 0.1 per step (the official random baseline).
 - Initial agent: the predictor's arg-max agent (``initial_agent="planner"``, the paper) or a uniformly random
   agent (``"random"``, the official code's default ``init_agent_random=True``).
@@ -63,11 +67,12 @@ class WolfpackConfig:
     initial_agent: str = "planner"  # "planner" | "random"
     followup: str = "kl"  # "kl" | "l2" | "random"
     random_step_prob: float = 0.1
+    damage_scale: str = "raw"  # "raw": softmax(damage / T) (paper); "std": damage / its std over offsets first
     imagine_episodes: int = 8  # episodes of each replay batch whose attacks are imagined (CPU budget)
 
     def __post_init__(self):
         choices = {"step_method": ("planner", "random"), "initial_agent": ("planner", "random"),
-                   "followup": ("kl", "l2", "random")}  # fmt: skip
+                   "followup": ("kl", "l2", "random"), "damage_scale": ("raw", "std")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"wolfpack {name}={getattr(self, name)!r}; choose from {list(allowed)}")
@@ -303,9 +308,10 @@ class WolfpackPlanner(nn.Module):
         c = self.config
         pred = self.predict(states, t)  # (N, P)
         best, agent = pred.max(0)
-        if since_last is not None:
-            keep = c.period - min(since_last, c.period - 1)
-            best = torch.cat([best[:keep], torch.full((c.period - keep,), NEG)])
+        keep = c.period if since_last is None else c.period - min(since_last, c.period - 1)
+        if c.damage_scale == "std" and keep > 1:
+            best = best / best[:keep].std().clamp_min(1e-6)
+        best = torch.cat([best[:keep], torch.full((c.period - keep,), NEG)])
         p = torch.softmax(best / c.temperature, 0).double().numpy()
         offset = rng.choice(len(p), p=p / p.sum())
         return offset == 0, int(agent[0])
