@@ -264,6 +264,82 @@ def throughput_rows(quick: bool, add=discard) -> list[dict]:
     return rows
 
 
+COLLECTORS = ("pymarl-style loop, 1 env", "runner, 1 env", "runner, 8 envs", "environment alone")
+
+
+def _env_alone_episode(env, seed: int) -> int:
+    """The ceiling: one episode of the environment adapter with the first available action, no agent at all."""
+    o, t = env.reset(seed=seed), 0
+    while True:
+        step = env.step(o.avail.argmax(-1))
+        o, t = step.observation, t + 1
+        if step.terminated or step.truncated or t >= env.info.episode_limit:
+            return t
+
+
+def collection_rows(quick: bool, add=discard) -> list[dict]:
+    """Environment steps per second of episode collection (LBF 8x8 2p, epsilon 0.5, the same agent network): a
+    PyMARL-style per-step loop against our runner with 1 and 8 environments, interleaved, median of repeats (and the
+    environment adapter alone, no agent: the ceiling of any collector); and the
+    learner's unroll (forward + backward over a batch of 32 episodes) fused against one cell call per slot."""
+    import torch
+
+    from leantrain.bench.marl_reference import pymarl_style_episode, step_by_step_unroll
+    from leantrain.marl.controller import MultiAgentController
+    from leantrain.marl.envs import make_env
+    from leantrain.marl.runner import EpisodeRunner
+
+    torch.set_num_threads(1)
+    env_id = "lbf:Foraging-8x8-2p-2f-coop-v3"
+    envs = [make_env(env_id) for _ in range(8)]
+    torch.manual_seed(0)
+    mac = MultiAgentController(envs[0].info)
+    runners = {COLLECTORS[1]: EpisodeRunner(envs[:1], mac, seed=0), COLLECTORS[2]: EpisodeRunner(envs, mac, seed=0)}
+    steps_target, repeats = (200, 2) if quick else (3000, 5)
+    speeds: dict[str, list[float]] = {name: [] for name in COLLECTORS}
+    for r in range(repeats):
+        for name in COLLECTORS:
+            start, steps, episode = time.perf_counter(), 0, 0
+            while steps < steps_target:
+                if name == COLLECTORS[0]:
+                    steps += pymarl_style_episode(envs[0], mac, 0.5, seed=r * 100_000 + episode)
+                elif name == COLLECTORS[3]:
+                    steps += _env_alone_episode(envs[0], seed=r * 100_000 + episode)
+                else:
+                    steps += runners[name].run(0.5)[1].steps
+                episode += 1
+            speeds[name].append(steps / (time.perf_counter() - start))
+    base = statistics.median(speeds[COLLECTORS[0]])
+    rows = []
+    for name in COLLECTORS:
+        value = statistics.median(speeds[name])
+        rows.append({"method": name, "anchor": name == COLLECTORS[0], "model": "rnn-agent", "task": env_id,
+                     "metric_name": "env steps/s", "metric": value, "seeds": 1,
+                     "extra": {"speedup": value / base, "steps_per_s": speeds[name]}})  # fmt: skip
+        add(rows[-1])
+    batch, _ = runners[COLLECTORS[2]].run(1.0)
+    while batch.size < 32:
+        more, _ = runners[COLLECTORS[2]].run(1.0)
+        batch.data = {k: torch.cat([batch.data[k], more.data[k]]) for k in batch.data}
+    batch = batch.trimmed()
+    times: dict[str, list[float]] = {"fused": [], "per-slot": []}
+    unrolls = {"fused": mac.unroll, "per-slot": lambda o, a: step_by_step_unroll(mac, o, a)}
+    for _ in range(3 if quick else 20):
+        for name, unroll in unrolls.items():
+            start = time.perf_counter()
+            unroll(batch["obs"], batch["actions"]).square().mean().backward()
+            times[name].append(time.perf_counter() - start)
+    fused, loop = statistics.median(times["fused"]), statistics.median(times["per-slot"])
+    rows.append({"method": "learner unroll (fused GRU)", "anchor": False, "model": "rnn-agent", "task": env_id,
+                 "metric_name": "ms forward+backward", "metric": fused * 1e3, "seeds": 1,
+                 "extra": {"per_slot_ms": loop * 1e3, "speedup": loop / fused, "batch_episodes": batch.size,
+                           "slots": batch["obs"].shape[1]}})  # fmt: skip
+    add(rows[-1])
+    for env in envs:
+        env.close()
+    return rows
+
+
 def _throughput_row(name: str, cfg, episodes: int, repeats: int) -> dict:
     from leantrain.marl.episodes import ReplayBuffer
     from leantrain.marl.run import build
@@ -319,6 +395,13 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
             row.update(updates_per_s=row["extra"]["updates_per_s"])
         tables.append("Throughput (LBF 8x8, 2 players, cooperative foods, 1 thread)\n"
                       + markdown_table(part, ["method", "metric", "updates_per_s", "step_time_s_median"]))  # fmt: skip
+        log("collection: PyMARL-style per-step loop vs our runner (1 and 8 envs); learner unroll fused vs per slot")
+        part = collection_rows(quick, add=results.add)
+        for row in part:
+            row.update(speedup=row["extra"]["speedup"], per_slot_ms=row["extra"].get("per_slot_ms"))
+        met["runner_8env>=3x_pymarl_loop"] = part[2]["extra"]["speedup"] >= 3.0
+        tables.append("Collection and unroll speed (same network, LBF 8x8 2p, 1 thread)\n"
+                      + markdown_table(part, ["method", "metric_name", "metric", "speedup", "per_slot_ms"]))  # fmt: skip
     if "matrix" in parts:
         log("matrix games: QMIX, VDN and S2Q arms (same Adam 1e-3, TD(lambda) 0.6), 20k episodes each, 1 thread")
         part = matrix_rows(seeds or (1 if quick else 5), quick, add=results.add)

@@ -57,11 +57,10 @@ class MultiAgentEnv:
     def check_actions(self, actions: np.ndarray, avail: np.ndarray) -> np.ndarray:
         """``actions`` as an int array (N,), refusing unavailable ones (a controller bug, never silently fixed)."""
         actions = np.asarray(actions, dtype=np.int64).reshape(-1)
-        n = self.info.n_agents
-        if actions.shape != (n,) or (actions < 0).any() or (actions >= self.info.n_actions).any():
-            raise ValueError(f"expected {n} actions in [0, {self.info.n_actions}), got {actions.tolist()}")
-        if not avail[np.arange(n), actions].all():
-            raise ValueError(
-                f"actions {actions.tolist()} include unavailable ones (mask {avail.astype(int).tolist()})"
-            )
+        n, k = self.info.n_agents, self.info.n_actions
+        chosen = actions.tolist()  # a plain loop: this runs at every environment step
+        if len(chosen) != n or not all(0 <= a < k for a in chosen):
+            raise ValueError(f"expected {n} actions in [0, {k}), got {chosen}")
+        if not all(avail[i, a] for i, a in enumerate(chosen)):
+            raise ValueError(f"actions {chosen} include unavailable ones (mask {avail.astype(int).tolist()})")
         return actions

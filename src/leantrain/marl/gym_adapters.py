@@ -58,6 +58,10 @@ class GymnasiumMultiAgent(MultiAgentEnv):
         obs_dim = int(np.prod(self.env.observation_space[0].shape))
         limit = episode_limit or getattr(core, "_max_episode_steps", None) or getattr(core, "max_steps", None) or 500
         self.is_lbf = env_id.startswith("Foraging")
+        if self.is_lbf:  # enum member -> action index (Enum.value is a slow descriptor on a hot path)
+            from lbforaging.foraging.environment import Action
+
+            self.action_index = {a: a.value for a in Action}
         self.obs_scale = 1.0 / max(core.field_size) if self.is_lbf and scale_obs else 1.0
         self.info = EnvInfo(n, int(self.env.action_space[0].n), obs_dim, n * obs_dim, int(limit))
         self.steps = 0
@@ -69,12 +73,15 @@ class GymnasiumMultiAgent(MultiAgentEnv):
         core = self.env.unwrapped
         mask = np.zeros((n, k), bool)
         for i, player in enumerate(core.players):
-            mask[i, [a.value for a in core._valid_actions[player]]] = True
+            mask[i, [self.action_index[a] for a in core._valid_actions[player]]] = True
         return mask
 
     def _observation(self, obs) -> Observation:
-        o = np.stack([np.asarray(x, np.float32).reshape(-1) for x in obs]) * np.float32(self.obs_scale)  # (N, O)
-        return Observation(o, o.reshape(-1).copy(), self._avail())
+        o = np.asarray(obs, np.float32).reshape(self.info.n_agents, -1)  # (N, O)
+        if self.obs_scale != 1.0:
+            o *= np.float32(self.obs_scale)
+        self.avail = self._avail()  # the mask of the coming step, computed once
+        return Observation(o, o.reshape(-1).copy(), self.avail)
 
     def reset(self, seed: int | None = None) -> Observation:
         obs, _ = self.env.reset(seed=seed)
@@ -82,12 +89,12 @@ class GymnasiumMultiAgent(MultiAgentEnv):
         return self._observation(obs)
 
     def step(self, actions) -> Step:
-        a = self.check_actions(actions, self._avail())
+        a = self.check_actions(actions, self.avail)
         obs, rewards, terminated, truncated, info = self.env.step(tuple(int(x) for x in a))
         self.steps += 1
-        ended = any(np.atleast_1d(terminated)) or any(np.atleast_1d(truncated))
+        ended = bool(np.any(terminated)) or bool(np.any(truncated))
         # LBF ends for real when every food is collected; rware never does: its "done" is the step limit
-        finished = self.is_lbf and self.env.unwrapped.field.sum() == 0
+        finished = self.is_lbf and not self.env.unwrapped.field.any()
         cut = not finished and (ended or self.steps >= self.info.episode_limit)
         return Step(self._observation(obs), float(np.sum(rewards)), bool(finished), bool(cut), info)
 

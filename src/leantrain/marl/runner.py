@@ -110,15 +110,16 @@ class EpisodeRunner:
             if self.action_hook is not None:
                 executed = self.action_hook(t, actions, q, avail, active.copy())
             recorded = actions if self.store_intended else executed
+            executed_np, recorded_np = executed.numpy(), recorded.numpy()
             stepped = np.flatnonzero(active)
             rewards = np.zeros(n_env)
             for i in stepped:
-                s = self.envs[i].step(executed[i].numpy())
+                s = self.envs[i].step(executed_np[i])
                 current[i] = s.observation
                 rewards[i] = s.reward
                 returns[i] += s.reward
                 lengths[i] += 1
-                recorders[i].add_step(recorded[i].numpy(), s.reward, s.terminated)
+                recorders[i].add_step(recorded_np[i], s.reward, s.terminated)
                 if s.terminated or s.truncated or lengths[i] >= info.episode_limit:
                     active[i] = False
             if self.step_hooks and not test:
