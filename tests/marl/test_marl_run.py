@@ -98,7 +98,7 @@ def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path, capsys):
     for name, value in learner.target_mixer.state_dict().items():
         assert torch.equal(value, saved[f"mixer.{name}"])
     result = evaluate_attacks(first.run_dir, episodes=3, fit_episodes=6, fit_updates=2)
-    assert set(result) == {"clean", "wolfpack", "random_step", "random"}
+    assert set(result) == {"clean", "wolfpack", "wolfpack_std", "random_step", "random"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
     code, out, err = run_cli(capsys, "attack", str(first.run_dir), "--episodes", "2", "--fit-episodes", "4",
                              "--fit-updates", "1", "--budget", "4")  # fmt: skip

@@ -45,11 +45,11 @@ METHODS = {
     "s2q-sub-wc0.1": ("s2q-climbing", [_s2q_options(w_c=0.1, w_c_first=0.9)]),  # only the sub-values weighted
     "s2q-q1-wc0.1": ("s2q-climbing", [_s2q_options(w_c=0.9, w_c_first=0.1)]),  # only Q1 weighted (WQMIX's idea)
 }
-SHIFTING_METHODS = ("qmix", "vdn", "s2q", "s2q-wc0.9")
+SHIFTING_METHODS = ("qmix", "s2q")
 SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.eval_every=500"]
 CLIMB = ["marl.eval_every=1000"]  # a greedy test (and the sub-values' greedy joint actions) every 1000 episodes
 QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_every=1000"]
-PARTS = ("matrix", "throughput", "lbf")
+PARTS = ("matrix", "throughput", "lbf", "attack")
 LBF_STEPS, FINETUNE_STEPS, ATTACK_EPISODES = 300_000, 50_000, 200
 LBF_QUICK = ["marl.max_steps=1500", "marl.eval_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
@@ -241,6 +241,90 @@ def lbf_rows(seeds: int, quick: bool) -> list[dict]:
     return rows
 
 
+# tasks where a few forced steps can cost: recipes of the clean policy and of WALL, budgets, episodes per condition
+ATTACK_TASKS = {
+    "predator-prey": {"qmix": "qmix-predator-prey", "wall": "wall-predator-prey", "pretrain": 100_000,
+                      "finetune": 20_000, "episodes": 64},
+}  # fmt: skip
+ATTACK_QUICK = ["marl.max_steps=300", "marl.eval_every=200", "marl.test_episodes=2", "marl.batch_episodes=4"]
+
+
+def _attack_job(task: str, seed: int, quick: bool) -> dict:
+    """Clean QMIX, then from it vanilla and WALL continuations of the same length, then both attacked."""
+    from leantrain.config import load_recipe
+    from leantrain.marl.learners import wolfpack_config
+    from leantrain.marl.robustness import evaluate_attacks
+
+    spec = ATTACK_TASKS[task]
+    quick_args = ATTACK_QUICK if quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        qmix = _run(spec["qmix"], [f"marl.max_steps={spec['pretrain']}", *quick_args], seed, tmp)
+        start = [f"marl.pretrained_policy={qmix['summary']['run_dir']}", f"marl.max_steps={spec['finetune']}",
+                 *quick_args]  # fmt: skip
+        vanilla = _run(spec["qmix"], [*start, "marl.epsilon_start=0.05"], seed, tmp)
+        wall = _run(spec["wall"], start, seed, tmp)
+        options = dict(load_recipe(spec["wall"])["marl"]["method_options"])
+        options.pop("clean_steps", None)
+        attack = wolfpack_config(options)  # the same attack against both policies
+        fit = {"fit_episodes": 8, "fit_updates": 2} if quick else {}
+        episodes = 3 if quick else spec["episodes"]
+        evals = {name: evaluate_attacks(run["summary"]["run_dir"], episodes=episodes, seed=seed, config=attack, **fit)
+                 for name, run in (("vanilla", vanilla), ("wall", wall))}  # fmt: skip
+    curve = [(r["t_env"], r["return_mean"]) for r in qmix["tests"]]
+    return {"task": task, "seed": seed, "qmix": qmix["summary"], "qmix_curve": curve, "evals": evals,
+            "vanilla": vanilla["summary"], "wall": wall["summary"]}  # fmt: skip
+
+
+def attack_rows(seeds: int, quick: bool, tasks: tuple[str, ...] = tuple(ATTACK_TASKS)) -> list[dict]:
+    """Per task: the clean policy's return and, for vanilla and WALL continuations, the return under each attack."""
+    jobs = [(task, s) for task in tasks for s in range(seeds)]
+    with ProcessPoolExecutor(_workers(len(jobs))) as pool:
+        futures = [pool.submit(_in_worker, (f"marl attack: {task} seed {s}", i, len(jobs)), _attack_job, task, s,
+                               quick) for i, (task, s) in enumerate(jobs, 1)]  # fmt: skip
+        results = []
+        for future in futures:
+            results.append(future.result())
+            r = results[-1]
+            clean = r["qmix"]["final"]["test_return"]
+            log(f"  attack job done: {r['task']} seed {r['seed']}: clean QMIX {clean:.3g}, "
+                f"vanilla {r['evals']['vanilla']}, wall {r['evals']['wall']}")  # fmt: skip
+    rows = []
+    for task in tasks:
+        runs = [r for r in results if r["task"] == task]
+        finals = [r["qmix"]["final"]["test_return"] for r in runs]
+        mean, std = _mean_std(finals)
+        rows.append({"method": f"qmix-{task}", "anchor": True, "model": "rnn-agent", "task": task,
+                     "metric_name": "clean return", "metric": mean, "metric_std": std, "seeds": len(runs),
+                     "extra": {"finals": finals, "steps": ATTACK_TASKS[task]["pretrain"],
+                               "curves": [r["qmix_curve"] for r in runs]}})  # fmt: skip
+        for policy in ("vanilla", "wall"):
+            conditions = {c: [r["evals"][policy][c] for r in runs] for c in runs[0]["evals"][policy]}
+            stats = {c: _mean_std(v) for c, v in conditions.items()}
+            rows.append({"method": f"{policy}-{task}-attacked", "anchor": policy == "vanilla", "model": "rnn-agent",
+                         "task": task, "metric_name": "return under wolfpack", "metric": stats["wolfpack"][0],
+                         "metric_std": stats["wolfpack"][1], "seeds": len(runs),
+                         "extra": {"per_seed": conditions, "mean_std": stats,
+                                   "finetune_steps": ATTACK_TASKS[task]["finetune"],
+                                   "episodes": ATTACK_TASKS[task]["episodes"]}})  # fmt: skip
+    return rows
+
+
+def attack_targets(rows: list[dict]) -> dict[str, bool]:
+    """The paper's claims per task: Wolfpack lowers the vanilla policy's return more than both random attacks; WALL
+    keeps more return under Wolfpack than vanilla with at most 10 % clean loss."""
+    r = {row["method"]: row for row in rows}
+    out = {}
+    for task in {row["task"] for row in rows}:
+        if f"vanilla-{task}-attacked" not in r:
+            continue
+        v, w = r[f"vanilla-{task}-attacked"]["extra"]["mean_std"], r[f"wall-{task}-attacked"]["extra"]["mean_std"]
+        out[f"{task}:wolfpack_drop>random_step_drop"] = v["wolfpack"][0] < v["random_step"][0]
+        out[f"{task}:wolfpack_drop>random_drop"] = v["wolfpack"][0] < v["random"][0]
+        out[f"{task}:wall_attacked>vanilla_attacked"] = w["wolfpack"][0] > v["wolfpack"][0]
+        out[f"{task}:wall_clean_loss<=10%"] = w["clean"][0] >= 0.9 * v["clean"][0]
+    return out
+
+
 def throughput_rows(quick: bool, add=discard) -> list[dict]:
     """Collection speed (env steps/s, epsilon 1, no learning) and learner speed (updates/s on a fixed batch).
 
@@ -400,8 +484,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         for row in part:
             row.update(speedup=row["extra"]["speedup"], per_slot_ms=row["extra"].get("per_slot_ms"))
         met["runner_8env>=3x_pymarl_loop"] = part[2]["extra"]["speedup"] >= 3.0
-        tables.append("Collection and unroll speed (same network, LBF 8x8 2p, 1 thread)\n"
-                      + markdown_table(part, ["method", "metric_name", "metric", "speedup", "per_slot_ms"]))  # fmt: skip
+        cols = ["method", "metric_name", "metric", "speedup", "per_slot_ms"]
+        title = "Collection and unroll speed (same network, LBF 8x8 2p, 1 thread)"
+        tables.append(title + "\n" + markdown_table(part, cols))
     if "matrix" in parts:
         log("matrix games: QMIX, VDN and S2Q arms (same Adam 1e-3, TD(lambda) 0.6), 20k episodes each, 1 thread")
         part = matrix_rows(seeds or (1 if quick else 5), quick, add=results.add)
@@ -432,6 +517,18 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         cols = ["method", "seeds", "clean", "wolfpack", "random_step", "random"]
         title = "LBF 8x8, 2 players, cooperative foods (mean greedy return ± std over seeds)"
         tables.append(title + "\n" + markdown_table(part, cols))
+    if "attack" in parts:
+        log(f"attack: {', '.join(ATTACK_TASKS)}: clean QMIX, then vanilla / WALL continuations, then 5 conditions")
+        part = attack_rows(seeds or (1 if quick else 3), quick)
+        results.add_rows(part)
+        met.update(attack_targets(part))
+        for row in part:
+            ms = row["extra"].get("mean_std", {})
+            row.update({c: f"{m:.3f} ± {s:.3f}" for c, (m, s) in ms.items()})
+            if not ms:
+                row["clean"] = f"{row['metric']:.3f} ± {row['metric_std']:.3f}"
+        cols = ["method", "seeds", "clean", "wolfpack", "wolfpack_std", "random_step", "random"]
+        tables.append("Attacks (mean greedy return ± std over seeds, test budget 8)\n" + markdown_table(part, cols))
     path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})
     print("\n\n".join(tables))
     print_targets(met, path)

@@ -7,6 +7,8 @@ attacked transitions, then ``fit_updates`` planner updates on them) and returns 
 
 - ``clean``: no attack;
 - ``wolfpack``: planner-chosen critical step and initial agent, KL follow-ups (the paper's attack);
+- ``wolfpack_std``: the same planner with ``damage_scale="std"`` (the predicted damages standardized before the
+  softmax of temperature 0.5: the timing rule made independent of the task's Q scale, ours);
 - ``random_step``: a cycle starts with probability 0.1 per step, random initial agent, KL follow-ups (the
   official random baseline: only the timing and victim are not planned);
 - ``random``: random steps, random initial agent and random follow-ups (same budget, no planning at all).
@@ -27,6 +29,7 @@ from leantrain.marl.wolfpack import WolfpackAttack, WolfpackConfig, WolfpackPlan
 
 CONDITIONS = {
     "wolfpack": {},
+    "wolfpack_std": {"damage_scale": "std"},
     "random_step": {"step_method": "random", "initial_agent": "random"},
     "random": {"step_method": "random", "initial_agent": "random", "followup": "random"},
 }
