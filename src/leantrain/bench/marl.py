@@ -1,18 +1,25 @@
-"""``leantrain bench marl``: value decomposition, S2Q and WALL on matrix games and Level-Based Foraging.
+"""``leantrain bench marl``: value decomposition, S2Q and WALL on matrix games, LBF and predator-prey.
 
 Parts (``--part``; all by default), 1 torch thread per process, jobs spread over ``min(2, cores)`` processes:
 
-- ``matrix``: QMIX, VDN and S2Q (recipes ``qmix-climbing``, the same with ``marl.mixer=vdn``, ``s2q-climbing``),
-  20k one-step episodes, ``--seeds`` seeds (default 5). Climbing: the fraction of seeds whose final greedy joint
-  action is the optimum (11). Shifting (``matrix:shifting``, the optimum moves (0, 0) -> (2, 2) after 10k
-  episodes, greedy tests every 500 episodes): episodes after the switch until the greedy joint action holds the
-  new optimum.
+- ``matrix``: QMIX, VDN and S2Q arms on the climbing game (recipes ``qmix-climbing``, the same with
+  ``marl.mixer=vdn``, ``s2q-climbing`` at w_c 0.1, and S2Q at the official w_c 0.9, with w_c 0.1 on the sub-values
+  only, and on Q1 only), every arm with Adam 1e-3 and TD(lambda) 0.6, 20k one-step episodes, ``--seeds`` seeds
+  (default 5): the fraction of seeds whose final greedy joint action is the optimum (11), and for S2Q when Q1 and
+  when another sub-value first held (0, 0). Shifting (``matrix:shifting``, QMIX and S2Q; the optimum moves
+  (0, 0) -> (2, 2) after 10k episodes, greedy tests every 500 episodes): episodes after the switch until the greedy
+  joint action holds the new optimum.
 - ``throughput``: runner environment steps per second (collection only, epsilon 1) and learner updates per second
-  (batch of 32 LBF episodes), for QMIX, VDN, S2Q and WALL; medians of 5.
-- ``lbf``: ``Foraging-8x8-2p-2f-coop-v3``, seeds 0..2 (``--seeds``): clean return of QMIX and S2Q after 300k steps;
-  then from each QMIX policy, 50k more steps of clean QMIX training (vanilla) or of WALL training; both final
-  policies are attacked by a Wolfpack planner fitted against them (:mod:`leantrain.marl.robustness`) and by the
-  random-step and random attacks (budget 8 per episode), 200 greedy episodes per condition.
+  (batch of 32 LBF episodes), for QMIX, VDN, S2Q and WALL; then collection against a PyMARL-style per-step loop on
+  the same network (:mod:`leantrain.bench.marl_reference`) with 1 and 8 environments, and the fused training
+  unroll against one cell call per slot; medians of interleaved repeats.
+- ``lbf``: ``Foraging-8x8-2p-2f-coop-v3``, seeds 0..2: S2Q against QMIX with S2Q's optimizer and targets, 300k
+  steps each.
+- ``attack``: per task of :data:`ATTACK_TASKS` (predator-prey: mpe2 simple_tag with 4 predators; LBF 8x8 with 4
+  players, 3 foods and 25-step episodes), seeds 0..2: a clean QMIX policy, then from it the same number of steps of
+  clean training (vanilla) or of WALL training; both final policies are attacked by a Wolfpack planner fitted
+  against them (:mod:`leantrain.marl.robustness`) with the paper's timing rule and with ``damage_scale="std"``, and
+  by the random-step and random attacks (test budget 8), the same greedy episodes per condition.
 
 Targets from the issue are evaluated and printed, never tuned for.
 """
@@ -50,7 +57,7 @@ SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.eval_eve
 CLIMB = ["marl.eval_every=1000"]  # a greedy test (and the sub-values' greedy joint actions) every 1000 episodes
 QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_every=1000"]
 PARTS = ("matrix", "throughput", "lbf", "attack")
-LBF_STEPS, FINETUNE_STEPS, ATTACK_EPISODES = 300_000, 50_000, 200
+LBF_STEPS = 300_000
 LBF_QUICK = ["marl.max_steps=1500", "marl.eval_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
 
@@ -162,89 +169,47 @@ def _in_worker(unit: tuple[str, int, int], fn, *args):
         return fn(*args)
 
 
-def _wall_recipe_options() -> dict:
+def _wall_options(recipe: str = "wall-lbf-8x8", **change) -> str:
     from leantrain.config import load_recipe
 
-    return dict(load_recipe("wall-lbf-8x8")["marl"]["method_options"])
-
-
-def _wall_options(**change) -> str:
-    options = {**_wall_recipe_options(), **change}
+    options = {**load_recipe(recipe)["marl"]["method_options"], **change}
     return "marl.method_options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"
 
 
-def _wall_attack():
-    from leantrain.marl.learners import wolfpack_config
-
-    options = _wall_recipe_options()
-    options.pop("clean_steps", None)
-    return wolfpack_config(options)
+# S2Q's optimizer and targets, given to QMIX too: every S2Q-vs-QMIX comparison is like for like
+S2Q_SETTINGS = ["marl.optimizer=adam", "marl.lr=0.001", "marl.td_lambda=0.6"]
 
 
-def _lbf_chain(seed: int, quick: bool) -> dict:
-    """QMIX from scratch, then vanilla fine-tuning and WALL from it, then both attacked."""
-    from leantrain.marl.robustness import evaluate_attacks
-
-    quick_args = LBF_QUICK if quick else []
+def _lbf_job(method: str, seed: int, quick: bool) -> dict:
+    recipe, extra = {"qmix": ("qmix-lbf-8x8", S2Q_SETTINGS), "s2q": ("s2q-lbf-8x8", [])}[method]
     with tempfile.TemporaryDirectory() as tmp:
-        qmix = _run("qmix-lbf-8x8", [f"marl.max_steps={LBF_STEPS}", *quick_args], seed, tmp)
-        start = [
-            f"marl.pretrained_policy={qmix['summary']['run_dir']}",
-            f"marl.max_steps={FINETUNE_STEPS}",
-            *quick_args,
-        ]
-        vanilla = _run("qmix-lbf-8x8", [*start, "marl.epsilon_start=0.05"], seed, tmp)
-        wall = _run("wall-lbf-8x8", [*start, _wall_options(clean_steps=0)], seed, tmp)
-        episodes = 4 if quick else ATTACK_EPISODES
-        attack = _wall_attack()  # the same attack against both policies
-        fit = {"fit_episodes": 8, "fit_updates": 2} if quick else {}
-        evals = {name: evaluate_attacks(run["summary"]["run_dir"], episodes=episodes, seed=seed, config=attack, **fit)
-                 for name, run in (("vanilla", vanilla), ("wall", wall))}  # fmt: skip
-    return {"seed": seed, "qmix": qmix["summary"], "evals": evals,
-            "vanilla": vanilla["summary"], "wall": wall["summary"]}  # fmt: skip
-
-
-def _lbf_s2q(seed: int, quick: bool) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        res = _run("s2q-lbf-8x8", [f"marl.max_steps={LBF_STEPS}", *(LBF_QUICK if quick else [])], seed, tmp)
-    return {"seed": seed, "s2q": res["summary"]}
+        res = _run(recipe, [*extra, f"marl.max_steps={LBF_STEPS}", *(LBF_QUICK if quick else [])], seed, tmp)
+    return {"method": method, "seed": seed, "summary": res["summary"]}
 
 
 def lbf_rows(seeds: int, quick: bool) -> list[dict]:
-    """The LBF rows; every one needs every seed's jobs (run in parallel processes), so all finish together."""
-    jobs = [(_lbf_s2q, s, quick) for s in range(seeds)] + [(_lbf_chain, s, quick) for s in range(seeds)]
-    what = {_lbf_s2q: "s2q", _lbf_chain: "qmix, then vanilla and wall fine-tuning, attacks"}
+    """S2Q against QMIX with the same optimizer and targets on LBF 8x8-2p-2f-coop (the dense-reward sanity check)."""
+    jobs = [(m, s) for m in ("qmix", "s2q") for s in range(seeds)]
     with ProcessPoolExecutor(_workers(len(jobs))) as pool:
-        futures = [pool.submit(_in_worker, (f"marl lbf: {what[fn]} seed {seed}", i, len(jobs)), fn, seed, quick)
-                   for i, (fn, seed, quick) in enumerate(jobs, 1)]  # fmt: skip
-        results = []
-        for future in futures:
-            results.append(future.result())
-            log(f"  lbf job done: {sorted(k for k in results[-1] if k != 'seed')} seed {results[-1]['seed']}")
-    s2q = [r["s2q"]["final"]["test_return"] for r in results if "s2q" in r]
-    chains = [r for r in results if "evals" in r]
-    qmix = [r["qmix"]["final"]["test_return"] for r in chains]
+        futures = [pool.submit(_in_worker, (f"marl lbf: {m} seed {s}", i, len(jobs)), _lbf_job, m, s, quick)
+                   for i, (m, s) in enumerate(jobs, 1)]  # fmt: skip
+        results = [f.result() for f in futures]
     rows = []
-    for name, finals, anchor in (("qmix-lbf", qmix, True), ("s2q-lbf", s2q, False)):
+    for method in ("qmix", "s2q"):
+        finals = [r["summary"]["final"]["test_return"] for r in results if r["method"] == method]
         mean, std = _mean_std(finals)
-        rows.append({"method": name, "anchor": anchor, "model": "rnn-agent", "task": "lbf:Foraging-8x8-2p-2f-coop-v3",
-                     "metric_name": "clean return", "metric": mean, "metric_std": std, "seeds": len(finals),
-                     "extra": {"finals": finals, "steps": LBF_STEPS}})  # fmt: skip
-    for policy in ("vanilla", "wall"):
-        conditions = {c: [r["evals"][policy][c] for r in chains] for c in chains[0]["evals"][policy]}
-        stats = {c: _mean_std(v) for c, v in conditions.items()}
-        rows.append({"method": f"{policy}-lbf-attacked", "anchor": policy == "vanilla", "model": "rnn-agent",
-                     "task": "lbf:Foraging-8x8-2p-2f-coop-v3", "metric_name": "return under wolfpack",
-                     "metric": stats["wolfpack"][0], "metric_std": stats["wolfpack"][1], "seeds": len(chains),
-                     "extra": {"per_seed": conditions, "mean_std": stats, "finetune_steps": FINETUNE_STEPS,
-                               "episodes": ATTACK_EPISODES}})  # fmt: skip
+        rows.append({"method": f"{method}-lbf", "anchor": method == "qmix", "model": "rnn-agent",
+                     "task": "lbf:Foraging-8x8-2p-2f-coop-v3", "metric_name": "clean return", "metric": mean,
+                     "metric_std": std, "seeds": len(finals),
+                     "extra": {"finals": finals, "steps": LBF_STEPS, "settings": S2Q_SETTINGS}})  # fmt: skip
     return rows
 
 
 # tasks where a few forced steps can cost: recipes of the clean policy and of WALL, budgets, episodes per condition
 ATTACK_TASKS = {
-    "predator-prey": {"qmix": "qmix-predator-prey", "wall": "wall-predator-prey", "pretrain": 100_000,
+    "predator-prey": {"qmix": "qmix-predator-prey", "wall": "wall-predator-prey", "pretrain": 150_000,
                       "finetune": 20_000, "episodes": 64},
+    "lbf-4p": {"qmix": "qmix-lbf-4p", "wall": "wall-lbf-4p", "pretrain": 150_000, "finetune": 20_000, "episodes": 64},
 }  # fmt: skip
 ATTACK_QUICK = ["marl.max_steps=300", "marl.eval_every=200", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
@@ -262,7 +227,7 @@ def _attack_job(task: str, seed: int, quick: bool) -> dict:
         start = [f"marl.pretrained_policy={qmix['summary']['run_dir']}", f"marl.max_steps={spec['finetune']}",
                  *quick_args]  # fmt: skip
         vanilla = _run(spec["qmix"], [*start, "marl.epsilon_start=0.05"], seed, tmp)
-        wall = _run(spec["wall"], start, seed, tmp)
+        wall = _run(spec["wall"], [*start, _wall_options(spec["wall"], clean_steps=0)], seed, tmp)
         options = dict(load_recipe(spec["wall"])["marl"]["method_options"])
         options.pop("clean_steps", None)
         attack = wolfpack_config(options)  # the same attack against both policies
@@ -453,16 +418,9 @@ def _throughput_row(name: str, cfg, episodes: int, repeats: int) -> dict:
 
 def lbf_targets(rows: list[dict]) -> dict[str, bool]:
     r = {row["method"]: row for row in rows}
-    out = {}
-    if "s2q-lbf" in r:
-        out["s2q_lbf_clean>=qmix-0.05"] = r["s2q-lbf"]["metric"] >= r["qmix-lbf"]["metric"] - 0.05
-    if "vanilla-lbf-attacked" in r:
-        v, w = r["vanilla-lbf-attacked"]["extra"]["mean_std"], r["wall-lbf-attacked"]["extra"]["mean_std"]
-        out["wolfpack_drop>random_step_drop"] = v["wolfpack"][0] < v["random_step"][0]
-        out["wolfpack_drop>random_drop"] = v["wolfpack"][0] < v["random"][0]
-        out["wall_attacked>vanilla_attacked"] = w["wolfpack"][0] > v["wolfpack"][0]
-        out["wall_clean_loss<=10%"] = w["clean"][0] >= 0.9 * v["clean"][0]
-    return out
+    if "s2q-lbf" not in r:
+        return {}
+    return {"s2q_lbf_clean>=qmix-0.05": r["s2q-lbf"]["metric"] >= r["qmix-lbf"]["metric"] - 0.05}
 
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
@@ -505,18 +463,16 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         )
         tables.append(title + "\n" + markdown_table(part, cols))
     if "lbf" in parts:
-        log(f"lbf: QMIX and S2Q {LBF_STEPS} steps, then vanilla / WALL {FINETUNE_STEPS} steps and attacks")
+        log(f"lbf: QMIX and S2Q {LBF_STEPS} steps, both with Adam 1e-3 and TD(lambda) 0.6")
         part = lbf_rows(seeds or (1 if quick else 3), quick)
         results.add_rows(part)
         met.update(lbf_targets(part))
         for row in part:
-            ms = row["extra"].get("mean_std", {})
-            row.update({c: f"{m:.3f} ± {s:.3f}" for c, (m, s) in ms.items()})
-            if not ms:
-                row["clean"] = f"{row['metric']:.3f} ± {row['metric_std']:.3f}"
-        cols = ["method", "seeds", "clean", "wolfpack", "random_step", "random"]
-        title = "LBF 8x8, 2 players, cooperative foods (mean greedy return ± std over seeds)"
-        tables.append(title + "\n" + markdown_table(part, cols))
+            row.update(clean=f"{row['metric']:.3f} ± {row['metric_std']:.3f}", finals=row["extra"]["finals"])
+        title = (
+            "LBF 8x8, 2 players, cooperative foods (mean greedy return ± std over seeds, same optimizer and targets)"
+        )
+        tables.append(title + "\n" + markdown_table(part, ["method", "seeds", "clean", "finals"]))
     if "attack" in parts:
         log(f"attack: {', '.join(ATTACK_TASKS)}: clean QMIX, then vanilla / WALL continuations, then 5 conditions")
         part = attack_rows(seeds or (1 if quick else 3), quick)
