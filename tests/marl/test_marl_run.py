@@ -115,20 +115,40 @@ def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path, capsys):
         run(resolve("qmix-lbf-8x8", [*LBF_SMALL, f"resume={first.run_dir}", "marl.lr=0.1"]))
 
 
-def test_bench_marl_lbf_targets():
+def test_bench_marl_lbf_and_attack_targets():
     from leantrain.bench import marl
 
-    def row(method, metric=None, **conditions):
+    def row(method, metric=None, task="pp", **conditions):
         stats = {c: (v, 0.0) for c, v in conditions.items()}
-        return {"method": method, "metric": metric, "extra": {"mean_std": stats}}
+        return {"method": method, "metric": metric, "task": task, "extra": {"mean_std": stats}}
 
-    rows = [row("qmix-lbf", 0.5), row("s2q-lbf", 0.46),
-            row("vanilla-lbf-attacked", clean=0.5, wolfpack=0.2, random_step=0.3, random=0.1),
-            row("wall-lbf-attacked", clean=0.44, wolfpack=0.3, random_step=0.35, random=0.3)]  # fmt: skip
-    assert marl.lbf_targets(rows) == {
-        "s2q_lbf_clean>=qmix-0.05": True, "wolfpack_drop>random_step_drop": True, "wolfpack_drop>random_drop": False,
-        "wall_attacked>vanilla_attacked": True, "wall_clean_loss<=10%": False,
+    assert marl.lbf_targets([row("qmix-lbf", 0.5), row("s2q-lbf", 0.46)]) == {"s2q_lbf_clean>=qmix-0.05": True}
+    rows = [row("qmix-pp", 0.5),
+            row("vanilla-pp-attacked", clean=0.5, wolfpack=0.2, random_step=0.3, random=0.1),
+            row("wall-pp-attacked", clean=0.44, wolfpack=0.3, random_step=0.35, random=0.3)]  # fmt: skip
+    assert marl.attack_targets(rows) == {
+        "pp:wolfpack_drop>random_step_drop": True, "pp:wolfpack_drop>random_drop": False,
+        "pp:wall_attacked>vanilla_attacked": True, "pp:wall_clean_loss<=10%": False,
     }  # fmt: skip
+
+
+def test_bench_marl_first_optimum_reads_the_sub_values_series():
+    from leantrain.bench.marl import _first_optimum
+
+    def test(episodes, *joints):
+        return {"episodes": episodes, "sub_value_greedy": [list(j) for j in joints]}
+
+    tests = [
+        test(0, (0, 0), (1, 1), (2, 2)),
+        test(1000, (1, 1), (0, 0), (2, 2)),
+        test(2000, (0, 0), (1, 1), (1, 2)),
+        test(3000, (1, 1), (0, 0), (1, 2)),
+        test(4000, (0, 0), (1, 1), (1, 2)),
+        test(5000, (0, 0), (1, 2), (2, 2)),
+    ]
+    # the untrained test at 0 never counts; Q1 holds (0, 0) for good from 4000; a sub-value first held it at 1000
+    assert _first_optimum(tests) == {"q1": 4000, "sub": 1000}
+    assert _first_optimum(tests[:2]) == {"q1": None, "sub": 1000}
 
 
 def test_bench_marl_throughput_measures_every_learner():
@@ -139,6 +159,28 @@ def test_bench_marl_throughput_measures_every_learner():
     assert [r["method"] for r in rows] == ["qmix", "vdn", "s2q", "wall"]
     for r in rows:
         assert r["metric"] > 0 and r["extra"]["updates_per_s"] > 0 and r["extra"]["batch_episodes"] >= 4
+    rows = marl.collection_rows(quick=True)
+    assert [r["method"] for r in rows] == [*marl.COLLECTORS, "learner unroll (fused GRU)"]
+    assert all(r["metric"] > 0 for r in rows) and rows[0]["extra"]["speedup"] == 1.0
+
+
+def test_the_pymarl_style_reference_loop_does_the_same_work_as_the_runner():
+    """Greedy, on the same environment seed and network, the reference loop takes the runner's actions."""
+    pytest.importorskip("lbforaging")
+    from leantrain.bench.marl_reference import pymarl_style_episode
+    from leantrain.marl import EpisodeRunner, MultiAgentController, make_env
+
+    env = make_env("lbf:Foraging-8x8-2p-2f-coop-v3")
+    torch.manual_seed(0)
+    mac = MultiAgentController(env.info)
+    _, stats = EpisodeRunner([env], mac, seed=0).run(0.0, test=True)
+    taken = []
+    step = env.step
+    env.step = lambda actions: taken.append(list(actions)) or step(actions)
+    assert pymarl_style_episode(env, mac, 0.0, seed=0) == stats.lengths[0]
+    env.step = step
+    batch, _ = EpisodeRunner([env], mac, seed=0).run(0.0, test=True)
+    assert taken == batch["actions"][0, : stats.lengths[0]].tolist()
 
 
 @pytest.mark.parametrize(
