@@ -44,67 +44,93 @@ class EpisodeBatch:
                              for k, v in self.data.items()})  # fmt: skip
 
 
+class BatchRecorder:
+    """E episodes recorded in lockstep straight into arrays padded to the episode limit (the runner's path).
+
+    Environments stepped together reach slot t together, so a step writes the rows of the environments that took
+    it at index t; :meth:`batch` marks the real steps and returns the tensors without copying them again."""
+
+    def __init__(self, info: EnvInfo, episodes: int, extra_fields: dict[str, tuple[int, ...]] | None = None,
+                 slot_fields: dict[str, tuple[int, ...]] | None = None):  # fmt: skip
+        n, k, limit = info.n_agents, info.n_actions, info.episode_limit
+        self.info, self.extra_fields, self.slot_fields = info, extra_fields or {}, slot_fields or {}
+        self.data = {
+            "obs": np.zeros((episodes, limit + 1, n, info.obs_dim), np.float32),
+            "state": np.zeros((episodes, limit + 1, info.state_dim), np.float32),
+            "avail": np.zeros((episodes, limit + 1, n, k), np.bool_),
+            "actions": np.zeros((episodes, limit, n), np.int64),
+            "reward": np.zeros((episodes, limit), np.float32),
+            "terminated": np.zeros((episodes, limit), np.float32),
+            "filled": np.zeros((episodes, limit), np.float32),
+        }
+        for key, shape in self.extra_fields.items():
+            self.data[f"step_{key}"] = np.zeros((episodes, limit, *shape), np.float32)
+        for key, shape in self.slot_fields.items():
+            self.data[key] = np.zeros((episodes, limit + 1, *shape), np.float32)
+        self.observed = np.zeros(episodes, np.int64)  # observations recorded per episode
+        self.steps = np.zeros(episodes, np.int64)
+
+    def add_observations(self, t: int, rows, obs, state, avail, **slot) -> None:
+        """Slot t of the episodes ``rows`` (indices): obs (E, N, O), state, avail and slot fields indexed by row."""
+        d = self.data
+        d["obs"][rows, t], d["state"][rows, t], d["avail"][rows, t] = obs[rows], state[rows], avail[rows]
+        for key in self.slot_fields:
+            d[key][rows, t] = slot[key][rows]
+        self.observed[rows] = t + 1
+
+    def add_steps(self, t: int, rows, actions, reward, terminated) -> None:
+        """Step t of the episodes ``rows``: actions (E, N), reward (E,), terminated (E,) indexed by row."""
+        d = self.data
+        d["actions"][rows, t], d["reward"][rows, t], d["terminated"][rows, t] = (
+            actions[rows],
+            reward[rows],
+            terminated[rows],
+        )
+        d["filled"][rows, t] = 1.0
+        self.steps[rows] = t + 1
+
+    def add_extras(self, t: int, rows, extra: dict[str, np.ndarray]) -> None:
+        """The extra fields of step t: {name: (E, *shape)}; missing ones stay 0."""
+        for key in self.extra_fields:
+            if key in extra:
+                self.data[f"step_{key}"][rows, t] = np.asarray(extra[key])[rows]
+
+    def batch(self) -> EpisodeBatch:
+        bad = np.flatnonzero(self.observed != self.steps + 1)
+        if bad.size:
+            i = int(bad[0])
+            raise ConfigError(f"an episode of {self.steps[i]} steps needs {self.steps[i] + 1} observations, "
+                              f"got {self.observed[i]}")  # fmt: skip
+        avail = self.data["avail"]
+        for i, length in enumerate(self.steps):
+            avail[i, length + 1 :] = True  # padding slots: any action "available" so masked maxima stay finite
+        return EpisodeBatch({k: torch.from_numpy(v) for k, v in self.data.items()})
+
+
 class EpisodeRecorder:
     """Collects one episode step by step, then yields it padded to the episode limit."""
 
     def __init__(self, info: EnvInfo, extra_fields: dict[str, tuple[int, ...]] | None = None,
                  slot_fields: dict[str, tuple[int, ...]] | None = None):  # fmt: skip
-        self.info = info
-        self.extra_fields = extra_fields or {}
-        self.slot_fields = slot_fields or {}
-        self.obs, self.state, self.avail, self.actions, self.reward, self.terminated = [], [], [], [], [], []
-        self.extra: dict[str, list] = {k: [] for k in self.extra_fields}
-        self.slot_extra: dict[str, list] = {k: [] for k in self.slot_fields}
+        self.recorder = BatchRecorder(info, 1, extra_fields, slot_fields)
+        self.row = np.zeros(1, np.int64)
 
     def add_observation(self, obs: np.ndarray, state: np.ndarray, avail: np.ndarray, **slot) -> None:
-        self.obs.append(obs)
-        self.state.append(state)
-        self.avail.append(avail)
-        for key in self.slot_fields:
-            self.slot_extra[key].append(slot[key])
+        t = int(self.recorder.observed[0])
+        if t > self.recorder.info.episode_limit:
+            raise ConfigError(f"an episode holds at most {t} observations (episode limit {t - 1})")
+        self.recorder.add_observations(t, self.row, *(np.asarray(x)[None] for x in (obs, state, avail)),
+                                       **{k: np.asarray(v)[None] for k, v in slot.items()})  # fmt: skip
 
     def add_step(self, actions: np.ndarray, reward: float, terminated: bool, **extra) -> None:
-        """One step; its extra fields now or later through :meth:`add_extra`."""
-        self.actions.append(actions)
-        self.reward.append(reward)
-        self.terminated.append(terminated)
-        if extra:
-            self.add_extra(**extra)
-
-    def add_extra(self, **extra) -> None:
-        """The extra fields of the latest step."""
-        for key in self.extra_fields:
-            self.extra[key].append(extra[key])
+        """One step and its extra fields."""
+        t = int(self.recorder.steps[0])
+        self.recorder.add_steps(t, self.row, np.asarray(actions)[None], np.array([reward]), np.array([terminated]))
+        self.recorder.add_extras(t, self.row, {k: np.asarray(v)[None] for k, v in extra.items()})
 
     def episode(self) -> EpisodeBatch:
         """The episode as a batch of one, padded to ``info.episode_limit`` steps."""
-        info, t = self.info, len(self.actions)
-        limit = info.episode_limit
-        if len(self.obs) != t + 1:
-            raise ConfigError(f"an episode of {t} steps needs {t + 1} observations, got {len(self.obs)}")
-
-        def pad(items: list, length: int, shape: tuple, dtype) -> torch.Tensor:
-            out = np.zeros((length, *shape), dtype=dtype)
-            if items:
-                out[: len(items)] = np.asarray(items, dtype=dtype).reshape(len(items), *shape)
-            return torch.as_tensor(out)[None]
-
-        n, k = info.n_agents, info.n_actions
-        data = {
-            "obs": pad(self.obs, limit + 1, (n, info.obs_dim), np.float32),
-            "state": pad(self.state, limit + 1, (info.state_dim,), np.float32),
-            "avail": pad(self.avail, limit + 1, (n, k), np.bool_),
-            "actions": pad(self.actions, limit, (n,), np.int64),
-            "reward": pad(self.reward, limit, (), np.float32),
-            "terminated": pad(self.terminated, limit, (), np.float32),
-            "filled": pad([1.0] * t, limit, (), np.float32),
-        }
-        data["avail"][0, t + 1 :] = True  # padding slots: any action "available" so masked maxima stay finite
-        for key, shape in self.extra_fields.items():
-            data[f"step_{key}"] = pad(self.extra[key], limit, shape, np.float32)
-        for key, shape in self.slot_fields.items():
-            data[key] = pad(self.slot_extra[key], limit + 1, shape, np.float32)
-        return EpisodeBatch(data)
+        return self.recorder.batch()
 
 
 class ReplayBuffer:

@@ -22,6 +22,9 @@ generators it keeps for its lifetime. Hooks for methods (all optional):
   what is recorded.
 - ``step_fields``: extra per-step fields hooks fill through ``record`` ({name: shape}); zeros where no hook
   recorded one (a step hook's field in a test episode).
+
+The episodes are written in place into arrays padded to the episode limit (:class:`BatchRecorder`): environments
+stepped in lockstep reach slot t together.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 from leantrain.marl.controller import MultiAgentController, epsilon_greedy
 from leantrain.marl.env import MultiAgentEnv
-from leantrain.marl.episodes import EpisodeBatch, EpisodeRecorder
+from leantrain.marl.episodes import BatchRecorder, EpisodeBatch
 
 ActionHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 ObservationHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -79,7 +82,7 @@ class EpisodeRunner:
         epsilon = 0.0 if test else epsilon
         hooked = self.observation_hook is not None
         slot_fields = {"env_obs": (info.n_agents, info.obs_dim)} if hooked else {}
-        recorders = [EpisodeRecorder(info, self.step_fields, slot_fields) for _ in range(n_env)]
+        recorder = BatchRecorder(info, n_env, self.step_fields, slot_fields)
         current = [env.reset(seed=self.seed * 1_000_003 + self.episodes + i) for i, env in enumerate(self.envs)]
         self.episodes += n_env
         active = np.ones(n_env, bool)
@@ -92,9 +95,8 @@ class EpisodeRunner:
             env_obs = np.stack([c.obs for c in current])
             state_np, avail_np = np.stack([c.state for c in current]), np.stack([c.avail for c in current])
             obs_np = self.observation_hook(t, env_obs, state_np, avail_np, fresh.copy()) if hooked else env_obs
-            for i in np.flatnonzero(fresh):
-                extra = {"env_obs": env_obs[i]} if hooked else {}
-                recorders[i].add_observation(obs_np[i], state_np[i], avail_np[i], **extra)
+            slot = {"env_obs": env_obs} if hooked else {}
+            recorder.add_observations(t, np.flatnonzero(fresh), obs_np, state_np, avail_np, **slot)
             fresh[:] = False
             if not active.any():
                 break
@@ -110,18 +112,18 @@ class EpisodeRunner:
             if self.action_hook is not None:
                 executed = self.action_hook(t, actions, q, avail, active.copy())
             recorded = actions if self.store_intended else executed
-            executed_np, recorded_np = executed.numpy(), recorded.numpy()
+            executed_np = executed.numpy()
             stepped = np.flatnonzero(active)
-            rewards = np.zeros(n_env)
+            rewards, terminated = np.zeros(n_env), np.zeros(n_env, bool)
             for i in stepped:
                 s = self.envs[i].step(executed_np[i])
                 current[i] = s.observation
-                rewards[i] = s.reward
-                returns[i] += s.reward
+                rewards[i], terminated[i] = s.reward, s.terminated
                 lengths[i] += 1
-                recorders[i].add_step(recorded_np[i], s.reward, s.terminated)
                 if s.terminated or s.truncated or lengths[i] >= info.episode_limit:
                     active[i] = False
+            returns += rewards
+            recorder.add_steps(t, stepped, recorded.numpy(), rewards, terminated)
             if self.step_hooks and not test:
                 was_active = np.zeros(n_env, bool)
                 was_active[stepped] = True
@@ -130,15 +132,12 @@ class EpisodeRunner:
                               "next_state": np.stack([c.state for c in current]), "active": was_active}  # fmt: skip
                 for hook in self.step_hooks:
                     hook(t, transition)
-            for i in stepped:
-                recorders[i].add_extra(**{k: self.pending[k][i] if k in self.pending else np.zeros(shape)
-                                          for k, shape in self.step_fields.items()})  # fmt: skip
+            if self.step_fields:
+                recorder.add_extras(t, stepped, self.pending)
             fresh[stepped] = True
             last = recorded
             t += 1
-        episodes = [r.episode() for r in recorders]
-        batch = EpisodeBatch({k: torch.cat([e[k] for e in episodes]) for k in episodes[0].data})
-        return batch, RunStats(returns.tolist(), lengths.tolist(), int(lengths.sum()))
+        return recorder.batch(), RunStats(returns.tolist(), lengths.tolist(), int(lengths.sum()))
 
     def test_return(self, episodes: int) -> float:
         """Mean return of ``episodes`` greedy test episodes (whole runner batches, the surplus dropped)."""
