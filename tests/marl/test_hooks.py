@@ -262,3 +262,37 @@ def test_the_std_damage_scale_makes_the_critical_step_scale_free():
     assert offsets(1.0, "std") == offsets(1000.0, "std")  # the same draws at any Q scale
     raw_small, raw_large = offsets(1.0, "raw"), offsets(1000.0, "raw")
     assert raw_small != raw_large and sum(raw_small) < sum(raw_large)  # raw: nearly uniform at small scale
+
+
+def test_a_learner_registered_from_outside_drives_collection_and_adds_test_conditions(tmp_path):
+    """The run loop asks the learner (no branch on its name): exploration, extra test conditions, test fields."""
+    import json
+
+    from leantrain.config import resolve
+    from leantrain.marl.learners import LEARNERS, register_learner
+    from leantrain.runs.launch import run
+
+    asked = []
+
+    class Greedy(QLearner):
+        def collection_epsilon(self, t_env, epsilon):
+            asked.append(t_env)
+            return 0.0
+
+        def evaluation_runners(self, make_runner):
+            return {"shadow": make_runner(5)}
+
+        def test_stats(self, runner):
+            return {"updates_so_far": self.updates}
+
+    register_learner("greedy-test")(lambda cfg, mac, lc, runner: Greedy(mac, lc))
+    try:
+        small = ["marl.algo=greedy-test", "marl.max_steps=64", "marl.eval_every=32", "marl.test_episodes=2",
+                 "marl.batch_episodes=4", "marl.n_envs=2", "progress=none", f"output_dir={tmp_path}"]  # fmt: skip
+        result = run(resolve("qmix-climbing", small))
+    finally:
+        LEARNERS.pop("greedy-test")
+    assert asked == list(range(0, 64, 2))  # asked before every batch of 2 one-step episodes
+    tests = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"test"' in x]
+    assert all("shadow_return_mean" in r and "updates_so_far" in r for r in tests)
+    assert "shadow_test_return" in result.summary["final"]
