@@ -233,6 +233,10 @@ def test_predator_prey_has_learning_predators_and_a_fleeing_prey():
     assert all(r % 10 == 0 for r in batch["reward"][0].tolist())  # 10 per predator touching the prey
     with pytest.raises(ConfigError, match="prey"):
         make_env("mpe:simple_tag", prey="smart")
+    slow = make_env("mpe:simple_tag", prey_speed=1.0)
+    slow.reset(seed=1)
+    speeds = {a.name: a.max_speed for a in slow.env.unwrapped.world.agents}
+    assert speeds == {"adversary_0": 1.0, "adversary_1": 1.0, "adversary_2": 1.0, "adversary_3": 1.0, "agent_0": 1.0}
 
 
 @pytest.mark.skipif(find_spec("vmas") is None, reason="needs vmas")

@@ -207,9 +207,9 @@ def lbf_rows(seeds: int, quick: bool) -> list[dict]:
 
 # tasks where a few forced steps can cost: recipes of the clean policy and of WALL, budgets, episodes per condition
 ATTACK_TASKS = {
+    "lbf-4p": {"qmix": "qmix-lbf-4p", "wall": "wall-lbf-4p", "pretrain": 200_000, "finetune": 20_000, "episodes": 64},
     "predator-prey": {"qmix": "qmix-predator-prey", "wall": "wall-predator-prey", "pretrain": 150_000,
                       "finetune": 20_000, "episodes": 64},
-    "lbf-4p": {"qmix": "qmix-lbf-4p", "wall": "wall-lbf-4p", "pretrain": 150_000, "finetune": 20_000, "episodes": 64},
 }  # fmt: skip
 ATTACK_QUICK = ["marl.max_steps=300", "marl.eval_every=200", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
@@ -424,9 +424,15 @@ def lbf_targets(rows: list[dict]) -> dict[str, bool]:
 
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
-    unknown = sorted(set(parts) - set(PARTS))
+    # "attack:<task>" runs the attack part on one task of ATTACK_TASKS
+    tasks = tuple(p.partition(":")[2] for p in parts if p.startswith("attack:"))
+    if tasks:
+        parts = (*[p for p in parts if not p.startswith("attack:")], "attack")
+    known = set(PARTS)
+    unknown = sorted(set(parts) - known) + sorted(set(tasks) - set(ATTACK_TASKS))
     if unknown:
-        raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)}")
+        raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)} or "
+                          f"{[f'attack:{t}' for t in ATTACK_TASKS]}")  # fmt: skip
     started = time.perf_counter()
     results = BenchResults("marl", out_dir, threads=1, quick=quick)
     tables, met = [], {}
@@ -474,8 +480,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         )
         tables.append(title + "\n" + markdown_table(part, ["method", "seeds", "clean", "finals"]))
     if "attack" in parts:
-        log(f"attack: {', '.join(ATTACK_TASKS)}: clean QMIX, then vanilla / WALL continuations, then 5 conditions")
-        part = attack_rows(seeds or (1 if quick else 3), quick)
+        tasks = tasks or tuple(ATTACK_TASKS)
+        log(f"attack: {', '.join(tasks)}: clean QMIX, then vanilla / WALL continuations, then 5 conditions")
+        part = attack_rows(seeds or (1 if quick else 3), quick, tasks)
         results.add_rows(part)
         met.update(attack_targets(part))
         for row in part:

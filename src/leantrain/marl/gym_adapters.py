@@ -163,7 +163,9 @@ class PredatorPrey(MultiAgentEnv):
     """mpe2 ``simple_tag_v3``: learning predators (the agents), scripted prey (part of the environment)."""
 
     def __init__(self, n_predators: int = 4, n_prey: int = 1, n_obstacles: int = 2, episode_limit: int = 25,
-                 prey: str = "flee"):  # fmt: skip
+                 prey: str = "flee", prey_speed: float | None = None):  # fmt: skip
+        """``prey_speed``: the prey's top speed and acceleration scaled to this top speed (simple_tag: 1.3, accel 4;
+        the predators: 1.0, accel 3); None keeps simple_tag's."""
         try:
             from mpe2 import simple_tag_v3
         except ImportError as err:
@@ -175,6 +177,12 @@ class PredatorPrey(MultiAgentEnv):
         self.env = simple_tag_v3.parallel_env(num_good=n_prey, num_adversaries=n_predators, num_obstacles=n_obstacles,
                                               max_cycles=episode_limit, continuous_actions=False)  # fmt: skip
         self.env.reset(seed=0)
+        if prey_speed is not None:
+            if prey_speed <= 0:
+                raise ConfigError(f"predator-prey prey_speed={prey_speed} must be > 0")
+            for agent in self.env.unwrapped.world.agents:
+                if not agent.adversary:
+                    agent.accel, agent.max_speed = agent.accel * prey_speed / agent.max_speed, prey_speed
         self.predators = [a for a in self.env.possible_agents if a.startswith("adversary")]
         self.prey = [a for a in self.env.possible_agents if not a.startswith("adversary")]
         self.policy, self.rng = prey, np.random.default_rng(0)
