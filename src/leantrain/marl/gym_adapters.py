@@ -102,29 +102,23 @@ class GymnasiumMultiAgent(MultiAgentEnv):
         self.env.close()
 
 
-class SimpleSpread(MultiAgentEnv):
-    """mpe2 ``simple_spread_v3`` with discrete actions through the PettingZoo parallel API."""
+class MpeTeam(MultiAgentEnv):
+    """An mpe2 PettingZoo parallel environment whose ``agents`` learn; :meth:`_scripted` acts for the others."""
 
-    def __init__(self, n_agents: int = 3, episode_limit: int = 25, local_ratio: float = 0.5):
-        try:
-            from mpe2 import simple_spread_v3
-        except ImportError as err:
-            raise MissingDependencyError(f"simple_spread needs the marl extras: {MARL_INSTALL}") from err
-        self.env = simple_spread_v3.parallel_env(N=n_agents, max_cycles=episode_limit, local_ratio=local_ratio,
-                                                 continuous_actions=False)  # fmt: skip
-        self.env.reset(seed=0)
-        self.agents = list(self.env.possible_agents)
-        obs_dim = int(self.env.observation_space(self.agents[0]).shape[0])
-        state_dim = int(self.env.state().shape[0])
-        n_actions = int(self.env.action_space(self.agents[0]).n)
-        self.info = EnvInfo(n_agents, n_actions, obs_dim, state_dim, episode_limit)
+    def _setup(self, env, agents: list[str], episode_limit: int) -> None:
+        self.env, self.agents = env, agents
+        obs_dim = int(env.observation_space(agents[0]).shape[0])
+        n_actions = int(env.action_space(agents[0]).n)
+        self.info = EnvInfo(len(agents), n_actions, obs_dim, int(env.state().shape[0]), episode_limit)
+        self.all_available = np.ones((len(agents), n_actions), bool)
         self.steps = 0
+
+    def _scripted(self) -> dict[str, int]:
+        return {}
 
     def _observation(self, obs) -> Observation:
         o = np.stack([np.asarray(obs[a], np.float32) for a in self.agents])
-        return Observation(
-            o, np.asarray(self.env.state(), np.float32), np.ones((len(self.agents), self.info.n_actions), bool)
-        )
+        return Observation(o, np.asarray(self.env.state(), np.float32), self.all_available)
 
     def reset(self, seed: int | None = None) -> Observation:
         obs, _ = self.env.reset(seed=seed)
@@ -132,17 +126,30 @@ class SimpleSpread(MultiAgentEnv):
         return self._observation(obs)
 
     def step(self, actions) -> Step:
-        a = self.check_actions(actions, np.ones((self.info.n_agents, self.info.n_actions), bool))
-        obs, rewards, terms, truncs, info = self.env.step(
-            {name: int(x) for name, x in zip(self.agents, a, strict=True)}
-        )
+        a = self.check_actions(actions, self.all_available)
+        joint = {name: int(x) for name, x in zip(self.agents, a, strict=True)} | self._scripted()
+        obs, rewards, terms, truncs, info = self.env.step(joint)
         self.steps += 1
-        reward = float(np.mean([rewards[name] for name in self.agents]))
+        reward = float(np.mean([rewards[name] for name in self.agents]))  # the learning agents' (shared) reward
         cut = self.steps >= self.info.episode_limit or all(truncs.values())
         return Step(self._observation(obs), reward, False, cut, info)
 
     def close(self) -> None:
         self.env.close()
+
+
+class SimpleSpread(MpeTeam):
+    """mpe2 ``simple_spread_v3`` with discrete actions: every agent learns."""
+
+    def __init__(self, n_agents: int = 3, episode_limit: int = 25, local_ratio: float = 0.5):
+        try:
+            from mpe2 import simple_spread_v3
+        except ImportError as err:
+            raise MissingDependencyError(f"simple_spread needs the marl extras: {MARL_INSTALL}") from err
+        env = simple_spread_v3.parallel_env(N=n_agents, max_cycles=episode_limit, local_ratio=local_ratio,
+                                            continuous_actions=False)  # fmt: skip
+        env.reset(seed=0)
+        self._setup(env, list(env.possible_agents), episode_limit)
 
 
 # the five discrete MPE moves: no-op, -x, +x, -y, +y
@@ -159,7 +166,7 @@ def flee_action(prey_pos: np.ndarray, predator_pos: np.ndarray, border: float = 
     return int(np.argmax(MPE_MOVES[1:] @ away)) + 1
 
 
-class PredatorPrey(MultiAgentEnv):
+class PredatorPrey(MpeTeam):
     """mpe2 ``simple_tag_v3``: learning predators (the agents), scripted prey (part of the environment)."""
 
     def __init__(self, n_predators: int = 4, n_prey: int = 1, n_obstacles: int = 2, episode_limit: int = 25,
@@ -174,47 +181,26 @@ class PredatorPrey(MultiAgentEnv):
             raise ConfigError(f"predator-prey prey={prey!r}; choose 'flee' or 'random'")
         if n_predators < 1 or n_prey < 1:
             raise ConfigError("predator-prey needs n_predators >= 1 and n_prey >= 1")
-        self.env = simple_tag_v3.parallel_env(num_good=n_prey, num_adversaries=n_predators, num_obstacles=n_obstacles,
-                                              max_cycles=episode_limit, continuous_actions=False)  # fmt: skip
-        self.env.reset(seed=0)
+        env = simple_tag_v3.parallel_env(num_good=n_prey, num_adversaries=n_predators, num_obstacles=n_obstacles,
+                                         max_cycles=episode_limit, continuous_actions=False)  # fmt: skip
+        env.reset(seed=0)
         if prey_speed is not None:
             if prey_speed <= 0:
                 raise ConfigError(f"predator-prey prey_speed={prey_speed} must be > 0")
-            for agent in self.env.unwrapped.world.agents:
+            for agent in env.unwrapped.world.agents:
                 if not agent.adversary:
                     agent.accel, agent.max_speed = agent.accel * prey_speed / agent.max_speed, prey_speed
-        self.predators = [a for a in self.env.possible_agents if a.startswith("adversary")]
-        self.prey = [a for a in self.env.possible_agents if not a.startswith("adversary")]
+        self._setup(env, [a for a in env.possible_agents if a.startswith("adversary")], episode_limit)
+        self.prey = [a for a in env.possible_agents if not a.startswith("adversary")]
         self.policy, self.rng = prey, np.random.default_rng(0)
-        obs_dim = int(self.env.observation_space(self.predators[0]).shape[0])
-        self.info = EnvInfo(n_predators, 5, obs_dim, int(self.env.state().shape[0]), episode_limit)
-        self.steps = 0
 
-    def _observation(self, obs) -> Observation:
-        o = np.stack([np.asarray(obs[a], np.float32) for a in self.predators])
-        return Observation(o, np.asarray(self.env.state(), np.float32), np.ones((len(self.predators), 5), bool))
-
-    def _prey_actions(self) -> dict[str, int]:
+    def _scripted(self) -> dict[str, int]:
         world = self.env.unwrapped.world
-        chasers = np.stack([a.state.p_pos for a in world.agents if a.adversary])
         if self.policy == "random":
             return {name: int(self.rng.integers(5)) for name in self.prey}
+        chasers = np.stack([a.state.p_pos for a in world.agents if a.adversary])
         return {a.name: flee_action(a.state.p_pos, chasers) for a in world.agents if not a.adversary}
 
     def reset(self, seed: int | None = None) -> Observation:
-        obs, _ = self.env.reset(seed=seed)
         self.rng = np.random.default_rng(seed)
-        self.steps = 0
-        return self._observation(obs)
-
-    def step(self, actions) -> Step:
-        a = self.check_actions(actions, np.ones((self.info.n_agents, 5), bool))
-        joint = {name: int(x) for name, x in zip(self.predators, a, strict=True)} | self._prey_actions()
-        obs, rewards, terms, truncs, info = self.env.step(joint)
-        self.steps += 1
-        reward = float(np.mean([rewards[name] for name in self.predators]))
-        cut = self.steps >= self.info.episode_limit or all(truncs.values())
-        return Step(self._observation(obs), reward, False, cut, info)
-
-    def close(self) -> None:
-        self.env.close()
+        return super().reset(seed)
