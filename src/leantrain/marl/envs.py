@@ -45,9 +45,9 @@ def _gymnasium(name, switch_episode, clock, counts, **env_args):
 
 @register_env("mpe")
 def _mpe(name, switch_episode, clock, counts, **env_args):
-    from leantrain.marl import gym_adapters
+    from leantrain.marl.gym_adapters import PredatorPrey, SimpleSpread
 
-    scenarios = {"simple_spread": gym_adapters.SimpleSpread, "simple_tag": gym_adapters.PredatorPrey}
+    scenarios = {"simple_spread": SimpleSpread, "simple_tag": PredatorPrey}
     if name not in scenarios:
         raise ConfigError(f"unknown mpe scenario {name!r}; choose from {', '.join(scenarios)}")
     try:
