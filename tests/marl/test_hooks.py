@@ -300,3 +300,20 @@ def test_a_learner_registered_from_outside_drives_collection_and_adds_test_condi
     tests = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"test"' in x]
     assert all("shadow_return_mean" in r and "updates_so_far" in r for r in tests)
     assert "shadow_test_return" in result.summary["final"]
+
+
+def test_an_attack_uses_its_own_timing_rule_with_a_shared_planner():
+    """evaluate_attacks fits one planner and attacks with several rules: the attack's rule must decide (a bug fixed:
+    the planner's own config was read, so the `wolfpack_std` condition repeated `wolfpack`)."""
+    from leantrain.marl.wolfpack import WolfpackAttack, WolfpackConfig, WolfpackPlanner
+
+    envs = [make_matrix_game("climbing") for _ in range(2)]
+    mac = MultiAgentController(envs[0].info, hidden=8)
+    planner = WolfpackPlanner(mac, WolfpackConfig(followups=1))
+    seen = []
+    planner.critical = lambda states, t, since, rng, rule=None: seen.append(rule) or (False, 0)
+    rule = WolfpackConfig(followups=1, damage_scale="std", temperature=0.1)
+    runner = EpisodeRunner(envs, mac, seed=0)
+    WolfpackAttack(runner, mac, torch.nn.Identity(), planner, rule)
+    runner.run(0.0, test=True)
+    assert seen and all(r is rule for r in seen)

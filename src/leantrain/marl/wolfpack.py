@@ -303,15 +303,20 @@ class WolfpackPlanner(nn.Module):
         self.damage.train()
         return out
 
-    def critical(self, states: torch.Tensor, t: int, since_last: int | None, rng: np.random.Generator):
-        """Whether to start a cycle now and the planner's initial agent."""
-        c = self.config
+    def critical(self, states: torch.Tensor, t: int, since_last: int | None, rng: np.random.Generator,
+                 rule: WolfpackConfig | None = None):  # fmt: skip
+        """Whether to start a cycle now and the planner's initial agent.
+
+        ``rule``: the attack's config, whose timing fields (``temperature``, ``damage_scale``) decide; the planner's
+        own config (what it was trained with) when None. One fitted planner serves attacks with different rules."""
+        c = rule or self.config
         pred = self.predict(states, t)  # (N, P)
         best, agent = pred.max(0)
-        keep = c.period if since_last is None else c.period - min(since_last, c.period - 1)
+        period = self.config.period  # the predictor's outputs
+        keep = period if since_last is None else period - min(since_last, period - 1)
         if c.damage_scale == "std" and keep > 1:
             best = best / best[:keep].std().clamp_min(1e-6)
-        best = torch.cat([best[:keep], torch.full((c.period - keep,), NEG)])
+        best = torch.cat([best[:keep], torch.full((period - keep,), NEG)])
         p = torch.softmax(best / c.temperature, 0).double().numpy()
         offset = rng.choice(len(p), p=p / p.sum())
         return offset == 0, int(agent[0])
@@ -413,7 +418,7 @@ class WolfpackAttack:
                 if c.step_method == "planner":
                     # steps since the previous initial attack; the official runner counts from step 0 before the first
                     since = t - (self.last_initial[e] or 0) if t else None
-                    start, agent = self.planner.critical(torch.stack(self.states[e]), t, since, self.rng)
+                    start, agent = self.planner.critical(torch.stack(self.states[e]), t, since, self.rng, c)
                 else:
                     start, agent = bool(self.rng.random() < c.random_step_prob), -1
                 if not start:
