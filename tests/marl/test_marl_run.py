@@ -100,6 +100,16 @@ def test_pretrained_policy_starts_training_from_a_saved_run(tmp_path, capsys):
     result = evaluate_attacks(first.run_dir, episodes=3, fit_episodes=6, fit_updates=2)
     assert set(result) == {"clean", "wolfpack", "wolfpack_std", "random_step", "random"}
     assert all(0.0 <= v <= 1.0 for v in result.values())
+    # a run started from another run's policy is still attackable once that starting run is deleted (it was not)
+    tuned = run(resolve("qmix-lbf-8x8", [*LBF_SMALL, f"marl.pretrained_policy={first.run_dir}",
+                                         f"output_dir={tmp_path / 'tuned'}"]))  # fmt: skip
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(first.run_dir, moved)
+    shutil.rmtree(first.run_dir)
+    assert set(evaluate_attacks(tuned.run_dir, episodes=2, fit_episodes=4, fit_updates=1)) >= {"clean", "wolfpack"}
+    shutil.copytree(moved, first.run_dir)
     code, out, err = run_cli(capsys, "attack", str(first.run_dir), "--episodes", "2", "--fit-episodes", "4",
                              "--fit-updates", "1", "--budget", "4")  # fmt: skip
     assert code == 0 and "wolfpack" in out and "random_step" in out and "fitting a Wolfpack planner" in err

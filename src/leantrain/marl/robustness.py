@@ -43,7 +43,8 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "model.safetensors").is_file():
         raise ConfigError(f"{run_dir} is not a finished MARL run folder (config.yaml and model.safetensors)")
-    cfg = resolve(str(run_dir / "config.yaml"), ["progress=none"])
+    # the run's own policy is loaded below: the one it started from (possibly deleted since) is not needed
+    cfg = resolve(str(run_dir / "config.yaml"), ["progress=none", "marl.pretrained_policy=null"])
     if cfg.marl.env is None:
         raise ConfigError(f"{run_dir} is not a MARL run (its config has no marl.env)")
     envs, test_envs, mac, learner, _ = build(cfg)
