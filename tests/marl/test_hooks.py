@@ -246,6 +246,7 @@ def test_vmas_scenarios_run_through_the_same_runner():
     runner = EpisodeRunner([env, make_env("vmas:balance", max_steps=7)], MultiAgentController(env.info, hidden=8))
     batch, stats = runner.run(epsilon=1.0)
     assert stats.lengths == [7, 7] and batch["obs"].shape == (2, 8, env.info.n_agents, env.info.obs_dim)
+    assert env.reset(seed=10_007 * 1_000_003).obs.shape == (env.info.n_agents, env.info.obs_dim)  # a test runner's
     with pytest.raises(ConfigError, match="unknown vmas scenario"):
         make_env("vmas:nowhere")
 

@@ -46,7 +46,8 @@ class VmasMultiAgent(MultiAgentEnv):
 
     def reset(self, seed: int | None = None) -> Observation:
         self.steps = 0
-        return self._observation(self.env.reset(seed=seed))
+        # runners derive reset seeds past 2**32 (seed * 1_000_003 + episode); VMAS seeds numpy, which refuses them
+        return self._observation(self.env.reset(seed=None if seed is None else seed % 2**32))
 
     def step(self, actions) -> Step:
         a = self.check_actions(actions, np.ones((self.info.n_agents, self.info.n_actions), bool))
