@@ -39,7 +39,7 @@ class MultiAgentController(nn.Module):
         self.register_buffer("ids", torch.eye(info.n_agents))
 
     def like(self) -> MultiAgentController:
-        """A fresh controller of the same shape and agent network (S2Q's sub-values, its central critic)."""
+        """A fresh controller of the same shape and agent network (S2Q's sub-values)."""
         return MultiAgentController(self.info, self.agent.hidden, self.agent_name)
 
     def inputs(self, obs: torch.Tensor, last_actions: torch.Tensor | None) -> torch.Tensor:

@@ -81,11 +81,9 @@ class BatchRecorder:
     def add_steps(self, t: int, rows, actions, reward, terminated) -> None:
         """Step t of the episodes ``rows``: actions (E, N), reward (E,), terminated (E,) indexed by row."""
         d = self.data
-        d["actions"][rows, t], d["reward"][rows, t], d["terminated"][rows, t] = (
-            actions[rows],
-            reward[rows],
-            terminated[rows],
-        )
+        d["actions"][rows, t] = actions[rows]
+        d["reward"][rows, t] = reward[rows]
+        d["terminated"][rows, t] = terminated[rows]
         d["filled"][rows, t] = 1.0
         self.steps[rows] = t + 1
 

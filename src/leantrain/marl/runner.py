@@ -15,8 +15,9 @@ generators it keeps for its lifetime. Hooks for methods (all optional):
   ``state``, ``last_actions``, the controller's hidden state before (``hidden_prev``) and after (``hidden``)
   the step and ``epsilon``; ``runner.test`` says whether the episode is a greedy test episode.
 - ``step_hooks``: callables ``(t, transition)`` run after every step of a *training* episode (never in tests):
-  ``transition`` holds ``obs``, ``state``, ``actions`` (executed), ``reward`` (E,), ``next_obs``,
-  ``next_state`` and ``active`` (E,) (formation counting, visitation statistics). They may ``record`` fields.
+  ``transition`` holds numpy ``obs``, ``state``, ``actions`` (executed), ``reward`` (E,), ``next_obs``,
+  ``next_state`` and ``active`` (E,: the environments that took the step) (formation counting, visitation
+  statistics). They may ``record`` fields.
 - ``store_intended``: record the actions the agents chose (before the hook) rather than the executed ones (an
   attack is then part of the environment's dynamics, as WALL trains); the agents' last-action inputs follow
   what is recorded.
@@ -124,17 +125,15 @@ class EpisodeRunner:
                     active[i] = False
             returns += rewards
             recorder.add_steps(t, stepped, recorded.numpy(), rewards, terminated)
+            fresh[stepped] = True  # the environments that took this step have a new observation
             if self.step_hooks and not test:
-                was_active = np.zeros(n_env, bool)
-                was_active[stepped] = True
-                transition = {"obs": obs, "state": state, "actions": executed, "reward": rewards,
+                transition = {"obs": obs_np, "state": state_np, "actions": executed_np, "reward": rewards,
                               "next_obs": np.stack([c.obs for c in current]),
-                              "next_state": np.stack([c.state for c in current]), "active": was_active}  # fmt: skip
+                              "next_state": np.stack([c.state for c in current]), "active": fresh.copy()}  # fmt: skip
                 for hook in self.step_hooks:
                     hook(t, transition)
             if self.step_fields:
                 recorder.add_extras(t, stepped, self.pending)
-            fresh[stepped] = True
             last = recorded
             t += 1
         return recorder.batch(), RunStats(returns.tolist(), lengths.tolist(), int(lengths.sum()))
