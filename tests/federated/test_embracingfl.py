@@ -10,7 +10,8 @@ from torch import nn
 from leantrain.errors import ConfigError
 from leantrain.federated import ClientContext, FedAvg, Simulator, make_algorithm, wire_nbytes
 from leantrain.federated.algorithms.base import communicated
-from leantrain.federated.algorithms.embracingfl import EmbracingFL, model_blocks
+from leantrain.federated.algorithms.embracingfl import EmbracingFL
+from leantrain.federated.blocks import model_blocks
 from leantrain.federated.clock import profile
 from leantrain.federated.comm import config_nbytes
 from leantrain.models import build_model

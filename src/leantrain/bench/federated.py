@@ -33,6 +33,7 @@ Targets from the issues are evaluated and printed, never tuned for.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -51,7 +52,8 @@ from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.fedavg import FedAvg
 from leantrain.process_memory import peak_rss_mb
 
-PARTS = ("accuracy", "accuracy-iid", "partial", "embracing", "cross-device", "workers", "memory")
+PARTS = ("accuracy", "accuracy-iid", "partial", "embracing", "weak", "async", "pretrain", "cross-device", "workers",
+         "memory")  # fmt: skip
 LR_GRID = (0.02, 0.05, 0.1)
 QUICK_LR = 0.05
 MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 64}
@@ -144,8 +146,7 @@ def run_config(spec: dict) -> dict:
     from leantrain.models.build import build_model_for_data
 
     torch.set_num_threads(1)
-    algorithm = (StrongOnlyFedAvg() if spec["algorithm"] == "strong-only"
-                 else make_algorithm(spec["algorithm"], **spec.get("options", {})))  # fmt: skip
+    algorithm = bench_algorithm(spec) or make_algorithm(spec["algorithm"], **spec.get("options", {}))
     model = dict(spec.get("model", MODEL))
     name = model.pop("name")
     data = _data(spec)
@@ -163,6 +164,19 @@ def run_config(spec: dict) -> dict:
         "curve": [(r["round"], r["test_accuracy"]) for r in history.rounds if r.get("test_accuracy") is not None],
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def bench_algorithm(spec: dict):
+    """A baseline that exists only in the benchmark: ``spec["algorithm"]`` "strong-only", or ``spec["class"]``
+    ("module:Class" under leantrain.bench, built with ``spec["options"]``); None for a registered algorithm."""
+    if spec["algorithm"] == "strong-only":
+        return StrongOnlyFedAvg()
+    if "class" in spec:
+        module, _, cls = spec["class"].partition(":")
+        if not module.startswith("leantrain.bench."):
+            raise ConfigError(f"bench class {spec['class']!r} must live under leantrain.bench")
+        return getattr(importlib.import_module(module), cls)(**spec.get("options", {}))
+    return None
 
 
 class StrongOnlyFedAvg(FedAvg):
@@ -368,6 +382,10 @@ def targets(rows: dict[str, list[dict]]) -> dict[str, bool]:
             e, hi, lo = (emb[(m, condition)]["extra"]["last10_mean"] for m in EMBRACING_ARMS)
             out[f"embracingfl_within_2pt_of_all_strong_{condition}"] = e >= hi - 0.02
             out[f"embracingfl_above_strong_only_{condition}"] = e > lo
+    for part, module in (("weak", "federated_kd"), ("weak", "federated_prism"), ("async", "federated_async"),
+                         ("pretrain", "federated_pretrain")):  # fmt: skip
+        if rows.get(part):
+            out.update(importlib.import_module(f"leantrain.bench.{module}").targets(rows[part]))
     cross = {r["method"]: r for r in rows.get("cross-device", [])}
     if "flower" in cross:
         best = max(cross[m]["clients_per_s"] for m in ("simulator", "simulator-vmap") if m in cross)
@@ -410,6 +428,23 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         log("EmbracingFL: 50% weak, 25% moderate; Dirichlet 0.1 and weak clients holding half the classes")
         rows["embracing"] = tuned_rows(embracing_arms(quick, dataset), n_seeds, quick, "embracing", "all-strong",
                                        results.add)  # fmt: skip
+    if "weak" in parts:
+        from leantrain.bench.federated_kd import kd_arms
+        from leantrain.bench.federated_prism import prism_arms
+
+        log("weak clients: on-device KD (aux model on every client, KD on strong ones) and PriSM sub-models")
+        rows["weak"] = tuned_rows(kd_arms(quick, dataset), n_seeds, quick, "weak", "kd-strong-only", results.add)
+        rows["weak"] += tuned_rows(prism_arms(quick, dataset), n_seeds, quick, "weak", "prism-fedavg", results.add)
+    if "async" in parts:
+        from leantrain.bench.federated_async import async_rows
+
+        log("late clients: TimelyFL against deadline FedAvg and FedBuff at equal simulated wall-clock")
+        rows["async"] = async_rows(quick, n_seeds, results.add)
+    if "pretrain" in parts:
+        from leantrain.bench.federated_pretrain import pretrain_arms
+
+        log("GPT-FL: synthetic pretraining (a shifted generator stands in for the generative model), then FedAvg")
+        rows["pretrain"] = tuned_rows(pretrain_arms(quick), n_seeds, quick, "pretrain", "gptfl-scratch", results.add)
     if "cross-device" in parts:
         from leantrain.bench.federated_cross_device import cross_device_rows
 
@@ -466,14 +501,17 @@ def merge_into_area(path: Path, rows: dict[str, list[dict]], info: dict) -> Path
 
 def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
     titles = {"accuracy": "Accuracy and bytes", "accuracy-iid": "Accuracy and bytes, IID",
-              "partial": "Partial averaging, full participation", "embracing": "EmbracingFL"}  # fmt: skip
+              "partial": "Partial averaging, full participation", "embracing": "EmbracingFL",
+              "weak": "Weak clients: on-device KD and PriSM", "async": "Late clients: TimelyFL",
+              "pretrain": "GPT-FL: synthetic pretraining"}  # fmt: skip
     for key, title in titles.items():
         if rows.get(key):
             shown = [{**r, "last10": r["extra"]["last10_mean"], "last10_std": r["extra"]["last10_std"],
                       "lr": r["extra"]["lr"], "up_MB": r["bytes_up"] / 1e6, "down_MB": r["bytes_down"] / 1e6}
                      for r in rows[key]]  # fmt: skip
             cols = ["method", "task", "lr", "metric", "metric_std", "last10", "last10_std", "up_MB", "down_MB"]
-            print(f"\n{title} ({dataset if key != 'partial' else 'digits'})\n" + markdown_table(shown, cols))
+            where = {"partial": "digits", "pretrain": "mnist1d"}.get(key, dataset)
+            print(f"\n{title} ({where})\n" + markdown_table(shown, cols))
     if rows.get("cross-device"):
         print("\nCross-device\n" + markdown_table(rows["cross-device"], ["method", "task", "clients_per_s"]))
     if rows.get("workers"):

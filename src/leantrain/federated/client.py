@@ -43,7 +43,8 @@ class LocalTraining:
 class ClientData:
     """The training rows (a dict of tensors) and each client's indices into them."""
 
-    def __init__(self, arrays: dict[str, torch.Tensor], parts: list[np.ndarray]):
+    def __init__(self, arrays: dict[str, torch.Tensor], parts: list[np.ndarray],
+                 unlabeled_parts: list[np.ndarray] | None = None):  # fmt: skip
         sizes = {k: len(v) for k, v in arrays.items()}
         if len(set(sizes.values())) != 1:
             raise ConfigError(f"client data arrays must share their first dimension; got {sizes}")
@@ -55,6 +56,14 @@ class ClientData:
                 raise ConfigError(f"client {cid}'s indices fall outside the {n} training rows")
         self.arrays = arrays
         self.parts = [torch.as_tensor(p, dtype=torch.int64) for p in parts]
+        self.unlabeled_parts: list[torch.Tensor] | None = None
+        if unlabeled_parts is not None:
+            if len(unlabeled_parts) != len(parts):
+                raise ConfigError(f"{len(unlabeled_parts)} unlabeled parts for {len(parts)} clients")
+            for cid, part in enumerate(unlabeled_parts):
+                if len(part) and (part.min() < 0 or part.max() >= n):
+                    raise ConfigError(f"client {cid}'s unlabeled indices fall outside the {n} training rows")
+            self.unlabeled_parts = [torch.as_tensor(p, dtype=torch.int64) for p in unlabeled_parts]
 
     @property
     def num_clients(self) -> int:
@@ -65,13 +74,25 @@ class ClientData:
 
     def batches(self, cid: int, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Endless batches of client ``cid``: reshuffled every pass by a generator seeded with ``seed``."""
-        idx = self.parts[cid]
+        return self._endless(self.parts[cid], batch_size, seed, tuple(self.arrays))
+
+    def has_unlabeled(self, cid: int) -> bool:
+        return self.unlabeled_parts is not None and len(self.unlabeled_parts[cid]) > 0
+
+    def unlabeled_batches(self, cid: int, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]] | None:
+        """Endless batches of client ``cid``'s unlabeled rows (no ``labels`` key), or None if it holds none."""
+        if not self.has_unlabeled(cid):
+            return None
+        keys = tuple(k for k in self.arrays if k != "labels")
+        return self._endless(self.unlabeled_parts[cid], batch_size, seed, keys)
+
+    def _endless(self, idx: torch.Tensor, batch_size: int, seed: int, keys: tuple[str, ...]):
         gen = torch.Generator().manual_seed(seed)
         while True:
             order = idx[torch.randperm(len(idx), generator=gen)]
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                yield {k: v[rows] for k, v in self.arrays.items()}
+                yield {k: self.arrays[k][rows] for k in keys}
 
 
 @contextmanager

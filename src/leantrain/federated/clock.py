@@ -1,11 +1,15 @@
-"""Device profiles and the simulated clock of a synchronous federated round.
+"""Device profiles, the simulated clock of a federated round and the event queue of asynchronous training.
 
-A client's round time is its local compute plus its transfers:
-``samples × work × sample_time_s × compute_factor + down_bytes / downlink + up_bytes / uplink + latency × messages``
-where ``work`` is the fraction of a full forward/backward the client runs (1 for full training; EmbracingFL's weak
-clients run less) and ``sample_time_s`` the strong device's time per training sample. A synchronous round lasts as
-long as its slowest responding client. The clock is a model, deterministic by construction (so a resumed run has
-the same history); it is what EmbracingFL, TimelyFL and biased local SGD reason about.
+A client's round time is its local compute plus its transfers: ``samples × work × sample_time_s × compute_factor +
+down_bytes / downlink + up_bytes / uplink + latency × messages`` where ``work`` is the fraction of a full
+forward/backward the client runs (1 for full training; EmbracingFL's weak clients run less) and ``sample_time_s`` the
+strong device's time per training sample. A synchronous round lasts as long as its slowest responding client, or
+exactly its deadline when the algorithm sets one (TimelyFL). Asynchronous algorithms (FedBuff) advance the clock from
+event to event of an :class:`EventQueue`. The clock is a model, deterministic by construction (so a resumed run has the
+same history); it is what EmbracingFL, TimelyFL and biased local SGD reason about.
+
+:func:`lognormal_profiles` gives every client its own profile (compute and bandwidth factors drawn lognormally, the
+FedScale-like spread of the TimelyFL spec's CPU plan) instead of three classes.
 
 The three profiles are our choice (the papers describe the classes, not numbers): weak devices compute 4× slower
 than strong ones and have about 15% of their training memory (EmbracingFL's "about 15%"), moderate 2× and 40%.
@@ -13,7 +17,9 @@ than strong ones and have about 15% of their training memory (EmbracingFL's "abo
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
+from typing import Any
 
 from leantrain.errors import ConfigError
 
@@ -81,8 +87,52 @@ class SimulatedClock:
         transfer = 8 * down_bytes / device.downlink_bps + 8 * up_bytes / device.uplink_bps
         return compute + transfer + device.latency_s * messages
 
-    def advance(self, client_times: list[float]) -> float:
-        """End a synchronous round: it lasts as long as its slowest client; returns the round's duration."""
-        duration = max(client_times, default=0.0)
-        self.now += duration
-        return duration
+
+def lognormal_profiles(num_clients: int, compute_sigma: float = 1.0, bandwidth_sigma: float = 1.0,
+                       seed: int = 0, base: str = "strong") -> list[DeviceProfile]:  # fmt: skip
+    """One profile per client: the ``base`` profile with its compute time multiplied by exp(N(0, compute_sigma²))
+    and both link speeds divided by exp(N(0, bandwidth_sigma²)) (sigma 1: a ~10x spread between the 5th and 95th
+    percentiles). Names are ``"<base>-<cid>"``; memory shares stay the base's."""
+    import numpy as np
+
+    for name, sigma in (("compute_sigma", compute_sigma), ("bandwidth_sigma", bandwidth_sigma)):
+        if not isinstance(sigma, int | float) or isinstance(sigma, bool) or sigma < 0:
+            raise ConfigError(f"lognormal_profiles {name}={sigma!r} is invalid; expected a number >= 0")
+    b = profile(base)
+    rng = np.random.default_rng(seed)
+    speed = np.exp(rng.normal(0.0, compute_sigma, num_clients))
+    link = np.exp(rng.normal(0.0, bandwidth_sigma, num_clients))
+    return [DeviceProfile(f"{base}-{i}", b.compute_factor * float(speed[i]), b.uplink_bps / float(link[i]),
+                          b.downlink_bps / float(link[i]), b.latency_s, b.memory_fraction)
+            for i in range(num_clients)]  # fmt: skip
+
+
+class EventQueue:
+    """Future events ordered by simulated time (ties: first pushed, first out): the asynchronous runtime's clock."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._pushed = 0
+
+    def push(self, time_s: float, event: Any) -> None:
+        heapq.heappush(self._heap, (float(time_s), self._pushed, event))
+        self._pushed += 1
+
+    def pop(self) -> tuple[float, Any]:
+        time_s, _, event = heapq.heappop(self._heap)
+        return time_s, event
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def events(self) -> list[Any]:
+        """The pending events in time order (for checkpoints and inspection)."""
+        return [e for _, _, e in sorted(self._heap)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"heap": sorted(self._heap, key=lambda x: (x[0], x[1])), "pushed": self._pushed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._heap = [tuple(x) for x in state["heap"]]
+        heapq.heapify(self._heap)
+        self._pushed = state["pushed"]

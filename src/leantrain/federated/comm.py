@@ -73,6 +73,11 @@ def config_nbytes(config: dict[str, Any]) -> int:
     return len(json.dumps(config, separators=(",", ":"), sort_keys=True).encode()) if config else 0
 
 
+def message_nbytes(arrays: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> int:
+    """Bytes of one message: its tensors as Flower carries them plus its JSON config."""
+    return sum(wire_nbytes(t) for t in arrays.values()) + config_nbytes(config or {})
+
+
 class ByteLedger:
     """Counts every message sent down (server -> client) and up (client -> server), per round."""
 
@@ -86,7 +91,7 @@ class ByteLedger:
         """Count one message; returns its size in bytes."""
         if direction not in DIRECTIONS:
             raise ConfigError(f"ledger direction={direction!r} is invalid; accepted: {DIRECTIONS}")
-        nbytes = sum(wire_nbytes(t) for t in arrays.values()) + config_nbytes(config or {})
+        nbytes = message_nbytes(arrays, config)
         params = sum(t.numel() for t in arrays.values())
         row = self.rounds[round_idx]
         row[f"{direction}_bytes"] += nbytes

@@ -3,6 +3,8 @@
 Every sampled client ends the round in exactly one of four ways, counted and logged with its id and reason:
 
 - ``dropped``: it never replied (dropout, lost connection);
+- ``late``: it would reply after the round's deadline (``Algorithm.deadline``), so the server closed the round
+  without it (its upload is not counted);
 - ``failed``: its update raised (any exception on the client; the run goes on) or the transport reported an error;
 - ``rejected``: its reply arrived but is malformed (:func:`check_reply`: names, shapes, dtypes, NaN/inf, metrics)
   or absurd (:class:`ReplyGuard`: an update far larger than the cohort's);
@@ -26,7 +28,7 @@ import torch
 from leantrain.errors import ConfigError
 from leantrain.federated.algorithms.base import Algorithm, Instruction, Reply
 
-OUTCOMES = ("responded", "dropped", "failed", "rejected")
+OUTCOMES = ("responded", "dropped", "failed", "rejected", "late")
 
 
 def check_reply(reply: Reply, expected: dict[str, tuple]) -> str | None:
@@ -118,6 +120,11 @@ class RoundIntake:
     def dropped(self, cid: int, why: str = "dropped out") -> None:
         self.counts["dropped"] += 1
         self.events.append(f"client {cid} {why}")
+
+    def late(self, cid: int, finish_s: float, deadline_s: float) -> None:
+        """The client would finish after the round's deadline: the server closed the round without it."""
+        self.counts["late"] += 1
+        self.events.append(f"client {cid} late: {finish_s:.2f} s > deadline {deadline_s:.2f} s")
 
     def failed(self, cid: int, reason: str) -> None:
         self.counts["failed"] += 1

@@ -39,10 +39,15 @@ from torch import nn
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.base import Algorithm, ClientContext, Instruction, Reply, train_client
 from leantrain.federated.client import ClientData, LocalTraining
-from leantrain.federated.clock import SimulatedClock, assign_profiles, profile
-from leantrain.federated.comm import ByteLedger
+from leantrain.federated.clock import DeviceProfile, SimulatedClock, assign_profiles, profile
+from leantrain.federated.comm import ByteLedger, message_nbytes
 from leantrain.federated.engines import DROPPED, ClientOutcome, Engine, make_engine
 from leantrain.federated.intake import ReplyGuard, RoundIntake
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.nanmean(values)) if values else None
+
 
 LAST_WINDOW = 10  # accuracy is also reported as the mean of the last this-many evaluated rounds
 
@@ -60,15 +65,20 @@ class FederatedData:
     parts: list[np.ndarray]
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
+    unlabeled_parts: list[np.ndarray] | None = None  # per client: training rows it holds without their labels
 
 
 def federated_data(dataset: Any, partition: Any, num_clients: int, seed: int = 0, train_subset: int | None = None,
-                   eval_split: str = "test", **partition_options: Any) -> FederatedData:  # fmt: skip
+                   eval_split: str = "test", unlabeled_share: float = 0.0, unlabeled_holders: list[int] | None = None,
+                   **partition_options: Any) -> FederatedData:  # fmt: skip
     """Build the simulator's data from a dataset name (or a leantrain ``Dataset``) and a partition.
 
     ``partition`` is "iid", "dirichlet" (``alpha=...``), "shards", or an explicit list of index arrays.
     ``eval_split``: the rows the global model is evaluated on ("test", or "val" to choose hyperparameters without
     looking at the test rows); they land in ``FederatedData.test``.
+    ``unlabeled_share``: this share of the training rows (a seeded random draw) is taken out of the labeled
+    partition and split, by the same partition rule, among ``unlabeled_holders`` (client ids; default all) as their
+    unlabeled rows (``ClientContext.unlabeled``; on-device KD distils on them). Every client keeps labeled rows.
     """
     from leantrain.data import load_dataset
     from leantrain.data.partition import partition as split
@@ -81,15 +91,34 @@ def federated_data(dataset: Any, partition: Any, num_clients: int, seed: int = 0
         raise ConfigError(f"eval_split={eval_split!r} is invalid; expected 'test' or 'val'")
     rows = ds.test if eval_split == "test" else ds.val
     test = {"x": torch.as_tensor(rows.x), "labels": torch.as_tensor(rows.y)}
+    if not isinstance(unlabeled_share, int | float) or not 0 <= unlabeled_share < 1:
+        raise ConfigError(f"unlabeled_share={unlabeled_share!r} is invalid; expected a share in [0, 1)")
+    labels = np.asarray(ds.train.y)
+    rows = np.arange(len(labels))
+    unlabeled_rows = np.zeros(0, dtype=np.int64)
+    if unlabeled_share > 0:
+        if not isinstance(partition, str):
+            raise ConfigError("unlabeled_share needs a named partition (iid, dirichlet, shards)")
+        picked = np.random.default_rng(seed_for(seed, 3)).random(len(rows)) < unlabeled_share
+        rows, unlabeled_rows = rows[~picked], rows[picked]
     if isinstance(partition, str):
         if partition == "dirichlet":
             partition_options.setdefault("min_size", 1)
-        parts = split(partition, ds.train.y, num_clients, seed=seed, **partition_options)
+        parts = [rows[p] for p in split(partition, labels[rows], num_clients, seed=seed, **partition_options)]
     else:
         parts = [np.asarray(p, dtype=np.int64) for p in partition]
         if len(parts) != num_clients:
             raise ConfigError(f"the partition has {len(parts)} clients but num_clients={num_clients}")
-    return FederatedData(train, test, parts, ds.num_classes, ds.input_shape)
+    unlabeled_parts = None
+    if unlabeled_share > 0:
+        holders = list(range(num_clients)) if unlabeled_holders is None else sorted(set(unlabeled_holders))
+        if not holders or min(holders) < 0 or max(holders) >= num_clients:
+            raise ConfigError(f"unlabeled_holders must be client ids in 0..{num_clients - 1}; got {unlabeled_holders}")
+        held = split(partition, labels[unlabeled_rows], len(holders), seed=seed + 1, **partition_options)
+        unlabeled_parts = [np.zeros(0, dtype=np.int64) for _ in range(num_clients)]
+        for holder, part in zip(holders, held, strict=True):
+            unlabeled_parts[holder] = unlabeled_rows[part]
+    return FederatedData(train, test, parts, ds.num_classes, ds.input_shape, unlabeled_parts)
 
 
 @dataclass
@@ -120,6 +149,12 @@ def seed_for(*parts: int) -> int:
     """A 63-bit seed derived from integers: (seed, round) for cohorts, (seed, round, client) for a client's batches,
     (seed, round, client, 1) for its dropout masks. Both runtimes (simulator, Flower) derive seeds with it."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
+
+
+def batch_seed(seed: int, round_idx: int, cid: int, phase_index: int = 0) -> int:
+    """The seed of client ``cid``'s batch order in round ``round_idx`` (phase ``phase_index`` of a multi-phase round;
+    the first phase keeps the single-phase seed, so one-phase algorithms are unchanged)."""
+    return seed_for(seed, round_idx, cid) if phase_index == 0 else seed_for(seed, round_idx, cid, 100 + phase_index)
 
 
 def seed_torch(seed: int) -> None:
@@ -166,14 +201,18 @@ class _FailingBatches:
 class Simulator:
     """Run ``algorithm`` for ``rounds`` rounds over ``num_clients`` clients, ``clients_per_round`` at a time.
 
-    ``model_fn()`` builds the model (called once under ``torch.manual_seed(seed)``); ``dataset`` is a dataset name,
-    a leantrain ``Dataset`` or a :class:`FederatedData`; ``partition`` "iid" / "dirichlet" / "shards" / index
-    arrays (options in ``partition_options``). ``local_steps`` is τ; ``devices`` maps profile name -> share of
-    clients (e.g. ``{"weak": 0.5, "moderate": 0.25}``; the rest are strong). ``checkpoint_dir``: the server state
-    is saved after every round and ``run(resume=True)`` continues from the latest one. ``engine``: how a cohort is
-    trained (:mod:`leantrain.federated.engines`; results do not depend on it). ``guard``: the server's guards
-    against absurd replies (default ``ReplyGuard()``: update norm at most 100x the cohort's median, sample counts
-    capped at the client's known dataset size; ``ReplyGuard.off()`` disables them).
+    ``model_fn()`` builds the model (called once under ``torch.manual_seed(seed)``); ``dataset`` is a dataset name, a
+    leantrain ``Dataset`` or a :class:`FederatedData`; ``partition`` "iid" / "dirichlet" / "shards" / index arrays
+    (options in ``partition_options``). ``local_steps`` is τ; ``devices`` maps profile name -> share of clients (e.g.
+    ``{"weak": 0.5, "moderate": 0.25}``; the rest are strong), or is a list of one
+    :class:`~leantrain.federated.clock.DeviceProfile` per client
+    (:func:`~leantrain.federated.clock.lognormal_profiles`). ``availability``: the probability a client is online in a
+    round (a seeded draw per round; the cohort is sampled from the online ones). ``time_budget_s``: stop once the
+    simulated clock reaches it (``rounds`` stays the cap). ``checkpoint_dir``: the server state is saved after every
+    round and ``run(resume=True)`` continues from the latest one. ``engine``: how a cohort is trained
+    (:mod:`leantrain.federated.engines`; results do not depend on it). ``guard``: the server's guards against absurd
+    replies (default ``ReplyGuard()``: update norm at most 100x the cohort's median, sample counts capped at the
+    client's known dataset size; ``ReplyGuard.off()`` disables them).
     """
 
     def __init__(
@@ -193,7 +232,7 @@ class Simulator:
         *,
         partition_options: dict[str, Any] | None = None,
         train_subset: int | None = None,
-        devices: dict[str, float] | None = None,
+        devices: dict[str, float] | list[DeviceProfile] | None = None,
         dropout: float = 0.0,
         failure: float = 0.0,
         fault_hook: Callable[[int, int, Reply], Reply] | None = None,
@@ -208,6 +247,8 @@ class Simulator:
         on_round: Callable[[dict[str, Any]], None] | None = None,
         engine: str | Engine = "auto",
         guard: ReplyGuard | None = None,
+        availability: float = 1.0,
+        time_budget_s: float | None = None,
     ):
         if not isinstance(algorithm, Algorithm):
             raise ConfigError(f"algorithm={algorithm!r} is not a leantrain federated Algorithm")
@@ -218,6 +259,10 @@ class Simulator:
                 raise ConfigError(f"Simulator {name}={value!r} is invalid; expected an integer >= 1")
         if clients_per_round > num_clients:
             raise ConfigError(f"clients_per_round={clients_per_round} exceeds num_clients={num_clients}")
+        if not isinstance(availability, int | float) or isinstance(availability, bool) or not 0 < availability <= 1:
+            raise ConfigError(f"Simulator availability={availability!r} is invalid; expected a probability in (0, 1]")
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise ConfigError(f"Simulator time_budget_s={time_budget_s!r} is invalid; expected > 0 or None")
         for name, p in (("dropout", dropout), ("failure", failure)):
             if not isinstance(p, int | float) or isinstance(p, bool) or not 0 <= p < 1:
                 raise ConfigError(f"Simulator {name}={p!r} is invalid; expected a probability in [0, 1)")
@@ -229,6 +274,7 @@ class Simulator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.log, self.log_every, self.on_round = log, log_every, on_round
         self.checkpoint_every = checkpoint_every
+        self.availability, self.time_budget_s = float(availability), time_budget_s
         self.guard = guard if guard is not None else ReplyGuard()
         self.engine = make_engine(engine)
         if isinstance(dataset, FederatedData):
@@ -238,21 +284,29 @@ class Simulator:
         else:
             self.data = federated_data(dataset, partition, num_clients, seed, train_subset,
                                        **(partition_options or {}))  # fmt: skip
-        self.client_data = ClientData(self.data.train, self.data.parts)
+        self.client_data = ClientData(self.data.train, self.data.parts, self.data.unlabeled_parts)
         torch.manual_seed(seed)
         self.model = model_fn()  # the one working model every client trains on in turn
-        self.device_names = assign_profiles(num_clients, devices, seed)
-        self.devices = [profile(n) for n in self.device_names]
+        if isinstance(devices, list):  # one profile per client (e.g. clock.lognormal_profiles)
+            if len(devices) != num_clients or not all(isinstance(d, DeviceProfile) for d in devices):
+                raise ConfigError(f"devices: a list needs one DeviceProfile per client ({num_clients})")
+            self.devices = list(devices)
+            self.device_names = [d.name for d in devices]
+        else:
+            self.device_names = assign_profiles(num_clients, devices, seed)
+            self.devices = [profile(n) for n in self.device_names]
         self.clock = SimulatedClock(sample_time_s)
         self.ledger = ByteLedger()
         self.history = History()
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}
-        self.algorithm.setup(self.model, num_clients, self.devices)
         self.algorithm.seed = seed
+        self.algorithm.clock, self.algorithm.local = self.clock, self.local  # what deadline-aware algorithms plan with
+        self.algorithm.setup(self.model, num_clients, self.devices)
         from leantrain.train.tasks import ClassificationTask
 
         self.loss_fn = ClassificationTask().loss
         self.next_round = 0
+        self.phase_index = 0  # the phase of the round being run (multi-phase algorithms)
 
     # ------------------------------------------------------------------ one round
 
@@ -268,13 +322,18 @@ class Simulator:
         return False, None
 
     def client_batches(self, r: int, cid: int):
-        """Client ``cid``'s endless batch stream in round ``r`` (seeded with (seed, round, client))."""
-        return self.client_data.batches(cid, self.local.batch_size, seed_for(self.seed, r, cid))
+        """Client ``cid``'s endless batch stream in round ``r`` (seeded with :func:`batch_seed`)."""
+        return self.client_data.batches(cid, self.local.batch_size, batch_seed(self.seed, r, cid, self.phase_index))
 
     def client_context(self, r: int, cid: int, batches) -> ClientContext:
-        """What ``client_update`` gets: the working model, the batches, n_i, the local settings and its state."""
+        """What ``client_update`` gets: the working model, the batches, n_i, the local settings, its state and its
+        unlabeled batches (if it holds unlabeled rows)."""
+        unlabeled = self.client_data.unlabeled_batches(
+            cid, self.local.batch_size, seed_for(batch_seed(self.seed, r, cid, self.phase_index), 5)
+        )
         return ClientContext(cid, r, self.model, batches, self.client_data.num_samples(cid), self.local,
-                             self.loss_fn, self.devices[cid], dict(self.client_states.get(cid, {})))  # fmt: skip
+                             self.loss_fn, self.devices[cid], dict(self.client_states.get(cid, {})),
+                             unlabeled)  # fmt: skip
 
     def train_one(self, r: int, cid: int, instruction: Instruction) -> ClientOutcome:
         """Train client ``cid`` on the working model: its reply, or why it did not reply.
@@ -303,43 +362,88 @@ class Simulator:
         """The reply as it arrives at the server (``fault_hook`` applied, if any)."""
         return self.fault_hook(r, cid, reply) if self.fault_hook is not None else reply
 
+    def available(self, r: int) -> list[int]:
+        """The clients online in round ``r``: each with probability ``availability`` (seeded with (seed, round))."""
+        if self.availability >= 1:
+            return list(range(self.num_clients))
+        online = np.random.default_rng(seed_for(self.seed, r, 9)).random(self.num_clients) < self.availability
+        return [int(c) for c in np.flatnonzero(online)]
+
     def run_round(self, r: int) -> dict[str, Any]:
         started = time.perf_counter()
-        rng = np.random.default_rng(seed_for(self.seed, r))
-        cohort = self.algorithm.sample(r, self.clients_per_round, rng, list(range(self.num_clients)))
+        available = self.available(r)
+        phases = self.algorithm.phases(r)
+        row: dict[str, Any] = {"round": r, "cohort": 0, "available": len(available), "events": []}
+        losses: list[float] = []
+        duration = 0.0
+        for p, phase in enumerate(phases):
+            self.phase_index = p
+            self.algorithm.begin_phase(r, phase)
+            rng = np.random.default_rng(seed_for(self.seed, r) if p == 0 else seed_for(self.seed, r, p, 11))
+            cohort = self.algorithm.sample(r, self.clients_per_round, rng, available)
+            out = self._run_phase(r, cohort)
+            duration += out["duration"]
+            losses += out["losses"]
+            row["cohort"] += len(cohort)
+            for k, v in out["counts"].items():
+                row[k] = row.get(k, 0) + v
+            row["events"] += out["events"]
+            if len(phases) > 1:
+                row.setdefault("phases", {})[phase] = {"cohort": len(cohort), **out["counts"],
+                                                       "round_time_s": out["duration"],
+                                                       "train_loss": _mean(out["losses"])}  # fmt: skip
+        self.phase_index = 0
+        self.clock.now += duration
+        row.update({**self.ledger.round_totals(r), "train_loss": _mean(losses), "round_time_s": duration,
+                    "sim_time_s": self.clock.now, "engine": self.engine.describe()})  # fmt: skip
+        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds or self._budget_spent():
+            row.update({f"test_{k}": v for k, v in self.evaluate().items()})
+        row["wall_s"] = time.perf_counter() - started
+        return row
+
+    def _run_phase(self, r: int, cohort: list[int]) -> dict[str, Any]:
+        """One sample -> configure -> train -> accumulate -> aggregate cycle; its duration, losses and counts."""
         instructions = self.algorithm.configure(r, cohort)
+        deadline = self.algorithm.deadline(r, cohort, instructions)
         intake = RoundIntake(self.algorithm, r, self.guard, self.client_data.num_samples)
         down = {cid: self.ledger.record(r, cid, "down", instructions[cid].arrays, instructions[cid].config)
                 for cid in cohort}  # fmt: skip
-        up, states = {}, {}
+        up, states, times = {}, {}, {}
         for out in self.engine.train(self, r, cohort, instructions):
             cid = out.cid
             if out.reply is None:
                 intake.dropped(cid) if out.why == DROPPED else intake.failed(cid, str(out.why))
                 continue
-            up[cid] = self.ledger.record(r, cid, "up", out.reply.arrays if isinstance(out.reply, Reply) else {})
+            arrays = out.reply.arrays if isinstance(out.reply, Reply) else {}
+            if deadline is not None:
+                finish = self.reply_time(cid, out.reply, down[cid], message_nbytes(arrays))
+                if finish > deadline:
+                    intake.late(cid, finish, deadline)
+                    continue
+            up[cid] = self.ledger.record(r, cid, "up", arrays)
             if intake.offer(cid, instructions[cid], out.reply) is None:
                 states[cid] = out.state
         accepted = intake.close()
-        losses, times = [], []
+        losses = []
         for cid, reply in accepted.items():
             if states.get(cid):
                 self.client_states[cid] = states[cid]
             else:
                 self.client_states.pop(cid, None)
             losses.append(float(reply.metrics.get("loss", float("nan"))))
-            work = float(reply.metrics.get("work", 1.0))
-            times.append(self.clock.client_time(self.devices[cid], int(reply.metrics.get("samples", 0)), work,
-                                                down[cid], up[cid], 2))  # fmt: skip
+            times[cid] = self.reply_time(cid, reply, down[cid], up[cid])
         self.algorithm.aggregate(r)
-        duration = self.clock.advance(times)
-        row = {"round": r, "cohort": len(cohort), **intake.counts, **self.ledger.round_totals(r),
-               "train_loss": float(np.nanmean(losses)) if losses else None, "round_time_s": duration,
-               "sim_time_s": self.clock.now, "events": intake.events, "engine": self.engine.describe()}  # fmt: skip
-        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds:
-            row.update({f"test_{k}": v for k, v in self.evaluate().items()})
-        row["wall_s"] = time.perf_counter() - started
-        return row
+        duration = deadline if deadline is not None else max(times.values(), default=0.0)
+        return {"duration": duration, "losses": losses, "counts": intake.counts, "events": intake.events}
+
+    def reply_time(self, cid: int, reply: Reply, down_bytes: int, up_bytes: int) -> float:
+        """Simulated seconds from the instruction's download to the reply's upload (compute + transfers)."""
+        metrics = reply.metrics if isinstance(reply, Reply) and isinstance(reply.metrics, dict) else {}
+        work = float(metrics.get("work", 1.0))
+        return self.clock.client_time(self.devices[cid], int(metrics.get("samples", 0)), work, down_bytes, up_bytes, 2)
+
+    def _budget_spent(self) -> bool:
+        return self.time_budget_s is not None and self.clock.now >= self.time_budget_s
 
     def evaluate(self) -> dict[str, float]:
         """Loss and accuracy of the algorithm's evaluation model on the test rows."""
@@ -362,7 +466,7 @@ class Simulator:
             row = self.run_round(r)
             self.history.rounds.append(row)
             self.next_round = r + 1
-            stopping = r + 1 == last or (should_stop is not None and should_stop())
+            stopping = r + 1 == last or self._budget_spent() or (should_stop is not None and should_stop())
             if self.checkpoint_dir is not None and ((r + 1) % self.checkpoint_every == 0 or stopping):
                 self.save()
             if self.on_round is not None:

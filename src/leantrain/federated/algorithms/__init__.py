@@ -20,6 +20,11 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "fedluar": ("fedluar", "FedLUAR"),
     "fedpa": ("partial_averaging", "PartialAveraging"),
     "embracingfl": ("embracingfl", "EmbracingFL"),
+    "kd": ("ondevice_kd", "OnDeviceKD"),
+    "prism": ("prism", "PriSM"),
+    "timelyfl": ("timelyfl", "TimelyFL"),
+    "fedbuff": ("fedbuff", "FedBuff"),
+    "gptfl": ("gptfl", "GPTFL"),
 }
 
 
@@ -31,7 +36,7 @@ def algorithm_class(name: str) -> type[Algorithm]:
 
 
 def make_algorithm(name: str, **options: Any) -> Algorithm:
-    """Build algorithm ``name`` (fedavg, fedlama, fedluar, fedpa, embracingfl) with its keyword options."""
+    """Build algorithm ``name`` (see ``ALGORITHMS``) with its keyword options."""
     cls = algorithm_class(name)
     try:
         return cls(**options)

@@ -10,6 +10,14 @@ One round, as the runtime runs it:
 5. ``algorithm.accumulate(round, cid, reply)`` for every accepted reply (streaming: nothing per client is kept),
    then ``algorithm.aggregate(round)``.
 
+A round may have several **phases** (:meth:`Algorithm.phases`, one ``"train"`` phase by default): the runtime runs
+steps 1-5 once per phase, in order, after ``algorithm.begin_phase(round, phase)``; each phase samples its own cohort
+(the first phase with the round's generator, so every algorithm sees the same first cohorts) and aggregates before
+the next begins (on-device KD: the auxiliary model's FedAvg, then the strong clients' distillation into the target
+model). A multi-phase algorithm puts the phase's name in its instructions' config, so a client (on Flower, a fresh
+object) knows what to run; the simulated clock adds the phases' durations; a client's batches in phase p > 0 are
+seeded with (seed, round, client, p) (:func:`~leantrain.federated.simulator.batch_seed`).
+
 Instructions and replies are what a Flower Message carries (an ArrayRecord of tensors and a ConfigRecord /
 MetricRecord of scalars). Client state that must persist between rounds (stateful algorithms) lives in
 ``ctx.state``, which the simulator stores per client and Flower keeps in ``context.state``.
@@ -71,6 +79,7 @@ class ClientContext:
     loss_fn: Any
     device: DeviceProfile
     state: dict[str, torch.Tensor]  # persistent per-client state (empty unless the algorithm stores something)
+    unlabeled: Iterator[dict[str, torch.Tensor]] | None = None  # batches of the client's unlabeled rows (if any)
 
 
 def train_client(algorithm: Algorithm, ctx: ClientContext, instruction: Instruction) -> Reply:
@@ -151,6 +160,7 @@ class Algorithm:
             raise ConfigError(f"{type(self).__name__} weighting={weighting!r} is invalid; accepted: {WEIGHTINGS}")
         self.weighting = weighting
         self.global_state: dict[str, torch.Tensor] = {}
+        self.phase = "train"
 
     # -------------------------------------------------------------- setup and sampling
 
@@ -194,6 +204,16 @@ class Algorithm:
         mean, self._mean = getattr(self, "_mean", None), None
         return mean if mean is not None and self._mean_round == round_idx else None
 
+    # -------------------------------------------------------------- phases of a round
+
+    def phases(self, round_idx: int) -> tuple[str, ...]:
+        """The phases of round ``round_idx``, in order (one ``"train"`` phase unless an algorithm needs more)."""
+        return ("train",)
+
+    def begin_phase(self, round_idx: int, phase: str) -> None:
+        """Called by the runtime before each phase's sampling; ``self.phase`` is what the server-side methods read."""
+        self.phase = phase
+
     # -------------------------------------------------------------- one round (override)
 
     def configure(self, round_idx: int, cohort: list[int]) -> dict[int, Instruction]:
@@ -205,6 +225,13 @@ class Algorithm:
     def expected_upload(self, round_idx: int, cid: int, instruction: Instruction) -> dict[str, tuple]:
         """name -> (shape, dtype) of the tensors a well-formed reply carries."""
         raise NotImplementedError
+
+    def deadline(self, round_idx: int, cohort: list[int], instructions: dict[int, Instruction]) -> float | None:
+        """Simulated seconds after which the server closes this phase (None: it waits for every client).
+
+        A client whose compute and transfers would end later is counted ``late`` and left out; the phase then lasts
+        exactly the deadline (TimelyFL's aggregation interval, deadline FedAvg's cut-off)."""
+        return None
 
     def accumulate(self, round_idx: int, cid: int, reply: Reply) -> None:
         """Default: fold the reply into this round's weighted mean."""
