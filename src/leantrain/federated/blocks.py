@@ -202,3 +202,24 @@ def suffix_work(blocks: list[Block], cut: int) -> float:
 def forward_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> int:
     """Multiply-accumulates of one sample's forward pass through the layers with weights."""
     return sum(b.macs for b in ordered_blocks(model, input_shape))
+
+
+class FrozenPrefix(nn.Module):
+    """The working model with the modules of ``prefix`` (blocks) kept in eval mode while training: BatchNorm there
+    normalizes with, and does not update, its running statistics; dropout is off (``local_sgd`` calls
+    ``model.train()``, which this overrides for the prefix)."""
+
+    def __init__(self, model: nn.Module, prefix: list[Block]):
+        super().__init__()
+        self.model = model
+        modules = dict(model.named_modules())
+        self.frozen = [modules[m] for b in prefix for m in b.modules]  # a plain list: not registered again
+
+    def train(self, mode: bool = True) -> FrozenPrefix:
+        super().train(mode)
+        for m in self.frozen:
+            m.eval()
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)

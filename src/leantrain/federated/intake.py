@@ -121,10 +121,12 @@ class RoundIntake:
         self.counts["dropped"] += 1
         self.events.append(f"client {cid} {why}")
 
-    def late(self, cid: int, finish_s: float, deadline_s: float) -> None:
-        """The client would finish after the round's deadline: the server closed the round without it."""
+    def late(self, cid: int, finish_s: float | None, deadline_s: float) -> None:
+        """The client would finish after the round's deadline (None: it was not scheduled, no work fits): the server
+        closed the round without it."""
         self.counts["late"] += 1
-        self.events.append(f"client {cid} late: {finish_s:.2f} s > deadline {deadline_s:.2f} s")
+        when = "no work fits" if finish_s is None else f"{finish_s:.2f} s"
+        self.events.append(f"client {cid} late: {when} > deadline {deadline_s:.2f} s")
 
     def failed(self, cid: int, reason: str) -> None:
         self.counts["failed"] += 1

@@ -38,6 +38,7 @@ from torch import nn
 
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.base import Algorithm, ClientContext, Instruction, Reply, train_client
+from leantrain.federated.asynchronous import AsyncRuntime
 from leantrain.federated.client import ClientData, LocalTraining
 from leantrain.federated.clock import DeviceProfile, SimulatedClock, assign_profiles, profile
 from leantrain.federated.comm import ByteLedger, message_nbytes
@@ -305,6 +306,7 @@ class Simulator:
         from leantrain.train.tasks import ClassificationTask
 
         self.loss_fn = ClassificationTask().loss
+        self.async_runtime = AsyncRuntime() if getattr(algorithm, "asynchronous", False) else None
         self.next_round = 0
         self.phase_index = 0  # the phase of the round being run (multi-phase algorithms)
 
@@ -370,7 +372,19 @@ class Simulator:
         return [int(c) for c in np.flatnonzero(online)]
 
     def run_round(self, r: int) -> dict[str, Any]:
+        """Round ``r`` (one server update of an asynchronous algorithm), evaluated when due; its record."""
         started = time.perf_counter()
+        if self.async_runtime is not None:
+            row = self.async_runtime.run_round(self, r, np.random.default_rng(seed_for(self.seed, r)))
+        else:
+            row = self._synchronous_round(r)
+        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds or self._budget_spent():
+            row.update({f"test_{k}": v for k, v in self.evaluate().items()})
+        row["wall_s"] = time.perf_counter() - started
+        return row
+
+    def _synchronous_round(self, r: int) -> dict[str, Any]:
+        """The phases of round ``r``, one after another; the round lasts their durations' sum."""
         available = self.available(r)
         phases = self.algorithm.phases(r)
         row: dict[str, Any] = {"round": r, "cohort": 0, "available": len(available), "events": []}
@@ -396,9 +410,6 @@ class Simulator:
         self.clock.now += duration
         row.update({**self.ledger.round_totals(r), "train_loss": _mean(losses), "round_time_s": duration,
                     "sim_time_s": self.clock.now, "engine": self.engine.describe()})  # fmt: skip
-        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds or self._budget_spent():
-            row.update({f"test_{k}": v for k, v in self.evaluate().items()})
-        row["wall_s"] = time.perf_counter() - started
         return row
 
     def _run_phase(self, r: int, cohort: list[int]) -> dict[str, Any]:
@@ -406,6 +417,12 @@ class Simulator:
         instructions = self.algorithm.configure(r, cohort)
         deadline = self.algorithm.deadline(r, cohort, instructions)
         intake = RoundIntake(self.algorithm, r, self.guard, self.client_data.num_samples)
+        unscheduled = [cid for cid in cohort if cid not in instructions]
+        if unscheduled and deadline is None:
+            raise ConfigError(f"{self.algorithm.name}: no instruction for sampled clients {unscheduled[:5]}")
+        for cid in unscheduled:  # no work fits the deadline: nothing is sent
+            intake.late(cid, None, deadline)
+        cohort = [cid for cid in cohort if cid in instructions]
         down = {cid: self.ledger.record(r, cid, "down", instructions[cid].arrays, instructions[cid].config)
                 for cid in cohort}  # fmt: skip
         up, states, times = {}, {}, {}
@@ -417,7 +434,7 @@ class Simulator:
             arrays = out.reply.arrays if isinstance(out.reply, Reply) else {}
             if deadline is not None:
                 finish = self.reply_time(cid, out.reply, down[cid], message_nbytes(arrays))
-                if finish > deadline:
+                if finish > deadline * (1 + 1e-9):  # (float rounding of the same sum)
                     intake.late(cid, finish, deadline)
                     continue
             up[cid] = self.ledger.record(r, cid, "up", arrays)
@@ -501,6 +518,7 @@ class Simulator:
             "history": self.history.rounds,
             "clock": self.clock.now,
             "client_states": self.client_states,
+            "async": self.async_runtime.state_dict() if self.async_runtime is not None else None,
         }
 
     def save(self) -> Path:
@@ -525,5 +543,7 @@ class Simulator:
         self.history.rounds = state["history"]
         self.clock.now = state["clock"]
         self.client_states = {int(k): v for k, v in state["client_states"].items()}
+        if self.async_runtime is not None:
+            self.async_runtime.load_state_dict(state["async"])
         self.next_round = state["next_round"]
         return True

@@ -71,27 +71,9 @@ from leantrain.federated.algorithms.base import (
     communicated,
     load_arrays,
 )
-from leantrain.federated.blocks import PROBE_BATCH, ordered_blocks, suffix_work
+from leantrain.federated.blocks import PROBE_BATCH, FrozenPrefix, ordered_blocks, suffix_work
 from leantrain.federated.client import local_sgd, trainable_only
 from leantrain.federated.clock import PROFILES, DeviceProfile
-
-
-class _FrozenPrefix(nn.Module):
-    """The working model with its frozen prefix kept in eval mode (``local_sgd`` calls ``model.train()``)."""
-
-    def __init__(self, model: nn.Module, frozen: list[nn.Module]):
-        super().__init__()
-        self.model = model
-        self.frozen = frozen  # a plain list: not registered again as submodules
-
-    def train(self, mode: bool = True) -> _FrozenPrefix:
-        super().train(mode)
-        for m in self.frozen:
-            m.eval()
-        return self
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
 
 
 class EmbracingFL(Algorithm):
@@ -196,11 +178,9 @@ class EmbracingFL(Algorithm):
         cut = int(instruction.config.get("cut", 0))
         names = set(self.suffix(cut))
         trained = {n for n, _ in ctx.model.named_parameters() if n in names} if cut else None
-        modules = dict(ctx.model.named_modules())
-        frozen = [modules[m] for b in self.blocks[:cut] for m in b.modules]
         with trainable_only(ctx.model, trained):
-            metrics = local_sgd(_FrozenPrefix(ctx.model, frozen), ctx.loss_fn, ctx.batches, ctx.local.steps,
-                                ctx.local.lr, ctx.local.momentum, ctx.local.weight_decay)  # fmt: skip
+            metrics = local_sgd(FrozenPrefix(ctx.model, self.blocks[:cut]), ctx.loss_fn, ctx.batches,
+                                ctx.local.steps, ctx.local.lr, ctx.local.momentum, ctx.local.weight_decay)  # fmt: skip
         state = ctx.model.state_dict()
         return Reply({k: state[k].detach().clone() for k in self.suffix(cut)}, {**metrics, "work": self.work(cut)})
 
