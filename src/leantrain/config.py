@@ -141,7 +141,8 @@ class TrainConfig:
 class FederatedConfig:
     algorithm: str | None = _f(
         None,
-        "federated algorithm (fedavg, fedlama, fedluar, fedpa, embracingfl); None: not a federated run",
+        "federated algorithm (fedavg, fedlama, fedluar, fedpa, embracingfl, kd, prism, timelyfl, fedbuff, gptfl); "
+        "None: not a federated run",
         choices="leantrain.federated.algorithms:ALGORITHMS",
     )
     options: dict = _f({}, "keyword options of the algorithm (e.g. {phi: 2}, {recycled_layers: 2}, {groups: 10})")
@@ -152,6 +153,13 @@ class FederatedConfig:
     partition: Literal["iid", "dirichlet", "shards"] = _f("dirichlet", "how the training rows are split")
     alpha: float = _f(0.1, "Dirichlet concentration (partition=dirichlet)", gt=0.0)
     devices: dict = _f({}, "device profile shares, e.g. {weak: 0.5, moderate: 0.25}; the rest are strong")
+    device_spread: dict = _f({}, "per-client lognormal profiles instead of devices, e.g. {compute_sigma: 1.0, "
+                             "bandwidth_sigma: 1.0} (empty: off)")  # fmt: skip
+    availability: float = _f(1.0, "probability a client is online in a round (the cohort is drawn from those)",
+                             gt=0.0, le=1.0)  # fmt: skip
+    time_budget_s: float | None = _f(None, "stop once the simulated clock reaches this many seconds", gt=0.0)
+    unlabeled_share: float = _f(0.0, "share of the training rows held, without labels, by the strong clients "
+                                "(on-device KD distils on them)", ge=0.0, lt=1.0)  # fmt: skip
     client_dropout: float = _f(0.0, "probability a sampled client never replies", ge=0.0, lt=1.0)
     client_failure: float = _f(0.0, "probability a sampled client crashes mid-training", ge=0.0, lt=1.0)
     eval_every: int = _f(5, "evaluate the global model on the test split every N rounds (and at the end)", ge=1)

@@ -392,3 +392,13 @@ def test_a_reply_that_fails_to_decode_or_is_absurd_is_rejected_never_crashes_agg
     else:
         assert row["rejected"] == 1 and row["responded"] == 3, row["events"]
     assert max(float(v.abs().max()) for v in strategy.algorithm.global_state.values()) < 1e3
+
+
+@pytest.mark.parametrize("name", ["kd", "timelyfl", "fedbuff"])
+def test_simulator_only_algorithms_are_refused_with_the_reason(name):
+    from leantrain.errors import ConfigError
+    from leantrain.federated import make_algorithm
+    from leantrain.federated.flower.strategy import LeantrainStrategy
+
+    with pytest.raises(ConfigError, match="does not run on Flower: .*(phases|clock|asynchronous)"):
+        LeantrainStrategy(make_algorithm(name), torch.nn.Sequential(torch.nn.Linear(6, 3)), 4, 2)

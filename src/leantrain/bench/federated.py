@@ -137,6 +137,10 @@ def _data(spec: dict):
         parts = weak_held_partition(labels, names, seed=spec["seed"])
         return federated_data(spec["dataset"], parts, clients, seed=spec["seed"], eval_split=eval_split)
     options = {"alpha": spec["alpha"]} if partition == "dirichlet" else {}
+    if spec.get("unlabeled_share"):  # unlabeled rows held by the strong clients (on-device KD)
+        names = assign_profiles(clients, spec.get("devices"), spec["seed"])
+        options.update(unlabeled_share=spec["unlabeled_share"],
+                       unlabeled_holders=[c for c, n in enumerate(names) if n == "strong"])  # fmt: skip
     return federated_data(spec["dataset"], partition, clients, seed=spec["seed"], eval_split=eval_split, **options)
 
 
@@ -152,18 +156,45 @@ def run_config(spec: dict) -> dict:
     data = _data(spec)
     fields = {"input_shape": data.input_shape, "num_classes": data.num_classes}
     started = time.perf_counter()
+    devices = spec.get("devices")
+    if spec.get("device_spread"):  # one lognormal profile per client (TimelyFL's heterogeneity)
+        from leantrain.federated.clock import lognormal_profiles
+
+        devices = lognormal_profiles(spec["settings"]["num_clients"], **spec["device_spread"], seed=spec["seed"])
     sim = Simulator(algorithm, lambda: build_model_for_data(name, model, fields), data, rounds=spec["rounds"],
-                    seed=spec["seed"], devices=spec.get("devices"), lr=spec["lr"], engine="auto",
+                    seed=spec["seed"], devices=devices, lr=spec["lr"], engine="auto",
                     **spec["settings"])  # fmt: skip
+    contributions: Counter = Counter()  # accepted updates per client (participation of slow clients)
+    accumulate = algorithm.accumulate
+
+    def counted(round_idx, cid, reply):
+        contributions[cid] += 1
+        return accumulate(round_idx, cid, reply)
+
+    algorithm.accumulate = counted
     history = sim.run()
-    return {
+    evaluated = [r for r in history.rounds if r.get("test_accuracy") is not None]
+    result = {
         "final": history.last("test_accuracy"),
         "last10": history.window_mean("test_accuracy"),
         **history.totals,
         "wall_s": time.perf_counter() - started,
-        "curve": [(r["round"], r["test_accuracy"]) for r in history.rounds if r.get("test_accuracy") is not None],
+        "curve": [(r["round"], r["test_accuracy"]) for r in evaluated],
         "peak_rss_mb": peak_rss_mb(),
+        "rounds_done": len(history.rounds),
+        "participation": sum(r["responded"] for r in history.rounds)
+        / max(sum(r["cohort"] for r in history.rounds), 1),
+        "contributions": {str(c): n for c, n in sorted(contributions.items())},
     }
+    budget = spec["settings"].get("time_budget_s")
+    if budget:  # accuracy at equal simulated wall-clock: evaluations in the last fifth of the budget
+        window = [r["test_accuracy"] for r in evaluated if r["sim_time_s"] >= 0.8 * budget]
+        result["time_window"] = float(np.mean(window)) if window else result["final"]
+        result["time_curve"] = [(round(r["sim_time_s"], 3), r["test_accuracy"]) for r in evaluated]
+    staleness = [r["staleness_mean"] for r in history.rounds if r.get("staleness_mean") is not None]
+    if staleness:
+        result["staleness_mean"] = float(np.mean(staleness))
+    return result
 
 
 def bench_algorithm(spec: dict):
@@ -232,7 +263,7 @@ def tuned_rows(arms: list[dict], seeds: int, quick: bool, part: str, anchor: str
         specs = [{**arms[i], "lr": lr, "seed": 0, "tune": True} for i in own for lr in grid]
         progress.total = len(specs) + len(arms) * seeds
         for spec, result in zip(specs, _run_all(specs, progress), strict=True):
-            searched[index[spec["key"]]][spec["lr"]] = result["last10"]
+            searched[index[spec["key"]]][spec["lr"]] = result[spec.get("select", "last10")]
     # the best validation last-10 accuracy; ties go to the rate nearest the common default
     chosen = {i: max(s, key=lambda lr, s=s: (s[lr], -abs(np.log(lr / QUICK_LR)))) for i, s in searched.items()}
     for i, arm in enumerate(arms):  # an arm with lr_from takes the rate chosen for that arm (same method)
@@ -257,7 +288,7 @@ def _row(arm: dict, runs: list[dict], lr: float, searched: dict | None, anchor: 
     final, final_std = mean_std([r["final"] for r in runs])
     last, last_std = mean_std([r["last10"] for r in runs])
     up, down = (statistics.fmean(r[k] for r in runs) for k in ("up_bytes", "down_bytes"))
-    return {
+    row = {
         "method": arm["label"], "anchor": arm["label"] == anchor, "model": arm.get("model_label", "cnn-16-32"),
         "task": arm["task"], "metric_name": "accuracy", "metric": final, "metric_std": final_std,
         "seeds": len(runs), "bytes_up": up, "bytes_down": down,
@@ -269,6 +300,14 @@ def _row(arm: dict, runs: list[dict], lr: float, searched: dict | None, anchor: 
                   "wall_s_median": statistics.median(r["wall_s"] for r in runs), "curve_seed0": runs[0]["curve"],
                   "options": arm.get("options", {}), "condition": arm.get("condition")},
     }  # fmt: skip
+    for key in ("participation", "time_window", "staleness_mean", "rounds_done", "sim_time_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            row["extra"][key], row["extra"][f"{key}_std"] = mean_std(values)
+    if "time_curve" in runs[0]:
+        row["extra"]["time_curve_seed0"] = runs[0]["time_curve"]
+        row["extra"]["contributions_seed0"] = runs[0]["contributions"]
+    return row
 
 
 def accuracy_arms(quick: bool, dataset: str, extra_arms: dict | None = None,
@@ -502,8 +541,7 @@ def merge_into_area(path: Path, rows: dict[str, list[dict]], info: dict) -> Path
 def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
     titles = {"accuracy": "Accuracy and bytes", "accuracy-iid": "Accuracy and bytes, IID",
               "partial": "Partial averaging, full participation", "embracing": "EmbracingFL",
-              "weak": "Weak clients: on-device KD and PriSM", "async": "Late clients: TimelyFL",
-              "pretrain": "GPT-FL: synthetic pretraining"}  # fmt: skip
+              "weak": "Weak clients: on-device KD and PriSM", "pretrain": "GPT-FL: synthetic pretraining"}  # fmt: skip
     for key, title in titles.items():
         if rows.get(key):
             shown = [{**r, "last10": r["extra"]["last10_mean"], "last10_std": r["extra"]["last10_std"],
@@ -512,6 +550,12 @@ def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
             cols = ["method", "task", "lr", "metric", "metric_std", "last10", "last10_std", "up_MB", "down_MB"]
             where = {"partial": "digits", "pretrain": "mnist1d"}.get(key, dataset)
             print(f"\n{title} ({where})\n" + markdown_table(shown, cols))
+    if rows.get("async"):
+        shown = [{**r, "time_window": r["extra"].get("time_window"), "participation": r["extra"].get("participation"),
+                  "slow_share": r["extra"].get("slow_quarter_share_seed0"), "lr": r["extra"]["lr"],
+                  "rounds_done": r["extra"].get("rounds_done"), "up_MB": r["bytes_up"] / 1e6} for r in rows["async"]]
+        cols = ["method", "lr", "time_window", "participation", "slow_share", "rounds_done", "up_MB"]
+        print("\nLate clients at equal simulated time (TimelyFL)\n" + markdown_table(shown, cols))
     if rows.get("cross-device"):
         print("\nCross-device\n" + markdown_table(rows["cross-device"], ["method", "task", "clients_per_s"]))
     if rows.get("workers"):

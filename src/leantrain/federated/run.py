@@ -58,11 +58,22 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
 def build_simulator(cfg, engine, checkpoint_dir: Path | None):
     """The recipe's Simulator (every rank builds the same one)."""
     from leantrain.federated import ReplyGuard, Simulator, make_algorithm
+    from leantrain.federated.clock import assign_profiles, lognormal_profiles
     from leantrain.federated.simulator import federated_data
     from leantrain.models.build import build_model_for_data
 
     f = cfg.federated
     options = {"alpha": f.alpha} if f.partition == "dirichlet" else {}
+    devices = f.devices or None
+    if f.device_spread:
+        if f.devices:
+            raise ConfigError("federated.devices and federated.device_spread exclude each other; give one")
+        devices = lognormal_profiles(f.num_clients, **f.device_spread, seed=cfg.seed)
+    if f.unlabeled_share:
+        names = [d.name for d in devices] if isinstance(devices, list) else assign_profiles(f.num_clients, devices,
+                                                                                            cfg.seed)  # fmt: skip
+        options.update(unlabeled_share=f.unlabeled_share,
+                       unlabeled_holders=[c for c, n in enumerate(names) if n.split("-")[0] == "strong"])  # fmt: skip
     data = federated_data(cfg.data.dataset, f.partition, f.num_clients, seed=cfg.seed,
                           train_subset=cfg.data.train_subset, **options)  # fmt: skip
     data_fields = {"input_shape": data.input_shape, "num_classes": data.num_classes}
@@ -71,10 +82,11 @@ def build_simulator(cfg, engine, checkpoint_dir: Path | None):
         algorithm, lambda: build_model_for_data(cfg.model.name, cfg.model.options, data_fields), data,
         num_clients=f.num_clients, clients_per_round=f.clients_per_round, rounds=f.rounds,
         local_steps=f.local_steps, batch_size=cfg.data.batch_size, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, devices=f.devices or None, dropout=f.client_dropout,
+        weight_decay=cfg.optim.weight_decay, devices=devices, dropout=f.client_dropout,
         failure=f.client_failure, eval_every=f.eval_every, seed=cfg.seed,
         checkpoint_dir=checkpoint_dir, checkpoint_every=f.checkpoint_every, engine=engine,
-        guard=ReplyGuard(f.guard_norm_ratio, f.max_examples),
+        guard=ReplyGuard(f.guard_norm_ratio, f.max_examples), availability=f.availability,
+        time_budget_s=f.time_budget_s,
     )  # fmt: skip
     return sim
 
@@ -113,7 +125,7 @@ def _lead(cfg, run_dir: Path, resume_from: Path | None, engine) -> dict:
             history = sim.run(stop_after=f.stop_after, should_stop=lambda: agreed(interrupted.is_set()))
             if interrupted.is_set():
                 status = "interrupted"
-            elif sim.next_round < f.rounds:
+            elif sim.next_round < f.rounds and not sim.budget_spent():
                 status = "stopped"
     finally:
         progress.close()

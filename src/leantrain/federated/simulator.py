@@ -378,7 +378,7 @@ class Simulator:
             row = self.async_runtime.run_round(self, r, np.random.default_rng(seed_for(self.seed, r)))
         else:
             row = self._synchronous_round(r)
-        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds or self._budget_spent():
+        if (r + 1) % self.eval_every == 0 or r + 1 == self.rounds or self.budget_spent():
             row.update({f"test_{k}": v for k, v in self.evaluate().items()})
         row["wall_s"] = time.perf_counter() - started
         return row
@@ -459,7 +459,8 @@ class Simulator:
         work = float(metrics.get("work", 1.0))
         return self.clock.client_time(self.devices[cid], int(metrics.get("samples", 0)), work, down_bytes, up_bytes, 2)
 
-    def _budget_spent(self) -> bool:
+    def budget_spent(self) -> bool:
+        """Whether the simulated-time budget (``time_budget_s``) is used up."""
         return self.time_budget_s is not None and self.clock.now >= self.time_budget_s
 
     def evaluate(self) -> dict[str, float]:
@@ -483,7 +484,7 @@ class Simulator:
             row = self.run_round(r)
             self.history.rounds.append(row)
             self.next_round = r + 1
-            stopping = r + 1 == last or self._budget_spent() or (should_stop is not None and should_stop())
+            stopping = r + 1 == last or self.budget_spent() or (should_stop is not None and should_stop())
             if self.checkpoint_dir is not None and ((r + 1) % self.checkpoint_every == 0 or stopping):
                 self.save()
             if self.on_round is not None:

@@ -97,8 +97,8 @@ class LeantrainClient:
         client_data, model = self._data(config), self._model(config)
         algorithm = config.algorithm_instance()
         devices = [profile(n) for n in assign_profiles(config.num_clients, config.devices or None, config.seed)]
-        algorithm.setup(model, config.num_clients, devices)
         algorithm.seed = config.seed
+        algorithm.setup(model, config.num_clients, devices)
         local = LocalTraining(config.local_steps, config.batch_size, config.lr, config.momentum, config.weight_decay)
         state = from_array_record(context.state.array_records[STATE]) if STATE in context.state.array_records else {}
         from leantrain.train.tasks import ClassificationTask

@@ -54,6 +54,21 @@ from leantrain.federated.simulator import evaluate_state, seed_for
 _TRANSPORT_METRICS = ("num-examples", SENT_BYTES, RECEIVED_BYTES)
 
 
+def simulator_only(algorithm: Algorithm) -> str | None:
+    """Why ``algorithm`` cannot run as this one-phase synchronous Strategy (None: it can).
+
+    Rounds of several phases (on-device KD) would need a custom ServerApp loop with one ``send_and_receive`` per
+    phase; deadlines (TimelyFL) and asynchronous aggregation (FedBuff) need the simulated clock, which Flower lacks
+    (project spec, federated §11)."""
+    if getattr(algorithm, "asynchronous", False):
+        return "asynchronous aggregation needs the simulator's event queue (Flower has no asynchronous strategy)"
+    if type(algorithm).deadline is not Algorithm.deadline:
+        return "its round deadline is planned on the simulated clock (Flower has no virtual clock)"
+    if tuple(algorithm.phases(0)) != ("train",):
+        return f"its rounds have several phases {tuple(algorithm.phases(0))} (this Strategy runs one per round)"
+    return None
+
+
 class LeantrainStrategy(Strategy):
     """Drive ``algorithm`` over Flower nodes: ``clients_per_round`` of ``num_clients`` partitions per round.
 
@@ -77,9 +92,12 @@ class LeantrainStrategy(Strategy):
         self.num_clients, self.clients_per_round, self.seed = num_clients, clients_per_round, seed
         self.test_data, self.eval_batch_size, self.node_wait_s = test_data, eval_batch_size, node_wait_s
         self.guard, self.known_examples = guard, known_examples
+        why = simulator_only(algorithm)
+        if why:
+            raise ConfigError(f"{algorithm.name} does not run on Flower: {why}; run it in leantrain's Simulator")
         self.devices = [profile(n) for n in assign_profiles(num_clients, devices, seed)]
-        self.algorithm.setup(model, num_clients, self.devices)
         self.algorithm.seed = seed
+        self.algorithm.setup(model, num_clients, self.devices)
         self.ledger = ByteLedger()
         self.rounds: list[dict[str, Any]] = []  # one history row per round (the simulator's row keys)
         self.initial_eval: dict[str, float] | None = None
