@@ -9,7 +9,7 @@ from leantrain.config import resolve
 from leantrain.runs.launch import run
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-RECIPES = ["fedavg", "fedlama", "fedluar", "fedpa", "embracingfl"]
+RECIPES = ["fedavg", "fedlama", "fedluar", "fedpa", "embracingfl", "kd", "prism", "timelyfl", "fedbuff"]
 REDUCED = ["data.train_subset=600", "federated.num_clients=10", "federated.clients_per_round=4",
            "federated.eval_every=2", "progress=none", "threads=1"]  # fmt: skip
 

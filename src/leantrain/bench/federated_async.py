@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BUDGET_S, QUICK_BUDGET_S = 60.0, 15.0
+BUDGET_S, QUICK_BUDGET_S = 30.0, 15.0
 MODEL = {"name": "cnn", "channels": [16, 32], "hidden": 64}
 SPREAD = {"compute_sigma": 1.0, "bandwidth_sigma": 1.0}
 SETTINGS = {"num_clients": 100, "clients_per_round": 20, "local_steps": 10, "batch_size": 32, "momentum": 0.9,
