@@ -165,10 +165,12 @@ def run_config(spec: dict) -> dict:
                     seed=spec["seed"], devices=devices, lr=spec["lr"], engine="auto",
                     **spec["settings"])  # fmt: skip
     contributions: Counter = Counter()  # accepted updates per client (participation of slow clients)
+    works: list[float] = []  # each accepted reply's compute relative to full training (its ``work``)
     accumulate = algorithm.accumulate
 
     def counted(round_idx, cid, reply):
         contributions[cid] += 1
+        works.append(float(reply.metrics.get("work", 1.0)))
         return accumulate(round_idx, cid, reply)
 
     algorithm.accumulate = counted
@@ -185,6 +187,7 @@ def run_config(spec: dict) -> dict:
         "participation": sum(r["responded"] for r in history.rounds)
         / max(sum(r["cohort"] for r in history.rounds), 1),
         "contributions": {str(c): n for c, n in sorted(contributions.items())},
+        "work_mean": float(np.mean(works)) if works else None,
     }
     budget = spec["settings"].get("time_budget_s")
     if budget:  # accuracy at equal simulated wall-clock: evaluations in the last fifth of the budget
@@ -300,7 +303,7 @@ def _row(arm: dict, runs: list[dict], lr: float, searched: dict | None, anchor: 
                   "wall_s_median": statistics.median(r["wall_s"] for r in runs), "curve_seed0": runs[0]["curve"],
                   "options": arm.get("options", {}), "condition": arm.get("condition")},
     }  # fmt: skip
-    for key in ("participation", "time_window", "staleness_mean", "rounds_done", "sim_time_s"):
+    for key in ("participation", "time_window", "staleness_mean", "rounds_done", "sim_time_s", "work_mean"):
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             row["extra"][key], row["extra"][f"{key}_std"] = mean_std(values)
