@@ -44,6 +44,7 @@ Choices and departures (documented in docs/ondevice_kd.md too):
 - **Compute accounting** for the simulated clock: phase 1 reports ``work`` = A's forward MACs / T's; phase 2 counts
   the CE and KD samples at T's cost (the teacher's forward, ~1/16 of T's for a 0.25-width A, is not counted).
 - A strong client without unlabeled rows skips step (b) (it reports ``kd_samples`` 0).
+- On Flower each round is two exchanges (the Strategy runs the ``aux`` phase inside ``configure_train``).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from leantrain.federated.flower.records import (
     to_array_record,
     to_metric_record,
 )
-from leantrain.federated.simulator import seed_for, seed_torch
+from leantrain.federated.simulator import batch_seed, seed_for, seed_torch
 
 PARTITION = "partition"  # MetricRecord key of a query reply
 
@@ -81,7 +81,7 @@ class LeantrainClient:
     def _data(self, config: FlowerRunConfig) -> ClientData:
         data = config.data()
         if id(data) not in self._client_data:
-            self._client_data[id(data)] = ClientData(data.train, data.parts)
+            self._client_data[id(data)] = ClientData(data.train, data.parts, data.unlabeled_parts)
         return self._client_data[id(data)]
 
     def train(self, message: Message, context: Context) -> Message:
@@ -103,9 +103,15 @@ class LeantrainClient:
         state = from_array_record(context.state.array_records[STATE]) if STATE in context.state.array_records else {}
         from leantrain.train.tasks import ClassificationTask
 
-        batches = client_data.batches(cid, local.batch_size, seed_for(config.seed, round_idx, cid))
+        phases = tuple(algorithm.phases(round_idx))
+        phase = instruction.config.get("phase", phases[0]) if len(phases) > 1 else phases[0]
+        if phase not in phases:
+            raise MalformedMessageError(f"instruction phase {phase!r} is not one of round {round_idx}'s {phases}")
+        seed = batch_seed(config.seed, round_idx, cid, phases.index(phase))  # as the simulator seeds each phase
+        batches = client_data.batches(cid, local.batch_size, seed)
+        unlabeled = client_data.unlabeled_batches(cid, local.batch_size, seed_for(seed, 5))
         ctx = ClientContext(cid, round_idx, model, batches, client_data.num_samples(cid), local,
-                            ClassificationTask().loss, devices[cid], state)  # fmt: skip
+                            ClassificationTask().loss, devices[cid], state, unlabeled)  # fmt: skip
         seed_torch(seed_for(config.seed, round_idx, cid, 1))
         reply = train_client(algorithm, ctx, instruction)
         if ctx.state:

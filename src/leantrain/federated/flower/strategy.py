@@ -48,7 +48,7 @@ from leantrain.federated.flower.records import (
     record_nbytes,
     to_array_record,
 )
-from leantrain.federated.intake import ReplyGuard, RoundIntake
+from leantrain.federated.intake import OUTCOMES, ReplyGuard, RoundIntake
 from leantrain.federated.simulator import evaluate_state, seed_for
 
 _TRANSPORT_METRICS = ("num-examples", SENT_BYTES, RECEIVED_BYTES)
@@ -57,15 +57,12 @@ _TRANSPORT_METRICS = ("num-examples", SENT_BYTES, RECEIVED_BYTES)
 def simulator_only(algorithm: Algorithm) -> str | None:
     """Why ``algorithm`` cannot run as this one-phase synchronous Strategy (None: it can).
 
-    Rounds of several phases (on-device KD) would need a custom ServerApp loop with one ``send_and_receive`` per
-    phase; deadlines (TimelyFL) and asynchronous aggregation (FedBuff) need the simulated clock, which Flower lacks
-    (project spec, federated §11)."""
+    Deadlines (TimelyFL) and asynchronous aggregation (FedBuff) need the simulated clock, which Flower lacks
+    (project spec, federated §11). Rounds of several phases (on-device KD) run: one exchange per phase."""
     if getattr(algorithm, "asynchronous", False):
         return "asynchronous aggregation needs the simulator's event queue (Flower has no asynchronous strategy)"
     if type(algorithm).deadline is not Algorithm.deadline:
         return "its round deadline is planned on the simulated clock (Flower has no virtual clock)"
-    if tuple(algorithm.phases(0)) != ("train",):
-        return f"its rounds have several phases {tuple(algorithm.phases(0))} (this Strategy runs one per round)"
     return None
 
 
@@ -105,6 +102,8 @@ class LeantrainStrategy(Strategy):
         self._sent: dict[int, tuple[int, Instruction]] = {}  # node id -> (cid, instruction) of this round
         self._cohort: list[int] = []
         self._round_started = time.perf_counter()  # reset by configure_train; rows' wall_s count from there
+        self._phase_rows: list[dict[str, Any]] = []  # this round's folded phases
+        self._timeout = 3600.0  # start() sets Flower's round timeout
 
     @classmethod
     def from_config(
@@ -165,14 +164,28 @@ class LeantrainStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:  # fmt: skip
+        """The round's messages. A round of several phases (on-device KD) runs every phase but the last here, each
+        as one ``grid.send_and_receive`` exchange folded and aggregated before the next; the last phase's replies
+        come to :meth:`aggregate_train` as usual."""
         r = server_round - 1
         self._round_started = time.perf_counter()
+        self._phase_rows = []
+        self._flower = {"down_bytes": 0, "up_bytes": 0, "client_sent_bytes": 0, "client_received_bytes": 0}
+        phases = tuple(self.algorithm.phases(r))
+        for p, phase in enumerate(phases):
+            messages = self._configure_phase(r, p, phase, server_round)
+            if p == len(phases) - 1:
+                return messages
+            self._fold_phase(r, phase, grid.send_and_receive(messages, timeout=self._timeout))
+        return []
+
+    def _configure_phase(self, r: int, p: int, phase: str, server_round: int) -> list[Message]:
+        self.algorithm.begin_phase(r, phase)
         available = sorted(self.cid_to_node)
-        rng = np.random.default_rng(seed_for(self.seed, r))
+        rng = np.random.default_rng(seed_for(self.seed, r) if p == 0 else seed_for(self.seed, r, p, 11))
         self._cohort = self.algorithm.sample(r, self.clients_per_round, rng, available)
         instructions = self.algorithm.configure(r, self._cohort)
         self._sent, messages = {}, []
-        self._flower = {"down_bytes": 0, "up_bytes": 0, "client_sent_bytes": 0, "client_received_bytes": 0}
         for cid in self._cohort:
             ins = instructions[cid]
             self.ledger.record(r, cid, "down", ins.arrays, ins.config)
@@ -184,9 +197,8 @@ class LeantrainStrategy(Strategy):
             messages.append(Message(content, node, MessageType.TRAIN, group_id=str(server_round)))
         return messages
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
-        r = server_round - 1
+    def _fold_phase(self, r: int, phase: str, replies: Iterable[Message]) -> None:
+        """Check, guard and fold one phase's replies (in client-id order), then aggregate."""
         intake = RoundIntake(self.algorithm, r, self.guard, self.known_examples)
         events: list[str] = []
         received: dict[int, Reply | tuple[str, str]] = {}
@@ -223,12 +235,24 @@ class LeantrainStrategy(Strategy):
             intake.offer(cid, next(i for c, i in self._sent.values() if c == cid), reply)
         accepted = intake.close()
         losses = [float(reply.metrics.get("loss", float("nan"))) for reply in accepted.values()]
-        counts, events = intake.counts, events + intake.events
         self.algorithm.aggregate(r)
-        row = {"round": r, "cohort": len(self._cohort), **counts, **self.ledger.round_totals(r),
-               "train_loss": float(np.nanmean(losses)) if losses else None, "events": events,
-               "flower": dict(self._flower),
+        self._phase_rows.append({"phase": phase, "cohort": len(self._cohort), **intake.counts, "losses": losses,
+                                 "events": events + intake.events})  # fmt: skip
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
+        r = server_round - 1
+        self._fold_phase(r, self.algorithm.phase, replies)
+        phases, losses = self._phase_rows, [x for p in self._phase_rows for x in p["losses"]]
+        counts = {k: sum(p[k] for p in phases) for k in OUTCOMES}
+        row = {"round": r, "cohort": sum(p["cohort"] for p in phases), **counts, **self.ledger.round_totals(r),
+               "train_loss": float(np.nanmean(losses)) if losses else None,
+               "events": [e for p in phases for e in p["events"]], "flower": dict(self._flower),
                "wall_s": time.perf_counter() - self._round_started}  # fmt: skip
+        if len(phases) > 1:  # as the simulator's rows (without its simulated durations)
+            row["phases"] = {p["phase"]: {"cohort": p["cohort"], **{k: p[k] for k in OUTCOMES},
+                                          "train_loss": float(np.nanmean(p["losses"])) if p["losses"] else None}
+                             for p in phases}  # fmt: skip
         self.rounds.append(row)
         metrics = {k: float(row[k]) for k in ("responded", "up_bytes", "down_bytes")}
         if row["train_loss"] is not None:
@@ -263,6 +287,7 @@ class LeantrainStrategy(Strategy):
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:  # fmt: skip
         """Map nodes to clients, then Flower's round loop. ``initial_arrays`` (optional) replaces global tensors."""
+        self._timeout = timeout  # each exchange of a multi-phase round's earlier phases waits this long
         self.connect(grid, timeout=min(timeout, 60.0))
         if initial_arrays is not None:
             given = from_array_record(initial_arrays)
