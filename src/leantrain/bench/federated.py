@@ -554,9 +554,18 @@ def _print_tables(rows: dict[str, list[dict]], dataset: str) -> None:
             where = {"partial": "digits", "pretrain": "mnist1d"}.get(key, dataset)
             print(f"\n{title} ({where})\n" + markdown_table(shown, cols))
     if rows.get("async"):
-        shown = [{**r, "time_window": r["extra"].get("time_window"), "participation": r["extra"].get("participation"),
-                  "slow_share": r["extra"].get("slow_quarter_share_seed0"), "lr": r["extra"]["lr"],
-                  "rounds_done": r["extra"].get("rounds_done"), "up_MB": r["bytes_up"] / 1e6} for r in rows["async"]]
+        shown = [
+            {
+                **r,
+                "time_window": r["extra"].get("time_window"),
+                "participation": r["extra"].get("participation"),
+                "slow_share": r["extra"].get("slow_quarter_share_seed0"),
+                "lr": r["extra"]["lr"],
+                "rounds_done": r["extra"].get("rounds_done"),
+                "up_MB": r["bytes_up"] / 1e6,
+            }
+            for r in rows["async"]
+        ]
         cols = ["method", "lr", "time_window", "participation", "slow_share", "rounds_done", "up_MB"]
         print("\nLate clients at equal simulated time (TimelyFL)\n" + markdown_table(shown, cols))
     if rows.get("cross-device"):
