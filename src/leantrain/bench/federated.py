@@ -478,10 +478,11 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         rows["weak"] = tuned_rows(kd_arms(quick, dataset), n_seeds, quick, "weak", "kd-strong-only", results.add)
         rows["weak"] += tuned_rows(prism_arms(quick, dataset), n_seeds, quick, "weak", "prism-fedavg", results.add)
     if "async" in parts:
-        from leantrain.bench.federated_async import async_rows
+        from leantrain.bench.federated_async import annotate, async_arms
 
         log("late clients: TimelyFL against deadline FedAvg and FedBuff at equal simulated wall-clock")
-        rows["async"] = async_rows(quick, n_seeds, results.add)
+        arms = async_arms(quick, dataset)
+        rows["async"] = annotate(tuned_rows(arms, n_seeds, quick, "async", "timely-fedavg-deadline", results.add))
     if "pretrain" in parts:
         from leantrain.bench.federated_pretrain import pretrain_arms
 

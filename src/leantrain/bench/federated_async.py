@@ -68,10 +68,8 @@ def slow_share(contributions: dict[str, int], seed: int = 0) -> float:
     return sum(n for c, n in contributions.items() if int(c) in slow) / total if total else 0.0
 
 
-def async_rows(quick: bool, seeds: int, add) -> list[dict]:
-    from leantrain.bench.federated import dataset_name, tuned_rows
-
-    rows = tuned_rows(async_arms(quick, dataset_name()), seeds, quick, "async", "timely-fedavg-deadline", add)
+def annotate(rows: list[dict]) -> list[dict]:
+    """Add each row's share of accepted updates from the slowest quarter of the clients (seed 0)."""
     for row in rows:
         row["extra"]["slow_quarter_share_seed0"] = slow_share(row["extra"].get("contributions_seed0", {}))
     return rows
