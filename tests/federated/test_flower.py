@@ -328,8 +328,9 @@ def _write_real_app(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_deployment_on_loopback_matches_the_simulator_and_stops_every_process(tmp_path):
-    config, app = _write_real_app(tmp_path, _flower_algorithm())
+@pytest.mark.parametrize("name", ["layer-wise", "prism"])  # prism: per-node sub-model slices and index lists
+def test_deployment_on_loopback_matches_the_simulator_and_stops_every_process(tmp_path, name):
+    config, app = _write_real_app(tmp_path, _flower_algorithm() if name == "layer-wise" else name)
     with LocalDeployment(2, flwr_home=tmp_path / "flwr-home") as flower:
         history = flower.run_app(app, timeout_s=300)
         assert flower.port is not None
@@ -338,16 +339,6 @@ def test_deployment_on_loopback_matches_the_simulator_and_stops_every_process(tm
     _check_against_simulator(history, config)
     if config.algorithm == "fedluar":  # round 1 recycles one kernel: less goes up than comes down
         assert history["rounds"][1]["up_bytes"] < history["rounds"][1]["down_bytes"]
-
-
-@pytest.mark.slow
-def test_prism_deployment_on_loopback_matches_the_simulator(tmp_path):
-    """A method of the weak-client issue on a real Flower deployment: per-node sub-model slices and index lists."""
-    config, app = _write_real_app(tmp_path, "prism")
-    with LocalDeployment(2, flwr_home=tmp_path / "flwr-home") as flower:
-        history = flower.run_app(app, timeout_s=300)
-    assert flower.stopped and not any(is_running(pid, started) for pid, started in flower.stopped)
-    _check_against_simulator(history, config)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ is the fraction of a full forward + backward that training blocks ``cut``.. cost
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,3 +223,22 @@ class FrozenPrefix(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+
+def suffix_tensors(blocks: list[Block], cut: int, names: Iterable[str]) -> list[str]:
+    """The entries of ``names`` (in their order) that belong to blocks ``cut``.. (what a client with that cut trains
+    and uploads)."""
+    owned = {t for b in blocks[cut:] for t in b.tensors}
+    return [k for k in names if k in owned]
+
+
+def train_suffix(ctx: Any, blocks: list[Block], cut: int, steps: int) -> dict[str, float]:
+    """``steps`` local SGD steps of ``ctx.model``'s blocks ``cut``.. (all of it for cut 0), the prefix frozen and in
+    eval mode; ``ctx`` is the client's :class:`~leantrain.federated.algorithms.base.ClientContext`."""
+    from leantrain.federated.client import local_sgd, trainable_only
+
+    names = set(suffix_tensors(blocks, cut, dict(ctx.model.named_parameters())))
+    trained = names if cut else None
+    with trainable_only(ctx.model, trained):
+        return local_sgd(FrozenPrefix(ctx.model, blocks[:cut]), ctx.loss_fn, ctx.batches, steps, ctx.local.lr,
+                         ctx.local.momentum, ctx.local.weight_decay)  # fmt: skip

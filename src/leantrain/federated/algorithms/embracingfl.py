@@ -71,8 +71,7 @@ from leantrain.federated.algorithms.base import (
     communicated,
     load_arrays,
 )
-from leantrain.federated.blocks import PROBE_BATCH, FrozenPrefix, ordered_blocks, suffix_work
-from leantrain.federated.client import local_sgd, trainable_only
+from leantrain.federated.blocks import PROBE_BATCH, ordered_blocks, suffix_tensors, suffix_work, train_suffix
 from leantrain.federated.clock import PROFILES, DeviceProfile
 
 
@@ -161,8 +160,7 @@ class EmbracingFL(Algorithm):
 
     def suffix(self, cut: int) -> list[str]:
         """The communicated tensors a client with cut ``cut`` trains and uploads (model order)."""
-        names = {t for b in self.blocks[cut:] for t in b.tensors}
-        return [k for k in communicated(self.global_state) if k in names]
+        return suffix_tensors(self.blocks, cut, communicated(self.global_state))
 
     def cut_of(self, cid: int) -> int:
         return self.plan[self.devices[cid].name]["cut"]
@@ -176,11 +174,7 @@ class EmbracingFL(Algorithm):
     def client_update(self, ctx: ClientContext, instruction: Instruction) -> Reply:
         load_arrays(ctx.model, instruction.arrays)
         cut = int(instruction.config.get("cut", 0))
-        names = set(self.suffix(cut))
-        trained = {n for n, _ in ctx.model.named_parameters() if n in names} if cut else None
-        with trainable_only(ctx.model, trained):
-            metrics = local_sgd(FrozenPrefix(ctx.model, self.blocks[:cut]), ctx.loss_fn, ctx.batches,
-                                ctx.local.steps, ctx.local.lr, ctx.local.momentum, ctx.local.weight_decay)  # fmt: skip
+        metrics = train_suffix(ctx, self.blocks, cut, ctx.local.steps)
         state = ctx.model.state_dict()
         return Reply({k: state[k].detach().clone() for k in self.suffix(cut)}, {**metrics, "work": self.work(cut)})
 

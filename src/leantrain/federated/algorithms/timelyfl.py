@@ -60,8 +60,7 @@ from leantrain.federated.algorithms.base import (
     communicated,
     load_arrays,
 )
-from leantrain.federated.blocks import FrozenPrefix, ordered_blocks, suffix_work
-from leantrain.federated.client import local_sgd, trainable_only
+from leantrain.federated.blocks import ordered_blocks, suffix_tensors, suffix_work, train_suffix
 from leantrain.federated.comm import message_nbytes
 
 
@@ -97,8 +96,7 @@ class TimelyFL(Algorithm):
 
     def suffix(self, cut: int) -> list[str]:
         """The communicated tensors of blocks ``cut``.. (what a client with that cut trains and uploads)."""
-        names = {t for b in self.blocks[cut:] for t in b.tensors}
-        return [k for k in communicated(self.global_state) if k in names]
+        return suffix_tensors(self.blocks, cut, communicated(self.global_state))
 
     def _time(self, cid: int, steps: int, cut: int, config: dict[str, Any]) -> float:
         down = communicated(self.global_state)
@@ -157,11 +155,7 @@ class TimelyFL(Algorithm):
         load_arrays(ctx.model, instruction.arrays)
         cut = int(instruction.config.get("cut", 0))
         steps = int(instruction.config.get("steps", ctx.local.steps))
-        names = set(self.suffix(cut))
-        trained = {n for n, _ in ctx.model.named_parameters() if n in names} if cut else None
-        with trainable_only(ctx.model, trained):
-            metrics = local_sgd(FrozenPrefix(ctx.model, self.blocks[:cut]), ctx.loss_fn, ctx.batches, steps,
-                                ctx.local.lr, ctx.local.momentum, ctx.local.weight_decay)  # fmt: skip
+        metrics = train_suffix(ctx, self.blocks, cut, steps)
         state = ctx.model.state_dict()
         metrics = {**metrics, "work": suffix_work(self.blocks, cut)}
         return Reply({k: state[k].detach().clone() for k in self.suffix(cut)}, metrics)
