@@ -1,5 +1,5 @@
-"""``python -m leantrain ...``: the ``leantrain`` command. Under ``torchrun`` the ranks other than 0 of a federated
-run follow rank 0 without opening a run folder (:func:`leantrain.federated.run.follower_main`)."""
+"""``python -m leantrain ...``: the ``leantrain`` command. Under ``torchrun`` the ranks other than 0 of a federated or
+hetero run follow rank 0 without opening a run folder (:func:`leantrain.runs.follower.follower_main`)."""
 
 import os
 import sys
@@ -14,7 +14,7 @@ def _follower_rank() -> bool:
 
 def _main() -> None:
     if _follower_rank():
-        from leantrain.federated.run import follower_main
+        from leantrain.runs.follower import follower_main
 
         sys.exit(follower_main(sys.argv[1:]))
     from leantrain.cli import main

@@ -18,10 +18,10 @@ from leantrain.federated.engines.workers import (
     decode_outcomes,
     encode_outcomes,
     follow,
-    launch,
     lpt_schedule,
 )
 from leantrain.federated.simulator import Simulator
+from leantrain.process_group import launch
 
 # ---------------------------------------------------------------------------- the schedule
 
@@ -137,7 +137,7 @@ def _crasher(rank, size, spec):
 
 
 def _run_workers(spec, size=2, follower=_follower):
-    with launch(follower, size, args=(spec,)):
+    with launch(follower, size, args=(spec,), label="federated worker"):
         sim = _sim(spec, WorkersEngine())
         history = sim.run()
     return sim, history

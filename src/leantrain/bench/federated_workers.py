@@ -45,7 +45,7 @@ def _simulator(spec: dict, engine):
 def _timed_run(sim) -> tuple[float, dict[str, float]]:
     """Seconds of the rounds (evaluation left out of the timed span), then the final model's test metrics and
     this process's CPU seconds over the rounds (``cpu_s``: on a busy machine the steadier figure)."""
-    from leantrain.federated.engines.workers import world
+    from leantrain.process_group import world
 
     evaluate = sim.evaluate
     sim.evaluate = dict  # no evaluation while timed (rank 0 evaluates once, below)
@@ -69,7 +69,8 @@ def _follower(rank: int, size: int, spec: dict) -> None:
 
 def run_once(spec: dict, workers: int) -> tuple[float, dict[str, float], dict[str, torch.Tensor], str]:
     """One timed run with ``workers`` processes: (seconds, test metrics, final global state, the engine used)."""
-    from leantrain.federated.engines.workers import WorkersEngine, launch
+    from leantrain.federated.engines.workers import WorkersEngine
+    from leantrain.process_group import launch
 
     if workers == 1:
         threads = torch.get_num_threads()

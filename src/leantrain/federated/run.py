@@ -12,19 +12,18 @@ Worker processes (:mod:`leantrain.federated.engines.workers`): ``federated.worke
 this machine, and ``torchrun --nproc-per-node=N -m leantrain run RECIPE ...`` (which also spans machines) starts N;
 each trains a share of every round's clients and the results are those of one process. Rank 0 (this process, or
 torchrun's rank 0) writes the run folder exactly as a one-process run; the other ranks write nothing (under
-torchrun they start in :func:`follower_main`). A resumed run needs the run folder readable by every rank.
+torchrun they start in :func:`torchrun_follower`). A resumed run needs the run folder readable by every rank.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from leantrain.errors import ConfigError, Interrupted, LeantrainError
+from leantrain.errors import ConfigError, Interrupted
 
 
 def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
@@ -32,10 +31,11 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
 
     With ``federated.workers`` > 1, or under ``torchrun``, the round's clients are trained by several processes and
     this process is rank 0."""
-    from leantrain.federated.engines import workers
+    from leantrain import process_group
+    from leantrain.federated.engines.workers import WorkersEngine
 
     f = cfg.federated
-    launched = workers.torchrun_world()
+    launched = process_group.torchrun_world()
     if launched is not None:
         rank, size = launched
         if f.workers not in (1, size):
@@ -43,15 +43,16 @@ def run_federated(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         if rank != 0:
             raise ConfigError("under torchrun start leantrain as a module (`torchrun ... -m leantrain run ...`) so "
                               "that only rank 0 opens a run folder")  # fmt: skip
-        workers.set_worker_threads(cfg.threads)
-        workers.init_from_env()
+        process_group.set_worker_threads(cfg.threads)
+        process_group.init_from_env()
         try:
-            return _lead(cfg, run_dir, resume_from, workers.WorkersEngine(f.engine))
+            return _lead(cfg, run_dir, resume_from, WorkersEngine(f.engine))
         finally:
             torch.distributed.destroy_process_group()
     if f.workers > 1:
-        with workers.launch(_spawned_follower, f.workers, args=(cfg, resume_from), threads=cfg.threads):
-            return _lead(cfg, run_dir, resume_from, workers.WorkersEngine(f.engine))
+        with process_group.launch(_spawned_follower, f.workers, args=(cfg, resume_from), threads=cfg.threads,
+                                  label="federated worker"):  # fmt: skip
+            return _lead(cfg, run_dir, resume_from, WorkersEngine(f.engine))
     return _lead(cfg, run_dir, resume_from, f.engine)
 
 
@@ -93,7 +94,7 @@ def build_simulator(cfg, engine, checkpoint_dir: Path | None):
 
 def _lead(cfg, run_dir: Path, resume_from: Path | None, engine) -> dict:
     """Rank 0 (or the only process): the simulation, the run folder, progress and the summary."""
-    from leantrain.federated.engines.workers import agreed
+    from leantrain.process_group import agreed
     from leantrain.train.interrupt import deferred_sigint
     from leantrain.train.metric_loggers import open_metric_loggers
     from leantrain.train.progress import make_progress, start_text
@@ -150,14 +151,15 @@ def _lead(cfg, run_dir: Path, resume_from: Path | None, engine) -> dict:
 
 
 def workers_in_use() -> int:
-    from leantrain.federated.engines.workers import world
+    from leantrain.process_group import world
 
     return world()[1]
 
 
 def follow_run(cfg, resume_from: Path | None) -> None:
     """A rank other than 0: the same simulation, silent (no run folder, evaluation, logs); stops when rank 0 does."""
-    from leantrain.federated.engines.workers import WorkersEngine, agreed, follow
+    from leantrain.federated.engines.workers import WorkersEngine, follow
+    from leantrain.process_group import agreed
     from leantrain.train.interrupt import deferred_sigint
 
     sim = build_simulator(cfg, WorkersEngine(cfg.federated.engine), None)
@@ -172,49 +174,13 @@ def _spawned_follower(rank: int, size: int, cfg, resume_from: Path | None) -> No
     follow_run(cfg, resume_from)
 
 
-def follower_main(argv: list[str]) -> int:
-    """``torchrun ... -m leantrain run RECIPE [overrides]`` on a rank other than 0 (see ``leantrain.__main__``):
-    resolve the same config, join the group, follow rank 0. Returns the exit code (errors: one line on stderr)."""
-    import sys
+def torchrun_follower(cfg, resume_from: Path | None) -> None:
+    """Under ``torchrun``, a rank other than 0 (see :mod:`leantrain.runs.follower`): join the group, follow rank 0."""
+    from leantrain import process_group
 
-    from leantrain.config import resolve
-    from leantrain.federated.engines import workers
-    from leantrain.runs.folder import resume_config
-    from leantrain.train.checkpoint import latest_intact_checkpoint
-
-    rank = os.environ.get("RANK", "?")
+    process_group.set_worker_threads(cfg.threads)
+    process_group.init_from_env()  # after resume_from is known: rank 0 cannot write a checkpoint before we join
     try:
-        if not argv or argv[0] != "run":
-            raise ConfigError("under torchrun only `leantrain run RECIPE ...` (a federated recipe) can be started")
-        recipe, overrides = (argv[1] if len(argv) > 1 else None), list(argv[2:])
-        if recipe is not None and "=" in recipe and not Path(recipe).is_file():
-            recipe, overrides = None, [recipe, *overrides]
-        resume = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "resume"]
-        if resume:
-            rest = [o for o in overrides if o.partition("=")[0].strip() != "resume"]
-            cfg = resume_config(resume[-1], rest, recipe=recipe)
-            resume_from = latest_intact_checkpoint(Path(resume[-1]) / "checkpoints", what=f"resume={resume[-1]}")
-        elif recipe is None:
-            raise ConfigError("give a recipe or resume=RUN_DIR")
-        else:
-            cfg, resume_from = resolve(recipe, overrides), None
-        if cfg.federated.algorithm is None:
-            raise ConfigError("only federated recipes run on several torchrun processes")
-        workers.set_worker_threads(cfg.threads)
-        workers.init_from_env()  # after resume_from is known: rank 0 cannot write a checkpoint before we join
-        try:
-            follow_run(cfg, resume_from)
-        finally:
-            torch.distributed.destroy_process_group()
-    except LeantrainError as err:
-        print(f"error: [rank {rank}] {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        return Interrupted.exit_code
-    except Exception as err:  # noqa: BLE001 - one line; the full traceback goes to a crash report
-        from leantrain.crash_report import one_line, write_crash_report
-
-        report = write_crash_report(err)
-        print(f"error: [rank {rank}] unexpected {one_line(err)} (full traceback in {report})", file=sys.stderr)
-        return 1
-    return 0
+        follow_run(cfg, resume_from)
+    finally:
+        torch.distributed.destroy_process_group()

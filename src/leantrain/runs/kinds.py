@@ -28,9 +28,17 @@ class RunKind:
     splits: tuple[str, ...] = ()  # record splits a plotted metric name may be prefixed with
     progress: str = "steps"  # the report column for how far a run got
     summary_progress: str = "steps"  # the summary.json key holding that number
+    follower: str | None = None  # "module:function" a torchrun rank > 0 runs as follower(cfg, resume_from); None: one
+    #                              process only (see leantrain.runs.follower)
 
     def load_runner(self) -> Callable:
         module, function = self.runner.split(":")
+        return getattr(importlib.import_module(module), function)
+
+    def load_follower(self) -> Callable | None:
+        if self.follower is None:
+            return None
+        module, function = self.follower.split(":")
         return getattr(importlib.import_module(module), function)
 
     def uses_key(self, dotted: str) -> bool:
@@ -62,7 +70,7 @@ register_run_kind(RunKind(
     ("data.dataset", "data.train_subset", "data.batch_size", "model", "optim.lr", "optim.momentum",
      "optim.weight_decay", "federated"), "round",
     ("federated.rounds", "federated.stop_after"), selector="federated.algorithm", progress="rounds",
-    summary_progress="rounds_done",
+    summary_progress="rounds_done", follower="leantrain.federated.run:torchrun_follower",
 ))  # fmt: skip
 register_run_kind(RunKind(
     "marl", "leantrain.marl.run:run_marl", ("marl",), "t_env", ("marl.max_steps",), selector="marl.env",

@@ -25,19 +25,17 @@ A client error that stops the run (a ``ConfigError``) or a failure to encode an 
 ranks, which raise the same one-line error. Rank 0 alone writes checkpoints, logs and metrics and evaluates
 (:func:`follow` turns a rank's simulator into a silent follower).
 
-Launch: :func:`launch` (``leantrain run RECIPE federated.workers=N``) spawns ranks 1..N-1 on this machine and
-makes the calling process rank 0; :func:`init_from_env` joins a group started by ``torchrun`` (which also spans
-machines). :func:`agreed` makes a stop request (Ctrl-C) a decision of all ranks.
+Launch (:mod:`leantrain.process_group`, shared with :mod:`leantrain.hetero`): ``leantrain run RECIPE
+federated.workers=N`` spawns ranks 1..N-1 on this machine and makes the calling process rank 0; ``torchrun`` starts a
+group that also spans machines; a stop request (Ctrl-C) is a decision of all ranks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +45,7 @@ import torch.distributed as dist
 from leantrain.errors import ConfigError, LeantrainError
 from leantrain.federated.algorithms.base import Reply
 from leantrain.federated.engines.base import ClientOutcome, Engine
+from leantrain.process_group import world
 
 # dtypes a tensor may travel as (anything else is refused when decoding)
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
@@ -231,13 +230,6 @@ def decode_outcomes(blob: torch.Tensor) -> list[tuple[ClientOutcome, float]]:
 # ---------------------------------------------------------------------------- the engine
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class WorkersEngine(Engine):
     """Trains the cohort spread over the ranks of the default process group, each with the ``inner`` engine.
 
@@ -328,7 +320,7 @@ class WorkersEngine(Engine):
             yield by_cid[cid][0]
 
 
-# ---------------------------------------------------------------------------- ranks: followers, stop, launch
+# ---------------------------------------------------------------------------- followers
 
 
 def _no_evaluation() -> dict[str, float]:
@@ -340,150 +332,3 @@ def follow(sim) -> None:
     those); it still trains its share and folds every reply, so its server state stays equal to rank 0's."""
     sim.evaluate = _no_evaluation
     sim.checkpoint_dir, sim.log, sim.on_round = None, None, None
-
-
-def agreed(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (a Ctrl-C seen by one rank stops all after the round)."""
-    rank, size = world()
-    if size == 1:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def set_worker_threads(threads: int | None) -> None:
-    """One torch thread per worker process unless the user chose a count (workers share the machine's cores)."""
-    torch.set_num_threads(threads or 1)
-
-
-def init_from_env() -> tuple[int, int]:
-    """Join the process group ``torchrun`` set up (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); (rank, size)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return world()
-
-
-def torchrun_world() -> tuple[int, int] | None:
-    """(rank, world size) from a launcher's environment (``torchrun``) when it started several processes."""
-    size = os.environ.get("WORLD_SIZE")
-    if size is None or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        return None
-    try:
-        return (int(os.environ["RANK"]), int(size)) if int(size) > 1 else None
-    except ValueError:
-        raise ConfigError(f"RANK={os.environ['RANK']!r} / WORLD_SIZE={size!r} are not integers") from None
-
-
-def _spawned(index: int, fn: Callable, host: str, port: int, size: int, threads: int | None, args: tuple) -> None:
-    """Entry point of a spawned rank (``index + 1``): one thread, no Ctrl-C of its own, join the group, run."""
-    import signal
-    from datetime import timedelta
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when to stop (see agreed); it ends us if need be
-    set_worker_threads(threads)
-    rank = index + 1
-    store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=300))
-    store.set(f"joined/{rank}", "1")
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=size)
-    try:
-        fn(rank, size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _child_error(exc: BaseException) -> str:
-    """One line of a spawned rank's failure (the last line of its traceback, or its exit code)."""
-    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
-
-    if isinstance(exc, ProcessRaisedException):
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        return lines[-1].strip() if lines else "raised an exception"
-    if isinstance(exc, ProcessExitedException):
-        how = f"was killed by signal {exc.signal_name}" if exc.signal_name else f"exited with code {exc.exit_code}"
-        return how
-    return f"{type(exc).__name__}: {exc}"
-
-
-@contextlib.contextmanager
-def launch(fn: Callable, size: int, args: tuple = (), threads: int | None = None,
-           timeout_s: float = 1800.0) -> Iterator[int]:  # fmt: skip
-    """Spawn ranks 1..size-1 on this machine running ``fn(rank, size, *args)`` (a module-level function) and make
-    this process rank 0 of a gloo group for the ``with`` block (yields the size).
-
-    A failure of any rank is raised here as one :class:`LeantrainError` naming the worker; on leaving the block
-    (normally or not) the group is destroyed and the workers are joined (ended if they outlive rank 0).
-    """
-    from datetime import timedelta
-
-    import torch.multiprocessing as mp
-
-    if dist.is_initialized():
-        raise ConfigError("federated workers: a torch.distributed process group is already running in this process")
-    previous_threads = torch.get_num_threads()
-    set_worker_threads(threads)
-    host = "127.0.0.1"
-    store = dist.TCPStore(host, 0, size, is_master=True, timeout=timedelta(seconds=300), wait_for_workers=False)
-    context = mp.start_processes(_spawned, args=(fn, host, store.port, size, threads, args), nprocs=size - 1,
-                                 join=False, start_method="spawn")  # fmt: skip
-    try:
-        try:
-            _wait_for(context, store, size)
-            dist.init_process_group("gloo", store=store, rank=0, world_size=size, timeout=timedelta(seconds=timeout_s))
-            yield size
-        except BaseException as err:
-            if dist.is_initialized():
-                dist.destroy_process_group()  # workers waiting on rank 0 get an error now, not after the timeout
-            why = _join(context, 10.0)
-            if why is not None and _communication_error(err):
-                raise LeantrainError(f"federated worker {why}") from None
-            raise
-        dist.destroy_process_group()
-        why = _join(context, 120.0)
-        if why is not None:
-            raise LeantrainError(f"federated worker {why}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for p in context.processes:
-            if p.is_alive():
-                p.terminate()
-        for p in context.processes:
-            p.join(5)
-        torch.set_num_threads(previous_threads)
-
-
-def _wait_for(context, store, size: int, timeout_s: float = 300.0) -> None:
-    """Wait until every spawned rank has reached the store; a rank that dies on the way is reported at once."""
-    keys = [f"joined/{rank}" for rank in range(1, size)]
-    deadline = time.monotonic() + timeout_s
-    while not store.check(keys):
-        dead = [i for i, p in enumerate(context.processes) if not p.is_alive()]
-        if dead:
-            code = context.processes[dead[0]].exitcode
-            why = _join(context, 5.0) or f"{dead[0] + 1} failed: exited with code {code}"
-            raise LeantrainError(f"federated worker {why} (before joining the group)")
-        if time.monotonic() > deadline:
-            raise LeantrainError(f"federated workers did not start within {timeout_s:.0f} s")
-        time.sleep(0.02)
-
-
-def _communication_error(err: BaseException) -> bool:
-    """Whether rank 0 failed because a peer went away (then the worker's own failure is the one to report)."""
-    if isinstance(err, dist.DistError):
-        return True
-    return type(err) is RuntimeError and any(w in str(err) for w in ("gloo", "Connection closed", "Broken pipe"))
-
-
-def _join(context, timeout_s: float) -> str | None:
-    """Wait up to ``timeout_s`` for the spawned ranks; "<rank> <what went wrong>" for the first that failed."""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                return None
-    except Exception as exc:  # noqa: BLE001 - a failed worker, described in one line
-        index = getattr(exc, "error_index", None)
-        rank = "" if index is None else f"{index + 1} "
-        return f"{rank}failed: {_child_error(exc)}"
-    return None
