@@ -249,6 +249,37 @@ class MarlConfig:
 
 
 @dataclass
+class HeteroConfig:
+    method: str | None = _f(
+        None,
+        "how workers of different speed train together: sync (synchronous SGD), local-uniform (local SGD, one "
+        "period), biased (biased local SGD); None: not a hetero run",
+        choices="leantrain.hetero.methods:METHODS",
+    )
+    options: dict = _f({}, "options of the method (biased: beta, biased_sampling, pool_ratio)")
+    slowdowns: list[float] = _f([1.0, 4.0], "one per worker: how many times slower its step is (1: full speed)")
+    period_steps: int = _f(32, "local steps of the fastest worker between averages (sync: steps per round)", ge=1)
+    clock: Literal["virtual", "real"] = _f(
+        "virtual", "virtual: deterministic time from the slowdowns (no sleeping); real: wall-clock time, one process "
+        "per worker, slowdowns emulated by sleeping"
+    )  # fmt: skip
+    processes: int | None = _f(None, "processes the workers run in; None: one per worker on the real clock, one on "
+                               "the virtual clock", ge=1)  # fmt: skip
+    step_time_s: float = _f(0.01, "virtual clock: seconds of one step of a full-speed worker", gt=0.0)
+    time_budget_s: float | None = _f(None, "stop after this many (virtual or real) seconds, evaluation excluded",
+                                     gt=0.0)  # fmt: skip
+    epochs: float | None = _f(None, "stop after this many passes over the training rows (by all workers)", gt=0.0)
+    eval_every_s: float | None = _f(None, "evaluate every N seconds of training time (and at the start and end)",
+                                    gt=0.0)  # fmt: skip
+    eval_split: Literal["test", "val"] = _f("test", "the rows evaluated (val: to choose hyperparameters)")
+    lr_milestones: list[float] = _f([], "epochs after which the learning rate is multiplied by lr_gamma")
+    lr_gamma: float = _f(0.1, "learning-rate decay factor at each milestone", gt=0.0, le=1.0)
+    devices: list[str] = _f([], "one per worker: cpu, cuda, cuda:1, ... (empty: every worker on the CPU)")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "collectives: auto (nccl when every worker is on a GPU)")
+    collective_timeout_s: float = _f(300.0, "a collective waiting longer for a peer fails with an error", gt=0.0)
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "run name (no path separators); the run folder is <output_dir>/<name>-<timestamp>")
     task: Literal["auto", "classification", "language-modeling"] = _f("auto", "auto: from the dataset kind")
@@ -270,6 +301,7 @@ class RunConfig:
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     marl: MarlConfig = field(default_factory=MarlConfig)
+    hetero: HeteroConfig = field(default_factory=HeteroConfig)
 
 
 SECTIONS = {
@@ -280,6 +312,7 @@ SECTIONS = {
     "lowrank": LowRankConfig,
     "prune": PruneConfig,
     "marl": MarlConfig,
+    "hetero": HeteroConfig,
 }
 
 

@@ -129,8 +129,12 @@ def launch(fn: Callable, size: int, args: tuple = (), threads: int | None = None
             if dist.is_initialized():
                 dist.destroy_process_group()  # workers waiting on rank 0 get an error now, not after the timeout
             why = _join(context, 10.0)
-            if why is not None and _communication_error(err):
-                raise LeantrainError(f"{label} {why}") from None
+            if _communication_error(err):
+                if why is not None:
+                    raise LeantrainError(f"{label} {why}") from None
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise LeantrainError(f"a {label} stopped answering (collectives time out after {timeout_s:g} s): "
+                                     f"{first}") from None  # fmt: skip
             raise
         dist.destroy_process_group()
         why = _join(context, 120.0)

@@ -1,7 +1,8 @@
 """The kinds of run a recipe can be, each handed to its area's runner through this registry.
 
-A recipe is *supervised* (the plain training loop), *federated* (``federated.algorithm`` set: the simulator) or
-*marl* (``marl.env`` set: the value-decomposition runner). A kind names the config keys its recipes use (an
+A recipe is *supervised* (the plain training loop), *federated* (``federated.algorithm`` set: the simulator),
+*marl* (``marl.env`` set: the value-decomposition runner) or *hetero* (``hetero.method`` set: local SGD across
+devices of different speed). A kind names the config keys its recipes use (an
 override of any other key is an error, see :mod:`leantrain.config`), the x axis of its metrics, the budget keys
 a resumed run may raise, and its runner ``runner(cfg, run_dir, resume_from) -> summary`` as ``"module:function"``
 (imported on use, so reading this registry stays cheap). Areas register their kind with :func:`register_run_kind`.
@@ -76,6 +77,13 @@ register_run_kind(RunKind(
     "marl", "leantrain.marl.run:run_marl", ("marl",), "t_env", ("marl.max_steps",), selector="marl.env",
     split="test", splits=("train", "test"), progress="t_env", summary_progress="t_env",
 ))  # fmt: skip
+register_run_kind(RunKind(
+    "hetero", "leantrain.hetero.run:run_hetero",
+    ("data.dataset", "data.train_subset", "data.eval_subset", "data.batch_size", "model", "optim.lr",
+     "optim.momentum", "optim.weight_decay", "hetero"), "time_s", ("hetero.time_budget_s", "hetero.epochs"),
+    selector="hetero.method", progress="time_s", summary_progress="time_s",
+    follower="leantrain.hetero.run:torchrun_follower",
+))  # fmt: skip
 
 
 def kind_of(cfg) -> RunKind:
@@ -95,11 +103,26 @@ def kind_of(cfg) -> RunKind:
 
 # One concept, one spelling per kind: an override of a key the kind ignores is answered with the key it uses.
 SAME_CONCEPT: tuple[dict[str, str], ...] = (
-    {"supervised": "train.max_steps", "federated": "federated.rounds", "marl": "marl.max_steps"},
-    {"supervised": "train.epochs", "federated": "federated.rounds", "marl": "marl.max_steps"},
-    {"supervised": "optim.lr", "federated": "optim.lr", "marl": "marl.lr"},
+    {
+        "supervised": "train.max_steps",
+        "federated": "federated.rounds",
+        "marl": "marl.max_steps",
+        "hetero": "hetero.time_budget_s",
+    },
+    {
+        "supervised": "train.epochs",
+        "federated": "federated.rounds",
+        "marl": "marl.max_steps",
+        "hetero": "hetero.epochs",
+    },
+    {"supervised": "optim.lr", "federated": "optim.lr", "marl": "marl.lr", "hetero": "optim.lr"},
     {"supervised": "optim.name", "marl": "marl.optimizer"},
-    {"supervised": "train.eval_every", "federated": "federated.eval_every", "marl": "marl.eval_every"},
+    {
+        "supervised": "train.eval_every",
+        "federated": "federated.eval_every",
+        "marl": "marl.eval_every",
+        "hetero": "hetero.eval_every_s",
+    },
     {
         "supervised": "train.checkpoint_every",
         "federated": "federated.checkpoint_every",
@@ -107,7 +130,12 @@ SAME_CONCEPT: tuple[dict[str, str], ...] = (
     },
     {"supervised": "train.log_every", "marl": "marl.log_every_episodes"},
     {"supervised": "train.grad_clip", "marl": "marl.grad_norm_clip"},
-    {"supervised": "data.batch_size", "federated": "data.batch_size", "marl": "marl.batch_episodes"},
+    {
+        "supervised": "data.batch_size",
+        "federated": "data.batch_size",
+        "marl": "marl.batch_episodes",
+        "hetero": "data.batch_size",
+    },
 )
 
 

@@ -170,9 +170,10 @@ def _progress_row(run: RunFolder) -> dict:
 
 def last_eval(run: RunFolder) -> dict:
     """The last logged evaluation, named like the final metrics of summary.json (val_loss, test_accuracy, ...)."""
-    if run.kind == "federated":
-        last = next((r for r in reversed(run.records) if any(k.startswith("test_") for k in r)), {})
-        return {k: v for k, v in last.items() if k.startswith("test_")}
+    if run.kind in ("federated", "hetero"):  # records name their split: test_accuracy, val_loss, ...
+        prefixes = ("test_", "val_")
+        last = next((r for r in reversed(run.records) if any(k.startswith(prefixes) for k in r)), {})
+        return {k: v for k, v in last.items() if k.startswith(prefixes) and _is_number(v)}
     split = RUN_KINDS[run.kind].split
     last = next((r for r in reversed(run.records) if r.get("split") == split), {})
     names = MARL_FINAL_NAMES if run.kind == "marl" else {}
