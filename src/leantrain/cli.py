@@ -252,6 +252,7 @@ BENCH_AREAS = {
     "prune": "leantrain.bench.prune",
     "compress": "leantrain.bench.compress",
     "marl": "leantrain.bench.marl",
+    "hetero": "leantrain.bench.hetero",
 }
 
 
@@ -266,7 +267,7 @@ def bench(
         typer.Option(
             help="only these parts (finetune: scoring, accuracy, cost, profile; optim: steptime, accuracy, async, "
             "mlbfgs; federated: accuracy, accuracy-iid, partial, embracing, cross-device, workers, memory; "
-            "lowrank: accuracy, deflate-svd; prune: mlp, resnet)"
+            "lowrank: accuracy, deflate-svd; prune: mlp, resnet; hetero: accuracy, ablation, timing)"
         ),
     ] = None,
 ) -> None:

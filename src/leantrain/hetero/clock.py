@@ -49,6 +49,9 @@ class VirtualClock:
     def elapsed(self) -> float:
         return self.now_s
 
+    def restart(self) -> None:
+        """Nothing to do: virtual time starts at zero."""
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         yield
@@ -83,6 +86,10 @@ class WallClock:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused_s
+
+    def restart(self) -> None:
+        """Time starts now (every process has built its model and joined: start-up is not training time)."""
+        self.start, self.paused_s = time.perf_counter(), 0.0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -350,7 +350,10 @@ class HeteroTrainer:
                 on_eval(row)
             return row
 
-        record = checkpoint()
+        if self.clock.real:
+            self._warm_up()
+        record = checkpoint()  # ends with every process past a barrier: the training time starts here
+        self.clock.restart()
         if eval_every_s:
             next_eval = eval_every_s
         while True:
@@ -367,6 +370,16 @@ class HeteroTrainer:
                     next_eval += eval_every_s
             if stop:
                 return record
+
+    def _warm_up(self) -> None:
+        """One forward and backward pass on a throwaway copy of each worker's model (torch's lazy initialisation
+        costs the first pass a second or more: start-up, not training time). The real models are untouched."""
+        for k, worker in enumerate(self.hosted):
+            model = copy.deepcopy(self.models[k])
+            rows = torch.arange(min(self.batch_size, len(self.y)))
+            F.cross_entropy(
+                model(self.x[rows].to(self.devices[worker])), self.y[rows].to(self.devices[worker])
+            ).backward()
 
     def _record(self, eval_fn: Callable[[], dict[str, float]] | None) -> dict:
         stats = self.worker_stats()
