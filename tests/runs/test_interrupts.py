@@ -188,3 +188,41 @@ def test_ctrl_c_attack_writes_nothing(tmp_path):
     assert code == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == f"interrupted: nothing was written ({run_dir} is unchanged)"
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+HETERO = {
+    "name": "hetero-digits-long", "threads": 1, "progress": "plain",
+    "data": {"dataset": "digits", "batch_size": 16},
+    "model": {"name": "mlp", "hidden_sizes": [32]},
+    "optim": {"lr": 0.05},
+    "hetero": {"method": "biased", "slowdowns": [1, 4], "period_steps": 4, "clock": "real", "time_budget_s": 300,
+               "eval_every_s": 0.5},
+}  # fmt: skip
+
+
+def test_ctrl_c_hetero_run_stops_every_process_and_keeps_its_records(tmp_path):
+    recipe = _write(tmp_path, HETERO)
+    proc = _start(["run", str(recipe), "output_dir=runs"], tmp_path)
+
+    def records() -> int:
+        d = _run_dir(tmp_path / "runs")
+        return len((d / "metrics.jsonl").read_text().splitlines()) if d and (d / "metrics.jsonl").exists() else 0
+
+    _wait_for(lambda: records() >= 2, proc)
+    code, _, err = _ctrl_c(proc)
+    run_dir = _run_dir(tmp_path / "runs")
+    assert code == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert re.search(r"^interrupted: stopped at [\d.]+ s \(\d+ rounds\)", last) and "rerun, not resumed" in last
+    assert "Traceback" not in err and "continue with" not in err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    deadline = time.monotonic() + 10  # the spawned worker is gone too (multiprocessing's tracker exits after us)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        raise AssertionError(f"processes left in the run's group:\n{left}")

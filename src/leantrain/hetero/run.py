@@ -71,8 +71,6 @@ def run_hetero(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     """Run the recipe into ``run_dir``; with several processes this process is rank 0. Returns the summary."""
     from leantrain import process_group
 
-    if resume_from is not None:
-        raise ConfigError("hetero runs keep no checkpoints; rerun the recipe instead of resuming it")
     size = process_count(cfg)
     launched = process_group.torchrun_world()
     if launched is not None:
@@ -151,7 +149,8 @@ def _lead(cfg, run_dir: Path) -> dict:
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if status == "interrupted":
-        raise Interrupted(f"stopped at {last['time_s']:.1f} s ({last['round']} rounds); records and summary kept")
+        raise Interrupted(f"stopped at {last['time_s']:.1f} s ({last['round']} rounds); the records and the summary "
+                          f"are in {run_dir} (hetero runs are rerun, not resumed)")  # fmt: skip
     return summary
 
 

@@ -29,6 +29,7 @@ class RunKind:
     splits: tuple[str, ...] = ()  # record splits a plotted metric name may be prefixed with
     progress: str = "steps"  # the report column for how far a run got
     summary_progress: str = "steps"  # the summary.json key holding that number
+    resumable: bool = True  # whether its runs keep checkpoints that ``resume=RUN_DIR`` continues
     follower: str | None = None  # "module:function" a torchrun rank > 0 runs as follower(cfg, resume_from); None: one
     #                              process only (see leantrain.runs.follower)
 
@@ -81,7 +82,7 @@ register_run_kind(RunKind(
     "hetero", "leantrain.hetero.run:run_hetero",
     ("data.dataset", "data.train_subset", "data.eval_subset", "data.batch_size", "model", "optim.lr",
      "optim.momentum", "optim.weight_decay", "hetero"), "time_s", ("hetero.time_budget_s", "hetero.epochs"),
-    selector="hetero.method", progress="time_s", summary_progress="time_s",
+    selector="hetero.method", progress="time_s", summary_progress="time_s", resumable=False,
     follower="leantrain.hetero.run:torchrun_follower",
 ))  # fmt: skip
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from leantrain.config import RunConfig
 from leantrain.crash_report import one_line, write_crash_report
-from leantrain.errors import Interrupted, LeantrainError
+from leantrain.errors import ConfigError, Interrupted, LeantrainError
 from leantrain.runs.folder import check_resumable, create_run_dir, resume_command
 from leantrain.runs.kinds import kind_of
 
@@ -36,6 +36,8 @@ def run(cfg: RunConfig) -> RunResult:
         torch.set_num_threads(cfg.threads)
     kind = kind_of(cfg)
     runner = kind.load_runner()
+    if cfg.resume is not None and not kind.resumable:
+        raise ConfigError(f"{kind.name} runs keep no checkpoints and cannot be resumed; rerun the recipe instead")
     if cfg.resume is None:
         run_dir, resume_from = create_run_dir(cfg), None
     else:
@@ -46,9 +48,13 @@ def run(cfg: RunConfig) -> RunResult:
     try:
         summary = runner(cfg, run_dir, resume_from)
     except Interrupted as err:  # the runner stopped cleanly and wrote its summary
+        if not kind.resumable:
+            raise
         raise Interrupted(f"{err}; continue with: {resume_command(run_dir)}") from None
     except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step, the newest checkpoint on disk is what is kept
         _record_end(run_dir, cfg, "interrupted", None)
+        if not kind.resumable:
+            raise Interrupted(f"stopped mid-round; the records so far are in {run_dir}") from None
         raise Interrupted(f"{_kept(run_dir)}; continue with: {resume_command(run_dir)}") from None
     except LeantrainError as err:
         _record_end(run_dir, cfg, "failed", str(err))
