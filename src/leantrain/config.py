@@ -263,6 +263,8 @@ class HeteroConfig:
         "virtual", "virtual: deterministic time from the slowdowns (no sleeping); real: wall-clock time, one process "
         "per worker, slowdowns emulated by sleeping"
     )  # fmt: skip
+    emulate_slowdowns: bool = _f(True, "real clock: a slow worker sleeps (s - 1) x its compute; false on devices "
+                                 "that really differ (the slowdowns then only set the local steps)")  # fmt: skip
     processes: int | None = _f(None, "processes the workers run in; None: one per worker on the real clock, one on "
                                "the virtual clock", ge=1)  # fmt: skip
     step_time_s: float = _f(0.01, "virtual clock: seconds of one step of a full-speed worker", gt=0.0)

@@ -247,3 +247,18 @@ def _assert_gone(pids: list[int]) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_wall_clock_sleeps_the_emulated_slowdown_unless_told_not_to():
+    import time
+
+    from leantrain.hetero import WallClock
+
+    emulated = WallClock([1, 4], hosted=[1])
+    started = time.perf_counter()
+    emulated.worked(1, 2, 0.02)
+    assert time.perf_counter() - started >= 0.06 and emulated.busy_s[1] == pytest.approx(0.08)
+    real = WallClock([1, 4], hosted=[1], emulate=False)  # devices that really differ: no sleeping
+    started = time.perf_counter()
+    real.worked(1, 2, 0.02)
+    assert time.perf_counter() - started < 0.05 and real.busy_s[1] == pytest.approx(0.02) and real.steps[1] == 2

@@ -58,12 +58,13 @@ class VirtualClock:
 
 
 class WallClock:
-    """Wall-clock time of this process, evaluation paused out; worker slowdowns emulated by sleeping."""
+    """Wall-clock time of this process, evaluation paused out; worker slowdowns emulated by sleeping (``emulate``;
+    off on genuinely heterogeneous devices, where the slowdowns only set the step counts)."""
 
     real = True
 
-    def __init__(self, slowdowns: Sequence[float], hosted: Sequence[int]):
-        self.slowdowns = list(slowdowns)
+    def __init__(self, slowdowns: Sequence[float], hosted: Sequence[int], emulate: bool = True):
+        self.slowdowns = list(slowdowns) if emulate else [1.0] * len(slowdowns)
         self.hosted = list(hosted)
         self.busy_s = [0.0] * len(self.slowdowns)
         self.wait_s = [0.0] * len(self.slowdowns)

@@ -109,15 +109,17 @@ class HeteroTrainer:
     ``slowdowns[j]``: how many times slower worker j's step is than a speed-1 worker's. ``period_steps``: local
     steps of the fastest worker per round (the code's ``GPU_interval``, 32); ``clock``: "virtual" (deterministic,
     ``step_time_s`` per speed-1 step) or "real" (one process per worker, slowdowns emulated by sleeping).
-    ``devices[j]``: where worker j trains ("cpu", "cuda:0", ...). ``lr_milestones``: epochs after which the learning
-    rate is multiplied by ``lr_gamma`` (the code: 0.1 at epochs 60 and 80 of 100).
+    ``devices[j]``: where worker j trains ("cpu", "cuda:0", ...). ``emulate_slowdowns=False`` (real clock): no
+    sleeping, for devices that really differ in speed (the slowdowns then only set the step counts).
+    ``lr_milestones``: epochs after which the learning rate is multiplied by ``lr_gamma`` (the code: 0.1 at epochs
+    60 and 80 of 100).
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, method: Method,
                  slowdowns: Sequence[float], *, period_steps: int = 32, batch_size: int = 64, lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 1e-4, lr_milestones: Sequence[float] = (),
                  lr_gamma: float = 0.1, seed: int = 0, clock: str = "virtual", step_time_s: float = 0.01,
-                 devices: Sequence[str] | None = None):  # fmt: skip
+                 devices: Sequence[str] | None = None, emulate_slowdowns: bool = True):  # fmt: skip
         self.slowdowns = check_slowdowns(slowdowns)
         self.method = method
         workers = len(self.slowdowns)
@@ -150,7 +152,7 @@ class HeteroTrainer:
         if clock == "virtual":
             self.clock: VirtualClock | WallClock = VirtualClock(self.slowdowns, step_time_s)
         else:
-            self.clock = WallClock(self.slowdowns, self.hosted)
+            self.clock = WallClock(self.slowdowns, self.hosted, emulate_slowdowns)
         torch.manual_seed(seed)
         base = model_fn()
         if self.size > 1:  # every process starts from rank 0's model (as the official code broadcasts it)
