@@ -224,18 +224,17 @@ def test_two_processes_give_the_one_process_result(method):
     torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
 
 
-def test_a_dying_worker_is_one_clear_error_and_no_process_is_left():
-    with pytest.raises(LeantrainError, match=r"^hetero worker 1 failed: exited with code 3"):
-        with launch(dies_after_one_round, 2, label="hetero worker", timeout_s=30):
-            t = trainer("biased", (1, 4))
-            for _ in range(50):
-                t.train_round()
-    _assert_gone(spawned_pids())
-
-
-def test_a_worker_that_stops_answering_times_out_with_a_clear_error():
-    with pytest.raises(LeantrainError, match=r"^a hetero worker stopped answering \(collectives time out after 3 s\)"):
-        with launch(stops_answering, 2, label="hetero worker", timeout_s=3):
+@pytest.mark.parametrize(
+    ("peer", "timeout_s", "message"),
+    [
+        (dies_after_one_round, 30, r"^hetero worker 1 failed: exited with code 3"),
+        (stops_answering, 3, r"^a hetero worker stopped answering \(collectives time out after 3 s\)"),
+    ],
+    ids=["dies", "stops-answering"],
+)
+def test_a_lost_worker_is_one_clear_error_and_no_process_is_left(peer, timeout_s, message):
+    with pytest.raises(LeantrainError, match=message):
+        with launch(peer, 2, label="hetero worker", timeout_s=timeout_s):
             t = trainer("biased", (1, 4))
             for _ in range(50):
                 t.train_round()
