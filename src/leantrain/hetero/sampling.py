@@ -46,11 +46,12 @@ class LossScores:
         """The latest losses of ``rows`` seen by the ``slot``-th worker of this process."""
         self.tables[slot, rows] = losses.detach().to(torch.float32).cpu()
 
-    def merge(self) -> None:
-        """MIN over this process's workers, then an all-reduce MIN over the processes of the default group."""
+    def merge(self, group=None) -> None:
+        """MIN over this process's workers, then an all-reduce MIN over the processes of ``group`` (default: the
+        default group; a CPU-capable group such as gloo)."""
         merged = self.tables.min(0).values
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(merged, op=dist.ReduceOp.MIN)
+            dist.all_reduce(merged, op=dist.ReduceOp.MIN, group=group)
         self.tables[:] = merged
 
     def highest(self, candidates: np.ndarray, k: int) -> np.ndarray:

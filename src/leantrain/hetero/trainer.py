@@ -153,11 +153,16 @@ class HeteroTrainer:
             self.clock: VirtualClock | WallClock = VirtualClock(self.slowdowns, step_time_s)
         else:
             self.clock = WallClock(self.slowdowns, self.hosted, emulate_slowdowns)
+        gloo = not dist.is_initialized() or dist.get_backend() == "gloo"  # gloo reduces CPU tensors here
+        self.flat_device = "cpu" if gloo else self.devices[self.hosted[0]]
+        # Small bookkeeping collectives (flags, statistics, the loss table) travel over gloo on the CPU; under NCCL
+        # a gloo side group carries them.
+        self.cpu_group = None if gloo else dist.new_group(backend="gloo")
         torch.manual_seed(seed)
         base = model_fn()
         if self.size > 1:  # every process starts from rank 0's model (as the official code broadcasts it)
             flat = flatten(averaged_tensors(base))
-            dist.broadcast(flat, src=0)
+            dist.broadcast(flat, src=0, group=self.cpu_group)
             unflatten_into(flat, averaged_tensors(base))
         self.models = [copy.deepcopy(base).to(self.devices[j]) for j in self.hosted]
         self.optimizers = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -178,14 +183,12 @@ class HeteroTrainer:
         self.rounds = 0
         self.rows_read = 0  # by all workers
         self.loss_sum, self.loss_count = 0.0, 0
-        gloo = not dist.is_initialized() or dist.get_backend() == "gloo"  # gloo reduces CPU tensors here
-        self.flat_device = "cpu" if gloo else self.devices[self.hosted[0]]
 
     # ------------------------------------------------------------------ data
 
     def _new_block(self) -> None:
         if self.scores is not None:
-            self.scores.merge()
+            self.scores.merge(self.cpu_group)
         rng = np.random.default_rng([self.seed, self.block])
         self.rows, rounds = block_rows(len(self.y), self.batch_size, self.steps, rng, self.scores, self.slow,
                                        self.method.pool_ratio)  # fmt: skip
@@ -297,7 +300,7 @@ class HeteroTrainer:
         if self.size == 1:
             return stop, evaluate
         flags = torch.tensor([float(stop), float(evaluate and self.rank == 0)])
-        dist.all_reduce(flags)
+        dist.all_reduce(flags, group=self.cpu_group)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def worker_stats(self) -> dict[str, list]:
@@ -307,7 +310,7 @@ class HeteroTrainer:
             mask = torch.zeros(len(self.steps), dtype=torch.float64)
             mask[self.hosted] = 1.0
             stats = stats * mask
-            dist.all_reduce(stats)
+            dist.all_reduce(stats, group=self.cpu_group)
         return {"steps": [int(s) for s in stats[0]], "busy_s": stats[1].tolist(), "wait_s": stats[2].tolist()}
 
     @torch.no_grad()
@@ -344,10 +347,10 @@ class HeteroTrainer:
         def checkpoint() -> dict:
             with self.clock.paused():
                 if self.size > 1:
-                    dist.barrier()
+                    dist.barrier(group=self.cpu_group)
                 row = self._record(eval_fn)
                 if self.size > 1:
-                    dist.barrier()
+                    dist.barrier(group=self.cpu_group)
             if on_eval is not None and self.rank == 0:
                 on_eval(row)
             return row
