@@ -265,6 +265,9 @@ class HeteroConfig:
     )  # fmt: skip
     emulate_slowdowns: bool = _f(True, "real clock: a slow worker sleeps (s - 1) x its compute; false on devices "
                                  "that really differ (the slowdowns then only set the local steps)")  # fmt: skip
+    period_s: float | None = _f(None, "real clock, biased: each worker steps until it has been busy this many "
+                                "seconds per round (steps follow real speed); None: steps from the slowdowns",
+                                gt=0.0)  # fmt: skip
     processes: int | None = _f(None, "processes the workers run in; None: one per worker on the real clock, one on "
                                "the virtual clock", ge=1)  # fmt: skip
     step_time_s: float = _f(0.01, "virtual clock: seconds of one step of a full-speed worker", gt=0.0)

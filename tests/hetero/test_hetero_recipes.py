@@ -51,6 +51,18 @@ def test_real_processes_run_and_report_each_worker(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1  # the spawned worker opened no run folder
 
 
+def test_a_time_budgeted_period_gives_each_worker_the_steps_its_speed_allows(tmp_path):
+    overrides = [*TINY, "hetero.clock=real", "hetero.time_budget_s=1.5", "hetero.period_s=0.05",
+                 f"output_dir={tmp_path}"]  # fmt: skip
+    cfg = resolve(_recipe("hetero-biased-fashion-mnist"), overrides)
+    s = run(cfg).summary
+    assert s["steps"][1] >= s["rounds"]  # at least one step a round
+    assert s["steps"][0] > 2 * s["steps"][1]  # the fast worker fits about 4x as many steps into each period
+    with pytest.raises(ConfigError, match="needs the real clock"):
+        run(resolve(_recipe("hetero-biased-fashion-mnist"), [*TINY, "hetero.period_s=0.05", "hetero.epochs=1",
+                                                             f"output_dir={tmp_path}"]))  # fmt: skip
+
+
 def test_virtual_clock_on_two_processes_gives_the_one_process_run(tmp_path):
     base = [*TINY, "hetero.epochs=2", f"output_dir={tmp_path}"]
     one = run(resolve(_recipe("hetero-biased-fashion-mnist"), base)).summary

@@ -98,10 +98,11 @@ def test_data_smaller_than_one_round_is_a_clear_error():
 def test_weighted_average_is_computed_by_hand():
     a, b = tiny_model(), tiny_model()
     expect = [0.8 * pa.detach() + 0.2 * pb.detach() for pa, pb in zip(a.parameters(), b.parameters(), strict=True)]
-    weighted_average([a, b], [0.8, 0.2])
+    extra, waited = weighted_average([a, b], [4.0, 1.0], extra=[7, 2])  # raw weights: divided by their sum
+    assert extra == [7.0, 2.0] and waited == 0.0
     for model in (a, b):
         for p, e in zip(model.parameters(), expect, strict=True):
-            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-7)
+            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- exact equivalences

@@ -63,6 +63,7 @@ def build_trainer(cfg):
         period_steps=h.period_steps, batch_size=cfg.data.batch_size, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, lr_milestones=h.lr_milestones, lr_gamma=h.lr_gamma, seed=cfg.seed,
         clock=h.clock, step_time_s=h.step_time_s, devices=h.devices or None, emulate_slowdowns=h.emulate_slowdowns,
+        period_s=h.period_s,
     )  # fmt: skip
     return trainer, eval_rows
 

@@ -63,25 +63,26 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         at += n
 
 
-def weighted_average(models: Sequence[nn.Module], weights: Sequence[float], extra: torch.Tensor | None = None,
-                     device: str = "cpu") -> tuple[torch.Tensor | None, float]:  # fmt: skip
-    """Replace every model in ``models`` (this process's workers) by ``sum_j w_j x_j`` over ALL workers' models:
-    the local weighted sum, all-reduced (SUM) across the processes of the default group. ``extra`` (a small float
-    vector) travels in the same all-reduce and comes back summed. Returns (extra summed, seconds in the
-    all-reduce)."""
+def weighted_average(models: Sequence[nn.Module], weights: Sequence[float], extra: Sequence[float] = (),
+                     device: str = "cpu") -> tuple[list[float], float]:  # fmt: skip
+    """Replace every model in ``models`` (this process's workers) by ``sum_j w_j x_j / sum_j w_j`` over ALL workers'
+    models: the local weighted sum and the local weight, all-reduced (SUM) across the processes of the default
+    group. ``extra`` numbers travel in the same all-reduce and come back summed over the processes. Returns (extra
+    summed, seconds in the all-reduce)."""
     local = sum(w * flatten(averaged_tensors(m), device) for m, w in zip(models, weights, strict=True))
-    if extra is not None:
-        local = torch.cat([local, extra.to(local.device, torch.float32)])
+    tail = torch.tensor([float(sum(weights)), *map(float, extra)], dtype=torch.float32, device=local.device)
+    local = torch.cat([local, tail])
     waited = 0.0
     if world()[1] > 1:
         started = time.perf_counter()
         dist.all_reduce(local)
         waited = time.perf_counter() - started
-    n = local.numel() - (0 if extra is None else extra.numel())
+    n = local.numel() - tail.numel()
+    average = local[:n] / local[n]
     for m in models:
         tensors = averaged_tensors(m)
-        unflatten_into(local[:n].to(tensors[0].device), tensors)
-    return (None if extra is None else local[n:].cpu()), waited
+        unflatten_into(average.to(tensors[0].device), tensors)
+    return local[n + 1 :].cpu().tolist(), waited
 
 
 class _AllReduceTimes:
@@ -111,6 +112,9 @@ class HeteroTrainer:
     ``step_time_s`` per speed-1 step) or "real" (one process per worker, slowdowns emulated by sleeping).
     ``devices[j]``: where worker j trains ("cpu", "cuda:0", ...). ``emulate_slowdowns=False`` (real clock): no
     sleeping, for devices that really differ in speed (the slowdowns then only set the step counts).
+    ``period_s`` (real clock, ``biased``): each worker takes local steps until it has been busy ``period_s`` seconds
+    in the round (at least one), so its steps follow its actual speed, and the weights ``H_j ** beta`` use the steps
+    it took; None: the steps fixed from the slowdowns.
     ``lr_milestones``: epochs after which the learning rate is multiplied by ``lr_gamma`` (the code: 0.1 at epochs
     60 and 80 of 100).
     """
@@ -119,7 +123,8 @@ class HeteroTrainer:
                  slowdowns: Sequence[float], *, period_steps: int = 32, batch_size: int = 64, lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 1e-4, lr_milestones: Sequence[float] = (),
                  lr_gamma: float = 0.1, seed: int = 0, clock: str = "virtual", step_time_s: float = 0.01,
-                 devices: Sequence[str] | None = None, emulate_slowdowns: bool = True):  # fmt: skip
+                 devices: Sequence[str] | None = None, emulate_slowdowns: bool = True,
+                 period_s: float | None = None):  # fmt: skip
         self.slowdowns = check_slowdowns(slowdowns)
         self.method = method
         workers = len(self.slowdowns)
@@ -145,6 +150,12 @@ class HeteroTrainer:
         else:
             self.steps = [period_steps] * workers
         self.steps_per_round = period_steps if method.every_step else 1  # synchronous steps per round
+        if period_s is not None and (clock != "real" or not method.proportional):
+            raise ConfigError("period_s (steps until a time budget) needs the real clock and the biased "
+                              "method; on the virtual clock the slowdowns already give each worker the steps "
+                              "that fit")  # fmt: skip
+        self.period_s = period_s
+        self.taken = list(self.steps)  # local steps each hosted worker took in the latest round
         self.weights = aggregation_weights(self.steps, method.beta)
         self.x, self.y = x, y
         self.batch_size, self.seed = batch_size, seed
@@ -197,9 +208,13 @@ class HeteroTrainer:
         self.block += 1
 
     def _batch(self, worker: int) -> torch.Tensor:
+        """The worker's next rows; with ``period_s`` a worker faster than its nominal steps cycles through its own."""
         at = self.cursor[worker]
         self.cursor[worker] = at + self.batch_size
-        return torch.as_tensor(self.rows[worker][at : at + self.batch_size])
+        rows = self.rows[worker]
+        if at + self.batch_size > len(rows):
+            return torch.as_tensor(np.take(rows, np.arange(at, at + self.batch_size), mode="wrap"))
+        return torch.as_tensor(rows[at : at + self.batch_size])
 
     def epoch(self) -> float:
         """Passes over the training rows so far (rows read by all workers / rows)."""
@@ -223,16 +238,29 @@ class HeteroTrainer:
         self.loss_count += len(rows)
         return losses.mean()
 
-    def _local_steps(self, k: int) -> None:
+    def _step(self, model: nn.Module, opt: torch.optim.Optimizer, worker: int) -> None:
+        loss = self._losses(model, worker, self._batch(worker))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def _local_steps(self, k: int) -> int:
+        """Worker ``hosted[k]``'s local steps of one round; returns how many it took."""
         worker, model, opt = self.hosted[k], self.models[k], self.optimizers[k]
         model.train()
-        started = time.perf_counter()
-        for _ in range(self.steps[worker]):
-            loss = self._losses(model, worker, self._batch(worker))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        self.clock.worked(worker, self.steps[worker], time.perf_counter() - started)
+        if self.period_s is None:
+            started = time.perf_counter()
+            for _ in range(self.steps[worker]):
+                self._step(model, opt, worker)
+            self.clock.worked(worker, self.steps[worker], time.perf_counter() - started)
+            return self.steps[worker]
+        taken, busy_before = 0, self.clock.busy_s[worker]
+        while taken == 0 or self.clock.busy_s[worker] - busy_before < self.period_s:
+            started = time.perf_counter()
+            self._step(model, opt, worker)
+            self.clock.worked(worker, 1, time.perf_counter() - started)
+            taken += 1
+        return taken
 
     def _sync_step(self) -> float:
         """One synchronous step of every hosted worker; returns the seconds spent waiting in the all-reduce."""
@@ -284,12 +312,15 @@ class HeteroTrainer:
         else:
             if self.left_in_block == 0:
                 self._new_block()
-            for k in range(len(self.hosted)):
-                self._local_steps(k)
-            _, waited = weighted_average(self.models, [self.weights[j] for j in self.hosted],
-                                         device=self.flat_device)  # fmt: skip
+            self.taken = [self._local_steps(k) for k in range(len(self.hosted))]
+            if self.period_s is None:
+                weights = [self.weights[j] for j in self.hosted]
+            else:  # by the steps actually taken (normalised over all workers by the all-reduce)
+                weights = [float(h) ** self.method.beta for h in self.taken]
+            (steps_taken,), waited = weighted_average(self.models, weights, extra=[sum(self.taken)],
+                                                      device=self.flat_device)  # fmt: skip
             self.left_in_block -= 1
-            self.rows_read += self.batch_size * sum(self.steps)
+            self.rows_read += self.batch_size * round(steps_taken)
             self.clock.round_done(self.steps, waited)
         self.rounds += 1
 
