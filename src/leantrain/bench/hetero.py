@@ -14,7 +14,9 @@ decay 1e-4 (the paper's settings), ``period_steps`` 32 (the code's GPU_interval)
   sampling, each with its own tuned learning rate (which part of the bias matters).
 - ``timing``: **real processes** (2 gloo processes on loopback, one torch thread each; the slow worker sleeps
   (s - 1) x its compute), 8 s of training per run, slowdowns 1 (the slow-free case), 2 and 4, median of 3 repeats:
-  per-worker steps, busy and waiting seconds. Run it on a quiet machine (nothing else running).
+  per-worker steps, busy and waiting seconds; besides the three arms, ``biased-period`` (each worker steps until it
+  has been busy 0.6 s per round, weights by steps taken: ``hetero.period_s``). Repeats are interleaved (every arm
+  once, then again). Run it on a quiet machine (nothing else running).
 
 Rows: ``method`` is ``sync``, ``local-uniform``, ``biased`` (ablations ``biased-beta1``, ``biased-nosampling``),
 ``task`` names the slowdown and the part. Targets (reported, never tuned for): biased reaches sync's accuracy in less
@@ -33,6 +35,10 @@ from pathlib import Path
 from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, mean_std, print_targets
 
 ARMS = {"sync": ("sync", {}), "local-uniform": ("local-uniform", {}), "biased": ("biased", {})}
+# The timing part also runs biased local SGD with a time-budgeted period (hetero.period_s: each worker steps until it
+# has been busy PERIOD_S seconds, weights by the steps taken): the mode for devices whose speeds are not known.
+TIMING_ARMS = {**ARMS, "biased-period": ("biased", {"beta": 1})}
+PERIOD_S = 0.6
 ABLATIONS = {"biased-beta1": ("biased", {"beta": 1}), "biased-nosampling": ("biased", {"biased_sampling": False})}
 FULL = {"slowdowns": (2, 4), "budget_s": 30.0, "eval_every_s": 3.0, "lrs": (0.02, 0.05, 0.1),
         "timing_s": 8.0, "repeats": 3, "timing_slowdowns": (1, 2, 4)}  # fmt: skip
@@ -165,38 +171,41 @@ def timing_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
     from leantrain.runs.launch import run
 
     s = QUICK if quick else FULL
-    units = Progress("hetero timing", len(s["timing_slowdowns"]) * len(ARMS) * s["repeats"])
+    units = Progress("hetero timing", len(s["timing_slowdowns"]) * len(TIMING_ARMS) * s["repeats"])
     rows = []
+    cells = [(slowdown, arm) for slowdown in s["timing_slowdowns"] for arm in TIMING_ARMS]
+    runs: dict[tuple, list[dict]] = {cell: [] for cell in cells}
     with tempfile.TemporaryDirectory() as tmp:
-        for slowdown in s["timing_slowdowns"]:
-            for arm, (method, options) in ARMS.items():
-                runs = []
-                for rep in range(s["repeats"]):
-                    with units.unit(f"{arm} {slowdown:g}x repeat {rep}"):
-                        cfg = resolve("hetero-biased-fashion-mnist", _overrides(
-                            method, options, slowdown, 0.05, rep,
-                            ["hetero.clock=real", f"hetero.time_budget_s={s['timing_s']}", "hetero.eval_every_s=null",
-                             "data.eval_subset=500", f"output_dir={tmp}"]))  # fmt: skip
-                        runs.append(run(cfg).summary)
+        for rep in range(s["repeats"]):  # interleaved: every cell once per repeat
+            for slowdown, arm in cells:
+                method, options = TIMING_ARMS[arm]
+                period = [f"hetero.period_s={PERIOD_S}"] if arm == "biased-period" else []
+                with units.unit(f"{arm} {slowdown:g}x repeat {rep}"):
+                    cfg = resolve("hetero-biased-fashion-mnist", _overrides(
+                        method, options, slowdown, 0.05, rep,
+                        ["hetero.clock=real", f"hetero.time_budget_s={s['timing_s']}", "hetero.eval_every_s=null",
+                         "data.eval_subset=500", f"output_dir={tmp}", *period]))  # fmt: skip
+                    runs[(slowdown, arm)].append(run(cfg).summary)
+    for (slowdown, arm), done in runs.items():
 
-                def med(key: str, j: int, runs=runs) -> float:
-                    return round(statistics.median(r[key][j] for r in runs), 4)
+        def med(key: str, j: int, done=done) -> float:
+            return round(statistics.median(r[key][j] for r in done), 4)
 
-                time_s = statistics.median(r["time_s"] for r in runs)
-                row = {
-                    "method": arm, "anchor": "sync", "model": "cnn-16-32", "task": f"fashion-mnist-{slowdown:g}x-real",
-                    "metric_name": "wait_share", "metric": round(statistics.median(r["wait_share"] for r in runs), 4),
-                    "seeds": s["repeats"],
-                    "extra": {
-                        "part": "timing", "slowdown": slowdown, "clock": "real", "processes": 2, "threads": 1,
-                        "time_s": round(time_s, 3), "steps": [med("steps", 0), med("steps", 1)],
-                        "busy_s": [med("busy_s", 0), med("busy_s", 1)], "wait_s": [med("wait_s", 0), med("wait_s", 1)],
-                        "steps_per_s": round((med("steps", 0) + med("steps", 1)) / time_s, 2),
-                        "local_steps": runs[0]["local_steps"],
-                    },
-                }  # fmt: skip
-                rows.append(row)
-                add(row)
+        time_s = statistics.median(r["time_s"] for r in done)
+        row = {
+            "method": arm, "anchor": "sync", "model": "cnn-16-32", "task": f"fashion-mnist-{slowdown:g}x-real",
+            "metric_name": "wait_share", "metric": round(statistics.median(r["wait_share"] for r in done), 4),
+            "seeds": s["repeats"],
+            "extra": {
+                "part": "timing", "slowdown": slowdown, "clock": "real", "processes": 2, "threads": 1,
+                "time_s": round(time_s, 3), "steps": [med("steps", 0), med("steps", 1)],
+                "busy_s": [med("busy_s", 0), med("busy_s", 1)], "wait_s": [med("wait_s", 0), med("wait_s", 1)],
+                "steps_per_s": round((med("steps", 0) + med("steps", 1)) / time_s, 2),
+                "local_steps": done[0]["local_steps"], "period_s": PERIOD_S if arm == "biased-period" else None,
+            },
+        }  # fmt: skip
+        rows.append(row)
+        add(row)
     free = {r["method"]: r for r in rows if r["extra"]["slowdown"] == 1}
     for r in rows:
         base = free.get(r["method"])
