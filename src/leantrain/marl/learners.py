@@ -1,7 +1,8 @@
 """MARL learners by name, for recipes: ``marl.algo`` picks a builder registered here.
 
 A builder gets the run config, the agents' controller, the shared learner settings and the training runner, and
-returns the learner (installing the runner hooks its method needs: S2Q's behaviour policy, WALL's attack).
+returns the learner (installing the runner hooks its method needs: S2Q's behaviour policy, WALL's and IBAL's
+attacks).
 Register another with :func:`register_learner`; the config accepts every registered name.
 """
 
@@ -46,6 +47,15 @@ def _wall(cfg, mac, lc, runner):
     options = dict(cfg.marl.method_options)
     clean_steps = options.pop("clean_steps", 0)
     learner = WALLLearner(mac, lc, wolfpack_config(options), seed=cfg.seed, clean_steps=int(clean_steps))
+    learner.attach(runner)
+    return learner
+
+
+@register_learner("ibal")
+def _ibal(cfg, mac, lc, runner):
+    from leantrain.marl.ibal import IBALConfig, IBALLearner
+
+    learner = IBALLearner(mac, lc, IBALConfig.from_options(dict(cfg.marl.method_options)), seed=cfg.seed)
     learner.attach(runner)
     return learner
 
