@@ -64,7 +64,7 @@ def test_a_time_budgeted_period_gives_each_worker_the_steps_its_speed_allows(tmp
 
 
 def test_virtual_clock_on_two_processes_gives_the_one_process_run(tmp_path):
-    base = [*TINY, "hetero.epochs=2", f"output_dir={tmp_path}"]
+    base = [*TINY, "hetero.epochs=1", f"output_dir={tmp_path}"]
     one = run(resolve(_recipe("hetero-biased-fashion-mnist"), base)).summary
     two = run(resolve(_recipe("hetero-biased-fashion-mnist"), [*base, "hetero.processes=2"])).summary
     assert two["processes"] == 2 and one["processes"] == 1
