@@ -2,7 +2,9 @@
 
 - ``matrix:<game>`` (climbing, penalty, nonmonotonic, shifting; :mod:`leantrain.marl.matrix_games`),
 - ``lbf:<gymnasium id>`` and ``rware:<gymnasium id>`` (:class:`~leantrain.marl.gym_adapters.GymnasiumMultiAgent`),
-- ``mpe:simple_spread`` and ``mpe:simple_tag`` (mpe2; predator-prey with learning predators and a scripted prey),
+- ``mpe:simple_spread`` and ``mpe:simple_tag`` (mpe2; predator-prey with learning predators and a scripted prey);
+  ``mpe:simple_spread`` with ``sparse_radius`` set is a sparse-reward task (:class:`SparseCoverage`: team reward 1
+  and the episode ends at the first step where every landmark has an agent within the radius, else 0; FoX's task),
 - ``vmas:<scenario>`` (VMAS's torch-vectorised scenarios with discrete actions).
 
 ``marl.env_args`` are passed to the builder as keyword arguments (an LBF step limit ``max_episode_steps``, the
@@ -12,6 +14,8 @@ number of predators ``n_predators``, ...). Register another kind with :func:`reg
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import numpy as np
 
 from leantrain.errors import ConfigError
 from leantrain.marl.env import MultiAgentEnv
@@ -43,6 +47,37 @@ def _gymnasium(name, switch_episode, clock, counts, **env_args):
     return GymnasiumMultiAgent(name, **env_args)
 
 
+class SparseCoverage(MultiAgentEnv):
+    """A sparse ``simple_spread``: reward 1 and the end of the episode (terminated) at the first step where every
+    landmark has an agent within ``radius`` (positions from the mpe2 world), else reward 0; the return of an episode
+    is its success. The observations, state and actions are simple_spread's."""
+
+    def __init__(self, env: MultiAgentEnv, radius: float):
+        if not radius > 0:
+            raise ConfigError(f"marl.env_args sparse_radius={radius!r} must be > 0")
+        self.env, self.radius, self.info = env, float(radius), env.info
+
+    def covered(self) -> bool:
+        """Every landmark has an agent within the radius."""
+        world = self.env.env.unwrapped.world
+        agents = np.stack([a.state.p_pos for a in world.agents])  # (N, 2)
+        landmarks = np.stack([lm.state.p_pos for lm in world.landmarks])  # (L, 2)
+        gaps = np.sqrt(((landmarks[:, None] - agents[None]) ** 2).sum(-1))  # (L, N)
+        return bool((gaps.min(1) <= self.radius).all())
+
+    def reset(self, seed=None):
+        return self.env.reset(seed)
+
+    def step(self, actions):
+        step = self.env.step(actions)
+        done = self.covered()
+        step.reward, step.terminated, step.truncated = float(done), done, step.truncated and not done
+        return step
+
+    def close(self) -> None:
+        self.env.close()
+
+
 @register_env("mpe")
 def _mpe(name, switch_episode, clock, counts, **env_args):
     from leantrain.marl.gym_adapters import PredatorPrey, SimpleSpread
@@ -50,10 +85,12 @@ def _mpe(name, switch_episode, clock, counts, **env_args):
     scenarios = {"simple_spread": SimpleSpread, "simple_tag": PredatorPrey}
     if name not in scenarios:
         raise ConfigError(f"unknown mpe scenario {name!r}; choose from {', '.join(scenarios)}")
+    radius = env_args.pop("sparse_radius", None) if name == "simple_spread" else None
     try:
-        return scenarios[name](**env_args)
+        env = scenarios[name](**env_args)
     except TypeError as err:
         raise ConfigError(f"marl.env_args for mpe:{name}: {err}") from None
+    return env if radius is None else SparseCoverage(env, radius)
 
 
 @register_env("vmas")

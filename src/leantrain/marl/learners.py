@@ -60,6 +60,20 @@ def _ibal(cfg, mac, lc, runner):
     return learner
 
 
+@register_learner("fox")
+def _fox(cfg, mac, lc, runner):
+    """FoX on QMIX: formation counts on the training runner, FoX's agent network, rewards and VAE."""
+    from leantrain.marl.fox import FoxConfig, FoxLearner
+
+    try:
+        options = FoxConfig(**cfg.marl.method_options)
+    except TypeError as err:
+        raise ConfigError(f"marl.method_options for fox: {err}") from None
+    learner = FoxLearner(mac, lc, options, seed=cfg.seed)
+    learner.attach(runner)
+    return learner
+
+
 def wolfpack_config(options: dict):
     """The Wolfpack attack's config from ``marl.method_options`` (WALL) or ``leantrain attack``'s options."""
     from leantrain.marl.wolfpack import WolfpackConfig
