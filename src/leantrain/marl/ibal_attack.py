@@ -31,7 +31,8 @@ public; everything below is our reading of the spec (``/work/shared/specs/marl.m
   over available actions: the spec's "worst-case Q as in WALL") or ``"random"`` (a uniformly random available
   action: independent of every other agent, i.e. zero MI, but a weak attack). The runner stores the agents'
   *intended* actions (the perturbation is part of the dynamics, as in WALL) and records ``masked`` (agents whose
-  observation was masked), ``attacked`` (agents whose action was replaced) and ``executed``.
+  observation was masked), ``attacked`` (agents whose action was replaced), ``executed`` and ``group`` (1 for the
+  agents of G at the step's cut, 0 otherwise and on clean steps).
 
 :class:`OneAgentMissing`: one agent, drawn per episode, executes NOOP (action 0) for the whole episode (the spec's
 agent-missing evaluation).
@@ -185,7 +186,7 @@ class InteractionBreakingAttack:
         if config.mask_observations:
             runner.observation_hook = self.observe
         runner.store_intended = True
-        runner.step_fields = {**runner.step_fields, "masked": (n,), "attacked": (n,), "executed": (n,)}
+        runner.step_fields = {**runner.step_fields, "masked": (n,), "attacked": (n,), "executed": (n,), "group": (n,)}
 
     def budget(self) -> int:
         return self.config.test_budget if self.runner.test else self.config.budget
@@ -260,6 +261,7 @@ class InteractionBreakingAttack:
         self.runner.record("masked", masked.astype(np.float32))
         self.runner.record("attacked", forced.float().numpy())
         self.runner.record("executed", executed.float().numpy())
+        self.runner.record("group", (self.groups & (self.now & active)[:, None]).astype(np.float32))
         return executed
 
 
