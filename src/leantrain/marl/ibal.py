@@ -1,5 +1,6 @@
-"""IBAL, Interaction-Breaking Adversarial Learning (Lee, Kang, Jo, Han, ICML 2026, arXiv 2605.18024): train the team
-under an attacker that severs the links between groups of agents, so it keeps working when coordination breaks.
+"""IBAL, Interaction-Breaking Adversarial Learning (Lee, Kang, Jo, Han, "Interaction-Breaking Adversarial Learning
+Framework for Robust Multi-Agent Reinforcement Learning", ICML 2026, arXiv 2605.18024): train the team under an
+attacker that severs the links between groups of agents, so it keeps working when coordination breaks.
 
 The attacker is :class:`~leantrain.marl.ibal_attack.InteractionBreakingAttack` (cross-group observation masking and
 action perturbation, greedy against the current Q, budgeted per episode). The defender is the value-decomposition

@@ -1,5 +1,5 @@
-"""The IBAL interaction-breaking attack (Lee, Kang, Jo, Han, "Interaction-Breaking Adversarial Learning", ICML 2026,
-arXiv 2605.18024) as runner hooks, and the one-agent-missing condition.
+"""The IBAL interaction-breaking attack (Lee, Kang, Jo, Han, "Interaction-Breaking Adversarial Learning Framework for
+Robust Multi-Agent Reinforcement Learning", ICML 2026, arXiv 2605.18024) as runner hooks, and one-agent-missing.
 
 IBAL's attacker does not push one agent towards a low-value action (Wolfpack and other value-oriented attacks); it
 cuts the *dependency* between two groups of agents G and G': it masks, in every agent's observation, the features
