@@ -156,12 +156,18 @@ class FormationVAE(nn.Module):
         z = mean[..., None, :] + std[..., None, :] * torch.randn(3, b, t, n, samples, self.latent)
         z_i, z_far, z_near = z  # each (B, T, N, S, L)
         eps1, eps2 = torch.randn_like(z_i), torch.randn_like(z_i)
+        # the first decoder layer is linear in (z_i, z_far, z_near): project each latent once, not per combination
+        first, rest = self.decoder[0], self.decoder[1:]
+        w_i, w_far, w_near = first.weight.split(self.latent, 1)
+        a_z, a_e = z_i @ w_i.T, eps1 @ w_i.T
+        b_z, b_e1, b_e2 = z_far @ w_far.T, eps1 @ w_far.T, eps2 @ w_far.T
+        c_z, c_e = z_near @ w_near.T, eps2 @ w_near.T
 
-        def log_q(*zs: torch.Tensor) -> torch.Tensor:
-            return -(self.decode(*zs) - target).pow(2).sum(-1)  # (B, T, N, S)
+        def log_q(pre: torch.Tensor) -> torch.Tensor:  # −||D(·) − F/1000||² from the first layer's pre-activation
+            return -(rest(pre + first.bias) - target).pow(2).sum(-1)  # (B, T, N, S)
 
-        informed = log_q(z_i, z_far, z_near)
-        chance = (log_q(z_i, eps1, eps2) + log_q(eps1, z_far, eps2) + log_q(eps1, eps2, z_near)) / 3
+        informed = log_q(a_z + b_z + c_z)  # q(F | z_i, z_far, z_near)
+        chance = (log_q(a_z + b_e1 + c_e) + log_q(a_e + b_z + c_e) + log_q(a_e + b_e2 + c_z)) / 3
         ir = informed - chance
         real = (filled > 0)[:, :, None, None].expand_as(ir)  # (B, T, N, S)
         out = torch.zeros(b, t, n)
