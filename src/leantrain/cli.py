@@ -208,7 +208,7 @@ def compress(
 
 @app.command()
 def attack(
-    run_dir: Annotated[Path, typer.Argument(help="a finished MARL run folder (qmix, vdn, s2q or wall)")],
+    run_dir: Annotated[Path, typer.Argument(help="a finished MARL run folder (qmix, vdn, s2q, wall, ibal, fox)")],
     episodes: Annotated[int, typer.Option(help="greedy episodes per condition")] = 200,
     budget: Annotated[int, typer.Option(help="attacked steps per episode")] = 8,
     followups: Annotated[int | None, typer.Option(help="follow-up agents (default: 2, fewer for small teams)")] = None,
@@ -216,7 +216,8 @@ def attack(
     fit_updates: Annotated[int, typer.Option(help="planner updates")] = 300,
     seed: Annotated[int, typer.Option(help="seed of the planner and the episodes")] = 0,
 ) -> None:
-    """Return of a trained MARL policy under the Wolfpack, random-step and random attacks (same budget)."""
+    """Return of a trained MARL policy under every registered attack (leantrain.marl.robustness.ATTACKS: Wolfpack,
+    random-step, random, IBAL's interaction-breaking attack, one agent missing), with the same budget."""
     import time
 
     import torch
