@@ -5,7 +5,9 @@
 - ``mpe:simple_spread`` and ``mpe:simple_tag`` (mpe2; predator-prey with learning predators and a scripted prey);
   ``mpe:simple_spread`` with ``sparse_radius`` set is a sparse-reward task (:class:`SparseCoverage`: team reward 1
   and the episode ends at the first step where every landmark has an agent within the radius, else 0; FoX's task),
-- ``vmas:<scenario>`` (VMAS's torch-vectorised scenarios with discrete actions).
+- ``vmas:<scenario>`` (VMAS's torch-vectorised scenarios with discrete actions),
+- ``grid:door`` (:class:`~leantrain.marl.door_world.DoorWorld`: two agents, two plates, a latching door, a sparse
+  goal behind it; FIM's task; ``env_args`` ``width``, ``height``, ``episode_limit``).
 
 ``marl.env_args`` are passed to the builder as keyword arguments (an LBF step limit ``max_episode_steps``, the
 number of predators ``n_predators``, ...). Register another kind with :func:`register_env`.
@@ -100,6 +102,18 @@ def _vmas(name, switch_episode, clock, counts, **env_args):
     return VmasMultiAgent(name, **env_args)
 
 
+@register_env("grid")
+def _grid(name, switch_episode, clock, counts, **env_args):
+    from leantrain.marl.door_world import DoorWorld
+
+    if name != "door":
+        raise ConfigError(f"unknown grid world {name!r}; choose from: door")
+    try:
+        return DoorWorld(**env_args)
+    except TypeError as err:
+        raise ConfigError(f"marl.env_args for grid:door: {err}") from None
+
+
 def make_env(name: str, switch_episode: int = 500, clock=None, counts: bool = True, **env_args) -> MultiAgentEnv:
     """An environment by name; ``clock`` / ``counts`` share the shifting game's episode count (test copies read it)."""
     kind, _, rest = name.partition(":")
@@ -107,6 +121,6 @@ def make_env(name: str, switch_episode: int = 500, clock=None, counts: bool = Tr
         raise ConfigError(
             f"unknown environment {name!r}; use matrix:climbing|penalty|nonmonotonic|shifting, "
             "lbf:Foraging-8x8-2p-2f-coop-v3 (any lbforaging id), rware:rware-tiny-2ag-v2, mpe:simple_spread, "
-            "mpe:simple_tag or vmas:<scenario>"
+            "mpe:simple_tag, vmas:<scenario> or grid:door"
         )
     return ENVIRONMENTS[kind](rest, switch_episode, clock, counts, **env_args)

@@ -74,6 +74,20 @@ def _fox(cfg, mac, lc, runner):
     return learner
 
 
+@register_learner("fim")
+def _fim(cfg, mac, lc, runner):
+    """FIM on QMIX: the replay's states mirrored from the training runner, a forward model and the influence bonus."""
+    from leantrain.marl.fim import FimConfig, FimLearner
+
+    try:
+        options = FimConfig(**cfg.marl.method_options)
+    except TypeError as err:
+        raise ConfigError(f"marl.method_options for fim: {err}") from None
+    learner = FimLearner(mac, lc, options, replay_episodes=cfg.marl.buffer_episodes)
+    learner.attach(runner)
+    return learner
+
+
 def wolfpack_config(options: dict):
     """The Wolfpack attack's config from ``marl.method_options`` (WALL) or ``leantrain attack``'s options."""
     from leantrain.marl.wolfpack import WolfpackConfig
