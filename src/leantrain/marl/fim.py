@@ -17,8 +17,9 @@ rewarded (:mod:`leantrain.marl.fim_influence`). One update (:class:`FimLearner`)
 There is no official code and only the abstracts could be read, so the formulas are interpretations of the
 abstracts (and of the project spec's reference interpretation), not the paper's:
 
-- Selection (both versions, ``criterion``): ``"cog"`` (v1, default) scores a dimension by the variance of its
-  per-step change, ``"entropy"`` (v2) by the entropy of a 20-bin histogram of its values; both take the k lowest
+- Selection (both versions, ``criterion``): ``"cog"`` (v1, default) scores a dimension by the mean square of its
+  per-step change (the spec's reference reads the variance; a constant drift would have zero variance),
+  ``"entropy"`` (v2) by the entropy of a 20-bin histogram of its values; both take the k lowest
   among dimensions that vary at all (k = ``focus_size`` or ``focus_fraction`` (10 %) of the state, at least 1),
   recomputed every ``recompute_every`` (50) updates, not every step, so that the bonus stays stationary in between.
 - Statistics: ``statistics="replay"`` (default) is exact over every state in the replay (a mirror filled by a
@@ -58,7 +59,7 @@ from leantrain.marl.learner import LearnerConfig, QLearner
 
 @dataclass
 class FimConfig:
-    criterion: str = "cog"  # "cog" (v1: lowest variance of the per-step change) | "entropy" (v2: lowest entropy)
+    criterion: str = "cog"  # "cog" (v1: lowest mean squared per-step change) | "entropy" (v2: lowest entropy)
     focus_fraction: float = 0.1  # |C| as a fraction of the state dimensions (at least 1)
     focus_size: int = 0  # |C| directly (0: from focus_fraction)
     recompute_every: int = 50  # learner updates between recomputations of C (M)

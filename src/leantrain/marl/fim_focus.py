@@ -5,8 +5,10 @@ v1 of the paper picks *Center of Gravity* (CoG) dimensions, those that are stabl
 behaviour; v2 picks under-explored dimensions with an entropy criterion. The formulas are not public, so both are
 interpretations (see :mod:`leantrain.marl.fim`):
 
-- ``"cog"``: score_d = Var[s_{t+1,d} − s_{t,d}] over every real transition; the focus set is the k dimensions of
-  lowest score.
+- ``"cog"``: score_d = E[(s_{t+1,d} − s_{t,d})²], the mean squared change over every real transition; the focus set
+  is the k dimensions of lowest score. The spec's reference interpretation says Var[s_{t+1,d} − s_{t,d}]; the
+  uncentered moment is used because a dimension that drifts at a constant rate (a timer) has zero variance of its
+  change yet is anything but stable. Where changes average to zero the two agree.
 - ``"entropy"``: score_d = entropy of a ``bins``-bin histogram of the visited values of s_d over [min_d, max_d];
   the focus set is the k dimensions of lowest entropy.
 
@@ -126,8 +128,7 @@ def exact_scores(states: torch.Tensor, filled: torch.Tensor, criterion: str, bin
     mean, square = _moments(states, slots)
     varying = (square - mean.square()) > CONSTANT
     if criterion == "cog":
-        d_mean, d_square = _moments(states[:, 1:] - states[:, :-1], filled)
-        return d_square - d_mean.square(), varying
+        return _moments(states[:, 1:] - states[:, :-1], filled)[1], varying
     flat = states.reshape(-1, states.shape[-1])[slots.reshape(-1) > 0]
     low, high = flat.min(0).values, flat.max(0).values
     return entropy(histograms(states, slots, low, high, bins)), varying
@@ -165,7 +166,7 @@ class RunningDimensionStats:
     def scores(self, criterion: str) -> tuple[torch.Tensor, torch.Tensor]:
         varying = (self.value[1] - self.value[0].square()) > CONSTANT
         if criterion == "cog":
-            return self.delta[1] - self.delta[0].square(), varying
+            return self.delta[1], varying
         return entropy(self.hist), varying
 
     def state(self) -> dict:
