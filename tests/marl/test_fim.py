@@ -218,8 +218,10 @@ def test_training_updates_every_part_and_restores():
     assert {"loss", "fim_bonus", "fim_model_loss", "focus_size"} <= set(stats) and len(learner.focus_history) == 2
     assert all(not torch.equal(p, q) for p, q in zip(learner.model.parameters(), before, strict=True))
     assert learner.test_stats(runner) == {"focus": [4]}
+    runner.run(epsilon=1.0)  # a runner batch not yet flushed by a train call: a checkpoint must keep it
     restored, _, _ = _warmed_up(FimConfig(recompute_every=2), batches=1, seed=3)
     restored.load_training_state(learner.training_state())
+    assert restored.replay_states.count == learner.replay_states.count == 56
     assert torch.equal(restored.focus, learner.focus) and restored.focus_history == learner.focus_history
     assert torch.equal(restored.replay_states.contents()[0], learner.replay_states.contents()[0])
     assert restored.scale.state() == learner.scale.state()

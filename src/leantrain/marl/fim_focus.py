@@ -82,6 +82,7 @@ class ReplayStates:
         return self.states[:m], (steps[None] < self.lengths[:m, None]).float()
 
     def state(self) -> dict:
+        self.flush()  # a checkpoint is taken between runner batches: the pending one is in the replay already
         m = len(self)
         return {"states": self.states[:m].clone(), "lengths": self.lengths[:m].clone(), "count": self.count}
 
