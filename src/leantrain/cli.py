@@ -268,7 +268,8 @@ def bench(
         typer.Option(
             help="only these parts (finetune: scoring, accuracy, cost, profile; optim: steptime, accuracy, async, "
             "mlbfgs; federated: accuracy, accuracy-iid, partial, embracing, cross-device, workers, memory; "
-            "lowrank: accuracy, deflate-svd; prune: mlp, resnet; hetero: accuracy, ablation, timing)"
+            "lowrank: accuracy, deflate-svd; prune: mlp, resnet; hetero: accuracy, ablation, timing; marl: matrix, "
+            "throughput, lbf, attack, exploration, robustness)"
         ),
     ] = None,
 ) -> None:

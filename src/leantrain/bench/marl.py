@@ -15,6 +15,7 @@ Parts (``--part``; all by default), 1 torch thread per process, jobs spread over
   unroll against one cell call per slot; medians of interleaved repeats.
 - ``lbf``: ``Foraging-8x8-2p-2f-coop-v3``, seeds 0..2: S2Q against QMIX with S2Q's optimizer and targets, 300k
   steps each.
+- ``exploration``, ``robustness``: FoX, FIM and IBAL against their bases (:mod:`leantrain.bench.marl_methods`).
 - ``attack``: per task of :data:`ATTACK_TASKS` (predator-prey: mpe2 simple_tag with 4 predators; LBF 8x8 with 4
   players, 3 foods and 25-step episodes), seeds 0..2: a clean QMIX policy, then from it the same number of steps of
   clean training (vanilla) or of WALL training; both final policies are attacked by a Wolfpack planner fitted
@@ -56,7 +57,7 @@ SHIFTING_METHODS = ("qmix", "s2q")
 SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.eval_every=500"]
 CLIMB = ["marl.eval_every=1000"]  # a greedy test (and the sub-values' greedy joint actions) every 1000 episodes
 QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_every=1000"]
-PARTS = ("matrix", "throughput", "lbf", "attack")
+PARTS = ("matrix", "throughput", "lbf", "attack", "exploration", "robustness")
 LBF_STEPS = 300_000
 LBF_QUICK = ["marl.max_steps=1500", "marl.eval_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
@@ -207,15 +208,25 @@ def lbf_rows(seeds: int, quick: bool) -> list[dict]:
 
 # tasks where a few forced steps can cost: recipes of the clean policy and of WALL, budgets, episodes per condition
 ATTACK_TASKS = {
-    "lbf-4p": {"qmix": "qmix-lbf-4p", "wall": "wall-lbf-4p", "pretrain": 200_000, "finetune": 20_000, "episodes": 64},
+    "lbf-4p": {"qmix": "qmix-lbf-4p", "wall": "wall-lbf-4p", "ibal": "ibal-lbf-4p", "pretrain": 200_000,
+               "finetune": 20_000, "episodes": 64},
     "predator-prey": {"qmix": "qmix-predator-prey", "wall": "wall-predator-prey", "pretrain": 150_000,
                       "finetune": 20_000, "episodes": 64},
 }  # fmt: skip
 ATTACK_QUICK = ["marl.max_steps=300", "marl.eval_every=200", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
 
-def _attack_job(task: str, seed: int, quick: bool) -> dict:
-    """Clean QMIX, then from it vanilla and WALL continuations of the same length, then both attacked."""
+# the continuations of the clean policy each attack job trains (the same steps from the same start), by name
+CONTINUATIONS = {
+    "vanilla": lambda spec: (spec["qmix"], ["marl.epsilon_start=0.05"]),
+    "wall": lambda spec: (spec["wall"], [_wall_options(spec["wall"], clean_steps=0)]),
+    "ibal": lambda spec: (spec["ibal"], []),
+}
+
+
+def _attack_job(task: str, seed: int, quick: bool, policies: tuple[str, ...] = ("vanilla", "wall")) -> dict:
+    """Clean QMIX, then from it continuations of the same length (vanilla, WALL, IBAL...), then each attacked by
+    every condition of the attack suite."""
     from leantrain.config import load_recipe
     from leantrain.marl.learners import wolfpack_config
     from leantrain.marl.robustness import evaluate_attacks
@@ -226,18 +237,20 @@ def _attack_job(task: str, seed: int, quick: bool) -> dict:
         qmix = _run(spec["qmix"], [f"marl.max_steps={spec['pretrain']}", *quick_args], seed, tmp)
         start = [f"marl.pretrained_policy={qmix['summary']['run_dir']}", f"marl.max_steps={spec['finetune']}",
                  *quick_args]  # fmt: skip
-        vanilla = _run(spec["qmix"], [*start, "marl.epsilon_start=0.05"], seed, tmp)
-        wall = _run(spec["wall"], [*start, _wall_options(spec["wall"], clean_steps=0)], seed, tmp)
+        runs = {}
+        for policy in policies:
+            recipe, extra = CONTINUATIONS[policy](spec)
+            runs[policy] = _run(recipe, [*start, *extra], seed, tmp)
         options = dict(load_recipe(spec["wall"])["marl"]["method_options"])
         options.pop("clean_steps", None)
-        attack = wolfpack_config(options)  # the same attack against both policies
+        attack = wolfpack_config(options)  # the same attack against every policy
         fit = {"fit_episodes": 8, "fit_updates": 2} if quick else {}
         episodes = 3 if quick else spec["episodes"]
         evals = {name: evaluate_attacks(run["summary"]["run_dir"], episodes=episodes, seed=seed, config=attack, **fit)
-                 for name, run in (("vanilla", vanilla), ("wall", wall))}  # fmt: skip
+                 for name, run in runs.items()}  # fmt: skip
     curve = [(r["t_env"], r["return_mean"]) for r in qmix["tests"]]
     return {"task": task, "seed": seed, "qmix": qmix["summary"], "qmix_curve": curve, "evals": evals,
-            "vanilla": vanilla["summary"], "wall": wall["summary"]}  # fmt: skip
+            **{name: run["summary"] for name, run in runs.items()}}  # fmt: skip
 
 
 def attack_rows(seeds: int, quick: bool, tasks: tuple[str, ...] = tuple(ATTACK_TASKS)) -> list[dict]:
@@ -493,6 +506,28 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
                 row["clean"] = f"{row['metric']:.3f} ± {row['metric_std']:.3f}"
         cols = ["method", "seeds", "clean", "wolfpack", "wolfpack_std", "random_step", "random"]
         tables.append("Attacks (mean greedy return ± std over seeds, test budget 8)\n" + markdown_table(part, cols))
+    if "exploration" in parts:
+        from leantrain.bench.marl_methods import exploration_rows, exploration_targets
+
+        log("exploration: FoX (sparse spread) and FIM (door world) against QMIX with identical settings")
+        part = exploration_rows(seeds or (1 if quick else 3), quick, add=results.add)
+        met.update(exploration_targets(part))
+        for row in part:
+            row.update(ret=f"{row['metric']:.3f} ± {row['metric_std']:.3f}", solved=row["extra"]["solved"],
+                       finals=row["extra"]["finals"], steps_per_s=row["extra"]["env_steps_per_s"])  # fmt: skip
+        cols = ["method", "task", "seeds", "ret", "solved", "finals", "steps_per_s"]
+        tables.append("Exploration (final greedy return = success rate, mean ± std)\n" + markdown_table(part, cols))
+    if "robustness" in parts:
+        from leantrain.bench.marl_methods import robustness_rows, robustness_targets
+
+        log("robustness: LBF 4p, clean QMIX then vanilla / WALL / IBAL continuations, every attack of the suite")
+        part = robustness_rows(seeds or (1 if quick else 3), quick, add=results.add)
+        met.update(robustness_targets(part))
+        conditions = list(part[0]["extra"]["mean_std"])
+        for row in part:
+            row.update({c: f"{m:.3f} ± {s:.3f}" for c, (m, s) in row["extra"]["mean_std"].items()})
+        tables.append("Robustness (mean greedy return ± std over seeds, test budget 8)\n"
+                      + markdown_table(part, ["method", "seeds", *conditions]))  # fmt: skip
     path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})
     print("\n\n".join(tables))
     print_targets(met, path)
