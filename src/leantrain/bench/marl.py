@@ -27,15 +27,22 @@ Targets from the issue are evaluated and printed, never tuned for.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets, progress
+from leantrain.bench.marl_jobs import (
+    ATTACK_TASKS,
+    _attack_job,
+    _in_worker,
+    _mean_std,
+    _run,
+    _wall_options,
+    _workers,
+)
+from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets
 from leantrain.errors import ConfigError
 
 
@@ -60,16 +67,6 @@ QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_eve
 PARTS = ("matrix", "throughput", "lbf", "attack", "exploration", "robustness")
 LBF_STEPS = 300_000
 LBF_QUICK = ["marl.max_steps=1500", "marl.eval_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
-
-
-def _run(recipe: str, overrides: list[str], seed: int, tmp: str) -> dict:
-    from leantrain.config import resolve
-    from leantrain.runs.launch import run
-
-    cfg = resolve(recipe, [*overrides, f"seed={seed}", "progress=none", f"output_dir={tmp}"])
-    result = run(cfg)
-    tests = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"summary": result.summary, "tests": [r for r in tests if r["split"] == "test"]}
 
 
 def _recovery(tests: list[dict], switch: int) -> int | None:
@@ -153,30 +150,6 @@ def targets(rows: list[dict]) -> dict[str, bool]:
     return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _workers(jobs: int) -> int:
-    return max(1, min(jobs, 2, os.cpu_count() or 1))
-
-
-def _in_worker(unit: tuple[str, int, int], fn, *args):
-    """``fn(*args)`` with 1 torch thread, as the numbered progress ``unit`` (what, index, total)."""
-    import torch
-
-    torch.set_num_threads(1)
-    with progress(*unit):
-        return fn(*args)
-
-
-def _wall_options(recipe: str = "wall-lbf-8x8", **change) -> str:
-    from leantrain.config import load_recipe
-
-    options = {**load_recipe(recipe)["marl"]["method_options"], **change}
-    return "marl.method_options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"
-
-
 # S2Q's optimizer and targets, given to QMIX too: every S2Q-vs-QMIX comparison is like for like
 S2Q_SETTINGS = ["marl.optimizer=adam", "marl.lr=0.001", "marl.td_lambda=0.6"]
 
@@ -204,53 +177,6 @@ def lbf_rows(seeds: int, quick: bool) -> list[dict]:
                      "metric_std": std, "seeds": len(finals),
                      "extra": {"finals": finals, "steps": LBF_STEPS, "settings": S2Q_SETTINGS}})  # fmt: skip
     return rows
-
-
-# tasks where a few forced steps can cost: recipes of the clean policy and of WALL, budgets, episodes per condition
-ATTACK_TASKS = {
-    "lbf-4p": {"qmix": "qmix-lbf-4p", "wall": "wall-lbf-4p", "ibal": "ibal-lbf-4p", "pretrain": 200_000,
-               "finetune": 20_000, "episodes": 64},
-    "predator-prey": {"qmix": "qmix-predator-prey", "wall": "wall-predator-prey", "pretrain": 150_000,
-                      "finetune": 20_000, "episodes": 64},
-}  # fmt: skip
-ATTACK_QUICK = ["marl.max_steps=300", "marl.eval_every=200", "marl.test_episodes=2", "marl.batch_episodes=4"]
-
-
-# the continuations of the clean policy each attack job trains (the same steps from the same start), by name
-CONTINUATIONS = {
-    "vanilla": lambda spec: (spec["qmix"], ["marl.epsilon_start=0.05"]),
-    "wall": lambda spec: (spec["wall"], [_wall_options(spec["wall"], clean_steps=0)]),
-    "ibal": lambda spec: (spec["ibal"], []),
-}
-
-
-def _attack_job(task: str, seed: int, quick: bool, policies: tuple[str, ...] = ("vanilla", "wall")) -> dict:
-    """Clean QMIX, then from it continuations of the same length (vanilla, WALL, IBAL...), then each attacked by
-    every condition of the attack suite."""
-    from leantrain.config import load_recipe
-    from leantrain.marl.learners import wolfpack_config
-    from leantrain.marl.robustness import evaluate_attacks
-
-    spec = ATTACK_TASKS[task]
-    quick_args = ATTACK_QUICK if quick else []
-    with tempfile.TemporaryDirectory() as tmp:
-        qmix = _run(spec["qmix"], [f"marl.max_steps={spec['pretrain']}", *quick_args], seed, tmp)
-        start = [f"marl.pretrained_policy={qmix['summary']['run_dir']}", f"marl.max_steps={spec['finetune']}",
-                 *quick_args]  # fmt: skip
-        runs = {}
-        for policy in policies:
-            recipe, extra = CONTINUATIONS[policy](spec)
-            runs[policy] = _run(recipe, [*start, *extra], seed, tmp)
-        options = dict(load_recipe(spec["wall"])["marl"]["method_options"])
-        options.pop("clean_steps", None)
-        attack = wolfpack_config(options)  # the same attack against every policy
-        fit = {"fit_episodes": 8, "fit_updates": 2} if quick else {}
-        episodes = 3 if quick else spec["episodes"]
-        evals = {name: evaluate_attacks(run["summary"]["run_dir"], episodes=episodes, seed=seed, config=attack, **fit)
-                 for name, run in runs.items()}  # fmt: skip
-    curve = [(r["t_env"], r["return_mean"]) for r in qmix["tests"]]
-    return {"task": task, "seed": seed, "qmix": qmix["summary"], "qmix_curve": curve, "evals": evals,
-            **{name: run["summary"] for name, run in runs.items()}}  # fmt: skip
 
 
 def attack_rows(seeds: int, quick: bool, tasks: tuple[str, ...] = tuple(ATTACK_TASKS)) -> list[dict]:

@@ -33,7 +33,7 @@ ROBUST_POLICIES = ("vanilla", "wall", "ibal")
 
 
 def _exploration_job(method: str, arm: str, seed: int, quick: bool) -> dict:
-    from leantrain.bench.marl import _run
+    from leantrain.bench.marl_jobs import _run
 
     recipe = EXPLORATION[method][0 if arm == method else 1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +50,7 @@ def _exploration_job(method: str, arm: str, seed: int, quick: bool) -> dict:
 
 
 def exploration_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
-    from leantrain.bench.marl import _in_worker, _mean_std, _workers
+    from leantrain.bench.marl_jobs import _in_worker, _mean_std, _workers
 
     jobs = [(m, arm, s) for m in EXPLORATION for arm in (m, "qmix") for s in range(seeds)]
     with ProcessPoolExecutor(_workers(len(jobs))) as pool:
@@ -89,7 +89,7 @@ def exploration_targets(rows: list[dict]) -> dict[str, bool]:
 
 
 def robustness_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
-    from leantrain.bench.marl import ATTACK_TASKS, _attack_job, _in_worker, _mean_std, _workers
+    from leantrain.bench.marl_jobs import ATTACK_TASKS, _attack_job, _in_worker, _mean_std, _workers
 
     jobs = list(range(seeds))
     with ProcessPoolExecutor(_workers(len(jobs))) as pool:
