@@ -3,7 +3,7 @@ import torch
 
 # Tiny-model folders: intra-op threads only add synchronisation overhead there (seconds per step on a busy
 # 2-core box); the setting is restored after each module so no other test inherits it.
-SINGLE_THREAD_DIRS = {"finetune", "optim"}
+SINGLE_THREAD_DIRS = {"finetune", "optim", "marl"}
 
 
 @pytest.fixture(autouse=True, scope="module")

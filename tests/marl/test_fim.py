@@ -19,14 +19,6 @@ from leantrain.marl.targets import td_lambda_targets
 STAY, UP, DOWN, LEFT, RIGHT = range(5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _play(env: DoorWorld, positions, moves):
     """Place the agents, then play ``moves`` [(a0, a1), ...]; returns the steps."""
     env.reset(seed=0)

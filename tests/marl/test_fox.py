@@ -18,15 +18,6 @@ from leantrain.marl.targets import td_lambda_targets
 needs_mpe = pytest.mark.skipif(find_spec("mpe2") is None, reason="needs the marl extras (mpe2)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: intra-op threads only add synchronisation (the VAE test took 14 s on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Walkers(MultiAgentEnv):
     """Agents on a line (observation: own position, a constant); move -1, 0, +1; reward 1 once all meet."""
 

@@ -31,11 +31,7 @@ def _value_decomposition(cfg, mac, lc, runner):
 def _s2q(cfg, mac, lc, runner):
     from leantrain.marl.s2q import S2QConfig, S2QLearner
 
-    try:
-        options = S2QConfig(**cfg.marl.method_options)
-    except TypeError as err:
-        raise ConfigError(f"marl.method_options for s2q: {err}") from None
-    learner = S2QLearner(mac, lc, options)
+    learner = S2QLearner(mac, lc, method_options(S2QConfig, cfg))
     runner.action_hook = learner.behaviour_hook(runner, seed=cfg.seed)
     return learner
 
@@ -60,16 +56,20 @@ def _ibal(cfg, mac, lc, runner):
     return learner
 
 
+def method_options(config_cls, cfg):
+    """``marl.method_options`` as the method's config dataclass; an unknown or bad option is a ConfigError."""
+    try:
+        return config_cls(**cfg.marl.method_options)
+    except TypeError as err:
+        raise ConfigError(f"marl.method_options for {cfg.marl.algo}: {err}") from None
+
+
 @register_learner("fox")
 def _fox(cfg, mac, lc, runner):
     """FoX on QMIX: formation counts on the training runner, FoX's agent network, rewards and VAE."""
     from leantrain.marl.fox import FoxConfig, FoxLearner
 
-    try:
-        options = FoxConfig(**cfg.marl.method_options)
-    except TypeError as err:
-        raise ConfigError(f"marl.method_options for fox: {err}") from None
-    learner = FoxLearner(mac, lc, options, seed=cfg.seed)
+    learner = FoxLearner(mac, lc, method_options(FoxConfig, cfg), seed=cfg.seed)
     learner.attach(runner)
     return learner
 
@@ -79,11 +79,7 @@ def _fim(cfg, mac, lc, runner):
     """FIM on QMIX: the replay's states mirrored from the training runner, a forward model and the influence bonus."""
     from leantrain.marl.fim import FimConfig, FimLearner
 
-    try:
-        options = FimConfig(**cfg.marl.method_options)
-    except TypeError as err:
-        raise ConfigError(f"marl.method_options for fim: {err}") from None
-    learner = FimLearner(mac, lc, options, replay_episodes=cfg.marl.buffer_episodes)
+    learner = FimLearner(mac, lc, method_options(FimConfig, cfg), replay_episodes=cfg.marl.buffer_episodes)
     learner.attach(runner)
     return learner
 
