@@ -165,7 +165,7 @@ def compare_to_sync(rows: list[dict]) -> None:
         e["accuracy_at_sync_epochs"] = at[-1] if at else None
 
 
-def timing_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
+def timing_rows(quick: bool, add=discard) -> list[dict]:
     """Real processes: per-worker steps, busy and waiting seconds, medians over repeats."""
     from leantrain.config import resolve
     from leantrain.runs.launch import run
@@ -281,7 +281,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     for part in PARTS:
         if part in parts:
             if part == "timing":
-                timing_rows(seeds, quick, results.add)
+                timing_rows(quick, results.add)
             else:
                 accuracy_rows(part, seeds, quick, results.add)
     rows = results.rows

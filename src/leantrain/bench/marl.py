@@ -362,6 +362,11 @@ def lbf_targets(rows: list[dict]) -> dict[str, bool]:
     return {"s2q_lbf_clean>=qmix-0.05": r["s2q-lbf"]["metric"] >= r["qmix-lbf"]["metric"] - 0.05}
 
 
+def _pm(mean: float, std: float) -> str:
+    """A table cell: mean ± std over seeds."""
+    return f"{mean:.3f} ± {std:.3f}"
+
+
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
     # "attack:<task>" runs the attack part on one task of ATTACK_TASKS
     tasks = tuple(p.partition(":")[2] for p in parts if p.startswith("attack:"))
@@ -414,7 +419,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         results.add_rows(part)
         met.update(lbf_targets(part))
         for row in part:
-            row.update(clean=f"{row['metric']:.3f} ± {row['metric_std']:.3f}", finals=row["extra"]["finals"])
+            row.update(clean=_pm(row["metric"], row["metric_std"]), finals=row["extra"]["finals"])
         title = (
             "LBF 8x8, 2 players, cooperative foods (mean greedy return ± std over seeds, same optimizer and targets)"
         )
@@ -427,9 +432,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         met.update(attack_targets(part))
         for row in part:
             ms = row["extra"].get("mean_std", {})
-            row.update({c: f"{m:.3f} ± {s:.3f}" for c, (m, s) in ms.items()})
+            row.update({c: _pm(m, s) for c, (m, s) in ms.items()})
             if not ms:
-                row["clean"] = f"{row['metric']:.3f} ± {row['metric_std']:.3f}"
+                row["clean"] = _pm(row["metric"], row["metric_std"])
         cols = ["method", "seeds", "clean", "wolfpack", "wolfpack_std", "random_step", "random"]
         tables.append("Attacks (mean greedy return ± std over seeds, test budget 8)\n" + markdown_table(part, cols))
     if "exploration" in parts:
@@ -439,7 +444,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         part = exploration_rows(seeds or (1 if quick else 3), quick, add=results.add)
         met.update(exploration_targets(part))
         for row in part:
-            row.update(ret=f"{row['metric']:.3f} ± {row['metric_std']:.3f}", solved=row["extra"]["solved"],
+            row.update(ret=_pm(row["metric"], row["metric_std"]), solved=row["extra"]["solved"],
                        finals=row["extra"]["finals"], steps_per_s=row["extra"]["env_steps_per_s"])  # fmt: skip
         cols = ["method", "task", "seeds", "ret", "solved", "finals", "steps_per_s"]
         tables.append("Exploration (final greedy return = success rate, mean ± std)\n" + markdown_table(part, cols))
@@ -451,7 +456,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         met.update(robustness_targets(part))
         conditions = list(part[0]["extra"]["mean_std"])
         for row in part:
-            row.update({c: f"{m:.3f} ± {s:.3f}" for c, (m, s) in row["extra"]["mean_std"].items()})
+            row.update({c: _pm(m, s) for c, (m, s) in row["extra"]["mean_std"].items()})
         tables.append("Robustness (mean greedy return ± std over seeds, test budget 8)\n"
                       + markdown_table(part, ["method", "seeds", *conditions]))  # fmt: skip
     path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})

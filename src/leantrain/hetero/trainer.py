@@ -373,7 +373,6 @@ class HeteroTrainer:
         if time_budget_s is None and epochs is None:
             raise ConfigError("give a time budget (hetero.time_budget_s) or an epoch budget (hetero.epochs)")
         next_eval = 0.0
-        record: dict = {}
 
         def checkpoint() -> dict:
             with self.clock.paused():
