@@ -200,6 +200,13 @@ def test_the_bonus_reaches_the_td_target():
     normalized.fim = FimConfig(beta=0.5)
     bonus = normalized.intrinsic_reward(batch)
     torch.testing.assert_close(bonus, 0.5 * raw / normalized.scale.std)
+    # centered (ours): the running mean is subtracted on real steps, so a first batch's bonus averages to zero
+    centered = copy.deepcopy(learner)
+    centered.fim, centered.scale = FimConfig(beta=0.5, center=True), type(learner.scale)()
+    bonus = centered.intrinsic_reward(batch)
+    mean = float(raw[filled > 0].mean())
+    torch.testing.assert_close(bonus, 0.5 * (raw - mean) * filled / centered.scale.std)
+    assert abs(float(bonus[filled > 0].mean())) < 1e-5 and (bonus[filled == 0] == 0).all()
 
 
 def test_training_updates_every_part_and_restores():

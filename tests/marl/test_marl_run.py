@@ -142,6 +142,26 @@ def test_bench_marl_lbf_and_attack_targets():
     }  # fmt: skip
 
 
+def test_bench_marl_parts_pick_one_task_or_method_and_refuse_unknown_ones(tmp_path, monkeypatch):
+    from leantrain.bench import marl, marl_methods
+
+    with pytest.raises(ConfigError, match=r"unknown part.*exploration:foxy"):
+        marl.run_bench(True, tmp_path, parts=("exploration:foxy",))
+    with pytest.raises(ConfigError, match=r"unknown part.*attack:mars"):
+        marl.run_bench(True, tmp_path, parts=("attack:mars", "lbf"))
+    asked = {}
+
+    def rows(seeds, quick, add=None, methods=()):
+        asked["methods"] = methods
+        return []
+
+    monkeypatch.setattr(marl_methods, "exploration_rows", rows)
+    marl.run_bench(True, tmp_path, parts=("exploration:fim",))
+    assert asked["methods"] == ("fim",)
+    marl.run_bench(True, tmp_path, parts=("exploration",))
+    assert asked["methods"] == tuple(marl_methods.EXPLORATION)
+
+
 def test_bench_marl_first_optimum_reads_the_sub_values_series():
     from leantrain.bench.marl import _first_optimum
 

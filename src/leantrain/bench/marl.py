@@ -368,15 +368,18 @@ def _pm(mean: float, std: float) -> str:
 
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
-    # "attack:<task>" runs the attack part on one task of ATTACK_TASKS
-    tasks = tuple(p.partition(":")[2] for p in parts if p.startswith("attack:"))
-    if tasks:
-        parts = (*[p for p in parts if not p.startswith("attack:")], "attack")
-    known = set(PARTS)
-    unknown = sorted(set(parts) - known) + sorted(set(tasks) - set(ATTACK_TASKS))
+    from leantrain.bench.marl_methods import EXPLORATION
+
+    # "attack:<task>" runs the attack part on one task of ATTACK_TASKS, "exploration:<method>" one method's pair
+    choices = {"attack": tuple(ATTACK_TASKS), "exploration": tuple(EXPLORATION)}
+    picked = {name: tuple(p.partition(":")[2] for p in parts if p.startswith(f"{name}:")) for name in choices}
+    parts = (*[p for p in parts if ":" not in p], *[name for name, sub in picked.items() if sub])
+    unknown = sorted(set(parts) - set(PARTS))
+    unknown += [f"{name}:{s}" for name, sub in picked.items() for s in sorted(set(sub) - set(choices[name]))]
     if unknown:
-        raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)} or "
-                          f"{[f'attack:{t}' for t in ATTACK_TASKS]}")  # fmt: skip
+        options = [f"{name}:{s}" for name, subs in choices.items() for s in subs]
+        raise ConfigError(f"bench marl: unknown part(s) {unknown}; choose from {list(PARTS)} or {options}")
+    tasks = picked["attack"]
     started = time.perf_counter()
     results = BenchResults("marl", out_dir, threads=1, quick=quick)
     tables, met = [], {}
@@ -440,8 +443,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
     if "exploration" in parts:
         from leantrain.bench.marl_methods import exploration_rows, exploration_targets
 
-        log("exploration: FoX (sparse spread) and FIM (door world) against QMIX with identical settings")
-        part = exploration_rows(seeds or (1 if quick else 3), quick, add=results.add)
+        methods = picked["exploration"] or tuple(EXPLORATION)
+        log(f"exploration: {', '.join(f'{m} ({EXPLORATION[m][0]})' for m in methods)} against QMIX, same settings")
+        part = exploration_rows(seeds or (1 if quick else 3), quick, add=results.add, methods=methods)
         met.update(exploration_targets(part))
         for row in part:
             row.update(ret=_pm(row["metric"], row["metric_std"]), solved=row["extra"]["solved"],

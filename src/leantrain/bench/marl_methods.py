@@ -49,17 +49,19 @@ def _exploration_job(method: str, arm: str, seed: int, quick: bool) -> dict:
     }
 
 
-def exploration_rows(seeds: int, quick: bool, add=discard) -> list[dict]:
+def exploration_rows(seeds: int, quick: bool, add=discard, methods: tuple[str, ...] = tuple(EXPLORATION)) -> list:
+    """Rows of each method in ``methods`` (keys of :data:`EXPLORATION`) and of its QMIX anchor."""
     from leantrain.bench.marl_jobs import _in_worker, _mean_std, _workers
 
-    jobs = [(m, arm, s) for m in EXPLORATION for arm in (m, "qmix") for s in range(seeds)]
+    jobs = [(m, arm, s) for m in methods for arm in (m, "qmix") for s in range(seeds)]
     with ProcessPoolExecutor(_workers(len(jobs))) as pool:
         futures = [pool.submit(_in_worker, (f"marl exploration: {arm} ({m} task) seed {s}", i, len(jobs)),
                                _exploration_job, m, arm, s, quick)
                    for i, (m, arm, s) in enumerate(jobs, 1)]  # fmt: skip
         results = [f.result() for f in futures]
     rows = []
-    for method, (recipe, anchor) in EXPLORATION.items():
+    for method in methods:
+        recipe, anchor = EXPLORATION[method]
         for arm in (method, "qmix"):
             runs = [r for r in results if r["method"] == method and r["arm"] == arm]
             finals = [r["final"] for r in runs]

@@ -31,6 +31,9 @@ abstracts (and of the project spec's reference interpretation), not the paper's:
 - Synchrony: F = min over agents (``synchrony``: ``"mean"``, ``"geometric"``), summed over C, a team reward.
 - Scale: beta 0.05, divided by the running std of the raw bonus (decay 0.99); λ_e 0.9; forward model 2 × 128 ReLU,
   Adam 1e-3, one step per learner update — the spec's suggested defaults, not the paper's (unknown).
+- ``center`` (ours, off by default): the running mean of the raw bonus is subtracted before scaling, so that the
+  average step earns nothing and only above-average influence is paid. A bonus that is positive on every step pays
+  the team for every step it stays, and on a task whose reward ends the episode it can outweigh that reward.
 - The bonus is computed with the current forward model at every update, for the sampled batch (not stored at
   collection), like FoX's formation reward.
 """
@@ -70,6 +73,7 @@ class FimConfig:
     beta: float = 0.05  # weight of the influence bonus
     synchrony: str = "min"  # F over agents: "min" | "mean" | "geometric"
     normalize: bool = True  # divide the raw bonus by its running std
+    center: bool = False  # ours, not the paper's: subtract the raw bonus's running mean (see docs/fim.md)
     normalizer_decay: float = 0.99
     model_hidden: int = 128  # forward model width (2 hidden layers)
     model_lr: float = 1e-3
@@ -154,8 +158,11 @@ class FimLearner(QLearner):
             return None
         raw = self.raw_bonus(batch)
         scale = 1.0
-        if f.normalize:
+        if f.normalize or f.center:
             self.scale.update(raw[filled > 0])
+        if f.center:
+            raw = (raw - self.scale.mean) * filled
+        if f.normalize:
             scale = 1.0 / max(self.scale.std, 1e-8)
         bonus = f.beta * scale * raw
         self.last_bonus = {"fim_bonus": float(bonus.sum() / filled.sum().clamp_min(1)), "fim_raw_std": self.scale.std}

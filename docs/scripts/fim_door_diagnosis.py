@@ -1,0 +1,89 @@
+"""What the greedy policies of FIM and QMIX do on the door world: the experiment behind docs/fim.md "Why".
+
+Usage: ``.venv/bin/python docs/scripts/fim_door_diagnosis.py ARM [ARM...] [--seeds N]``; arms are named in
+:data:`ARMS` (each is a recipe plus overrides that differ in one thing). Each (arm, seed) trains the recipe for its
+200k steps, keeps the run under bench-results/fim_diagnosis/, then plays 64 greedy episodes of the saved policy and
+records, per episode: the return (= reached the goal), whether the door opened, the length, and the steps on which
+both plates were held. The mean training bonus over the last logged windows comes from the run's metrics.
+Writes bench-results/fim_diagnosis/ARM.json and prints one line per seed.
+"""
+
+import argparse
+import json
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+OUT = Path("bench-results/fim_diagnosis")
+FIM = "criterion: cog, trace_decay: 0.9, recompute_every: 50, statistics: replay"
+ARMS = {
+    "qmix": ("qmix-door", []),
+    "fim": ("fim-door", []),
+    # one change each against "fim"
+    "fim-beta0.01": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.01}}"]),
+    "fim-centered": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, center: true}}"]),
+}
+
+
+def behaviour(run_dir: Path, episodes: int = 64) -> dict:
+    import torch
+
+    from leantrain.marl.door_world import DoorWorld
+    from leantrain.marl.robustness import load_run
+    from leantrain.marl.runner import EpisodeRunner
+
+    _, envs, mac, _ = load_run(run_dir)
+    runner = EpisodeRunner(envs, mac, seed=12345)
+    rows = []
+    while len(rows) < episodes:
+        batch, stats = runner.run(0.0, test=True)
+        state, filled = batch["state"], batch["filled"]  # (E, T+1, 5), (E, T)
+        for e in range(state.shape[0]):
+            n = int(filled[e].sum())
+            s = state[e, : n + 1]
+            pos = torch.round(s[:, :4] * torch.tensor([6.0, 4.0, 6.0, 4.0]))
+            plates = ((pos[:, 0] == 0) & (pos[:, 2] == 0) & ((pos[:, 1] - pos[:, 3]).abs() == 4)).sum()
+            rows.append({"ret": stats.returns[e], "door": float(s[:, DoorWorld.door_dim].max()), "len": n,
+                         "plates_held": int(plates)})  # fmt: skip
+    for env in envs:
+        env.close()
+    rows = rows[:episodes]
+    out = {k: statistics.fmean(r[k] for r in rows) for k in ("ret", "door", "len", "plates_held")}
+    out["door_not_goal"] = statistics.fmean(float(r["door"] > 0 and r["ret"] == 0) for r in rows)
+    return out
+
+
+def job(arm: str, seed: int) -> dict:
+    import torch
+
+    from leantrain.bench.marl_jobs import _run
+
+    torch.set_num_threads(1)
+    recipe, overrides = ARMS[arm]
+    res = _run(recipe, overrides, seed, str(OUT / arm))
+    run_dir = Path(res["summary"]["run_dir"])
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bonus = [r["fim_bonus"] for r in train if "fim_bonus" in r]
+    return {"arm": arm, "seed": seed, "final": res["summary"]["final"]["test_return"], "run_dir": str(run_dir),
+            "bonus_last": statistics.fmean(bonus[-5:]) if bonus else None, **behaviour(run_dir)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("arms", nargs="+", choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    jobs = [(a, s) for a in args.arms for s in range(args.seeds)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = list(pool.map(job, *zip(*jobs, strict=True)))
+    for arm in args.arms:
+        rows = [r for r in results if r["arm"] == arm]
+        (OUT / f"{arm}.json").write_text(json.dumps(rows, indent=1))
+        for r in rows:
+            print(arm, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "run_dir"})
+
+
+if __name__ == "__main__":
+    main()
