@@ -28,8 +28,7 @@ def bonus_off(seed: int) -> float:
 
 
 def main(seeds: int) -> None:
-    marl_methods.EXPLORATION = {"fim": marl_methods.EXPLORATION["fim"]}
-    rows = marl_methods.exploration_rows(seeds, quick=False)
+    rows = marl_methods.exploration_rows(seeds, quick=False, methods=("fim",))
     with ProcessPoolExecutor(2) as pool:
         finals = list(pool.map(bonus_off, range(seeds)))
     mean, std = _mean_std(finals)

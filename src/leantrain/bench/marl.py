@@ -441,7 +441,7 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         cols = ["method", "seeds", "clean", "wolfpack", "wolfpack_std", "random_step", "random"]
         tables.append("Attacks (mean greedy return ± std over seeds, test budget 8)\n" + markdown_table(part, cols))
     if "exploration" in parts:
-        from leantrain.bench.marl_methods import exploration_rows, exploration_targets
+        from leantrain.bench.marl_methods import exploration_rows, exploration_targets, plot_exploration
 
         methods = picked["exploration"] or tuple(EXPLORATION)
         log(f"exploration: {', '.join(f'{m} ({EXPLORATION[m][0]})' for m in methods)} against QMIX, same settings")
@@ -450,6 +450,9 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
         for row in part:
             row.update(ret=_pm(row["metric"], row["metric_std"]), solved=row["extra"]["solved"],
                        finals=row["extra"]["finals"], steps_per_s=row["extra"]["env_steps_per_s"])  # fmt: skip
+        figure = plot_exploration(part, Path(out_dir) / "marl_exploration.png")
+        if figure:
+            log(f"exploration curves: {figure}")
         cols = ["method", "task", "seeds", "ret", "solved", "finals", "steps_per_s"]
         tables.append("Exploration (final greedy return = success rate, mean ± std)\n" + markdown_table(part, cols))
     if "robustness" in parts:

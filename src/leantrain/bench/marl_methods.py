@@ -130,3 +130,37 @@ def robustness_targets(rows: list[dict]) -> dict[str, bool]:
         "ibal_attacked>wall_attacked": ibal["metric"] > wall["metric"],
         "ibal_clean_loss<=10%": clean["ibal"] >= 0.9 * clean["ibal-baseline-vanilla"],
     }
+
+
+def plot_exploration(rows: list[dict], path) -> object | None:
+    """Test-return curves of each exploration method and its QMIX anchor: every seed thin, the mean over seeds
+    (each seed's curve interpolated onto a common grid of environment steps) thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from leantrain.bench.report import save_figure
+
+    rows = [r for r in rows if r["extra"].get("part") == "exploration"]
+    methods = [m for m in EXPLORATION if any(r["method"] == m for r in rows)]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for r, color in ((r, c) for r in rows for m, c in ((method, "C1"), (f"{method}-baseline-qmix", "C0"))
+                         if r["method"] == m):  # fmt: skip
+            curves = [np.asarray(c, dtype=float) for c in r["extra"]["curves"]]
+            grid = np.linspace(0, min(c[-1, 0] for c in curves), 50)
+            for c in curves:
+                ax.plot(c[:, 0], c[:, 1], color=color, alpha=0.25, lw=0.8)
+            mean = np.mean([np.interp(grid, c[:, 0], c[:, 1]) for c in curves], axis=0)
+            label = f"{'QMIX' if r['anchor'] else method} ({r['task']}, {len(curves)} seeds)"
+            ax.plot(grid, mean, color=color, lw=2, label=label)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("greedy test return (= success rate)")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
