@@ -22,6 +22,9 @@ ARMS = {
     # one change each against "fim"
     "fim-beta0.01": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.01}}"]),
     "fim-centered": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, center: true}}"]),
+    "fim-beta0": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.0}}"]),
+    "fim-door-focus": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, focus_dims: [4]}}"]),
+    "fim-entropy": ("fim-door", [f"marl.method_options={{{FIM.replace('cog', 'entropy')}, beta: 0.05}}"]),
 }
 
 
@@ -64,8 +67,11 @@ def job(arm: str, seed: int) -> dict:
     run_dir = Path(res["summary"]["run_dir"])
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     bonus = [r["fim_bonus"] for r in train if "fim_bonus" in r]
+    focus = [r["focus"] for r in train if r["split"] == "test" and r.get("focus")]
     return {"arm": arm, "seed": seed, "final": res["summary"]["final"]["test_return"], "run_dir": str(run_dir),
-            "bonus_last": statistics.fmean(bonus[-5:]) if bonus else None, **behaviour(run_dir)}  # fmt: skip
+            "bonus_last": statistics.fmean(bonus[-5:]) if bonus else None, "focus": focus,
+            "door_focus_share": statistics.fmean(4 in f for f in focus) if focus else None,
+            **behaviour(run_dir)}  # fmt: skip
 
 
 def main() -> None:
@@ -82,7 +88,8 @@ def main() -> None:
         rows = [r for r in results if r["arm"] == arm]
         (OUT / f"{arm}.json").write_text(json.dumps(rows, indent=1))
         for r in rows:
-            print(arm, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "run_dir"})
+            print(arm, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                        if k not in ("run_dir", "focus")})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -228,10 +228,18 @@ def test_training_updates_every_part_and_restores():
 
 def test_fim_config_is_validated():
     bad = {"criterion": "variance", "trace_decay": 1.0, "statistics": "window", "synchrony": "max",
-           "recompute_every": 0, "focus_fraction": 0.0}  # fmt: skip
+           "recompute_every": 0, "focus_fraction": 0.0, "focus_dims": [-1]}  # fmt: skip
     for field, value in bad.items():
         with pytest.raises(ConfigError, match=field):
             FimConfig(**{field: value})
+    with pytest.raises(ConfigError, match="focus_dims.*state size 5"):
+        _warmed_up(FimConfig(focus_dims=(5,)), batches=1)
+
+
+def test_a_fixed_focus_set_replaces_the_selection():
+    learner, _, buffer = _warmed_up(FimConfig(recompute_every=1, focus_dims=[1]))
+    learner.train(buffer.sample(8), 48)
+    assert learner.focus.tolist() == [1] and learner.focus_history == [[1]]  # the selection would pick the door (4)
 
 
 @pytest.mark.parametrize("recipe", ["fim-door", "qmix-door"])

@@ -28,6 +28,8 @@ abstracts (and of the project spec's reference interpretation), not the paper's:
   ``docs/fim.md``).
 - Influence: the absolute change of g's prediction on d when agent i's action is replaced by the mean over its
   available actions (others' actions held) — an EITI/EDTI-style counterfactual; the paper may use another.
+- ``focus_dims`` (ours): a fixed focus set instead of the selection, for ablations (is the selection or the bonus
+  at fault?) or when the task's critical variables are known.
 - Synchrony: F = min over agents (``synchrony``: ``"mean"``, ``"geometric"``), summed over C, a team reward.
 - Scale: beta 0.05, divided by the running std of the raw bonus (decay 0.99); λ_e 0.9; forward model 2 × 128 ReLU,
   Adam 1e-3, one step per learner update — the spec's suggested defaults, not the paper's (unknown).
@@ -65,6 +67,7 @@ class FimConfig:
     criterion: str = "cog"  # "cog" (v1: lowest mean squared per-step change) | "entropy" (v2: lowest entropy)
     focus_fraction: float = 0.1  # |C| as a fraction of the state dimensions (at least 1)
     focus_size: int = 0  # |C| directly (0: from focus_fraction)
+    focus_dims: tuple[int, ...] = ()  # a fixed C (state indices), no selection: an ablation or prior knowledge
     recompute_every: int = 50  # learner updates between recomputations of C (M)
     statistics: str = "replay"  # "replay": exact over the replay's states | "running": moving averages of batches
     running_decay: float = 0.99  # decay of the running statistics
@@ -95,6 +98,9 @@ class FimConfig:
                           ("model_updates", 0)):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ConfigError(f"FIM {name}={getattr(self, name)!r} must be an integer >= {low}")
+        self.focus_dims = tuple(self.focus_dims)
+        if not all(isinstance(d, int) and d >= 0 for d in self.focus_dims):
+            raise ConfigError(f"FIM focus_dims={list(self.focus_dims)!r} must be state indices (integers >= 0)")
         if self.beta < 0 or not self.model_lr > 0:
             raise ConfigError(f"FIM needs beta >= 0 (got {self.beta!r}) and model_lr > 0 (got {self.model_lr!r})")
 
@@ -114,6 +120,8 @@ class FimLearner(QLearner):
         self.running = RunningDimensionStats(info.state_dim, f.bins, f.running_decay)
         self.scale = RunningScale(f.normalizer_decay)
         self.focus_size = f.focus_size or max(1, round(f.focus_fraction * info.state_dim))
+        if any(d >= info.state_dim for d in f.focus_dims):
+            raise ConfigError(f"FIM focus_dims={list(f.focus_dims)} must be below the state size {info.state_dim}")
         self.focus = torch.zeros(0, dtype=torch.long)
         self.focus_history: list[list[int]] = []  # every recomputation's focus set
         self.last_bonus: dict[str, float] = {}
@@ -136,7 +144,10 @@ class FimLearner(QLearner):
         return exact_scores(batch["state"], batch["filled"], f.criterion, f.bins)
 
     def refresh_focus(self, batch: EpisodeBatch) -> torch.Tensor:
-        self.focus = select_focus(*self.dimension_scores(batch), self.focus_size)
+        if self.fim.focus_dims:
+            self.focus = torch.tensor(self.fim.focus_dims, dtype=torch.long)
+        else:
+            self.focus = select_focus(*self.dimension_scores(batch), self.focus_size)
         self.focus_history.append(self.focus.tolist())
         return self.focus
 
