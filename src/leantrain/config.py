@@ -218,7 +218,8 @@ class MarlConfig:
                         "n_predators, prey; vmas: the scenario's options)")  # fmt: skip
     algo: str = _f(
         "qmix",
-        "learner: plain value decomposition (qmix, vdn), s2q, or wall (training under the Wolfpack attack)",
+        "learner: plain value decomposition (qmix, vdn), s2q, wall (training under the Wolfpack attack), fox, fim, "
+        "ibal, or mappo (on-policy actor-critic)",
         choices="leantrain.marl.learners:LEARNERS",
     )
     mixer: str = _f("qmix", "mixing network", choices="leantrain.marl.networks:MIXERS")
@@ -244,7 +245,7 @@ class MarlConfig:
     test_episodes: int = _f(32, "greedy episodes per test", ge=1)
     log_every_episodes: int = _f(200, "a train record every N episodes", ge=1)
     switch_episode: int = _f(10_000, "matrix:shifting: training episodes (all environments) before the switch", ge=1)
-    method_options: dict = _f({}, "options of the MARL method (S2Q, WALL)")
+    method_options: dict = _f({}, "options of the MARL method (S2Q, WALL, MAPPO, ...: its config dataclass)")
     pretrained_policy: str | None = _f(None, "start from this run folder's model.safetensors (agents and mixer)")
 
 

@@ -7,7 +7,10 @@
   and the episode ends at the first step where every landmark has an agent within the radius, else 0; FoX's task),
 - ``vmas:<scenario>`` (VMAS's torch-vectorised scenarios with discrete actions),
 - ``grid:door`` (:class:`~leantrain.marl.door_world.DoorWorld`: two agents, two plates, a latching door, a sparse
-  goal behind it; FIM's task; ``env_args`` ``width``, ``height``, ``episode_limit``).
+  goal behind it; FIM's task; ``env_args`` ``width``, ``height``, ``episode_limit``),
+- ``overcooked:<layout>`` (:class:`~leantrain.marl.overcooked_env.OvercookedMultiAgent`: two cooks on cramped_room,
+  asymmetric_advantages, coordination_ring, forced_coordination or counter_circuit; ``env_args``
+  ``episode_limit`` (400), ``shaped_reward`` (0.0), ``old_dynamics``, ``random_start``, ``counter_features``).
 
 ``marl.env_args`` are passed to the builder as keyword arguments (an LBF step limit ``max_episode_steps``, the
 number of predators ``n_predators``, ...). Register another kind with :func:`register_env`.
@@ -114,6 +117,16 @@ def _grid(name, switch_episode, clock, counts, **env_args):
         raise ConfigError(f"marl.env_args for grid:door: {err}") from None
 
 
+@register_env("overcooked")
+def _overcooked(name, switch_episode, clock, counts, **env_args):
+    from leantrain.marl.overcooked_env import OvercookedMultiAgent
+
+    try:
+        return OvercookedMultiAgent(name, **env_args)
+    except TypeError as err:
+        raise ConfigError(f"marl.env_args for overcooked:{name}: {err}") from None
+
+
 def make_env(name: str, switch_episode: int = 500, clock=None, counts: bool = True, **env_args) -> MultiAgentEnv:
     """An environment by name; ``clock`` / ``counts`` share the shifting game's episode count (test copies read it)."""
     kind, _, rest = name.partition(":")
@@ -121,6 +134,6 @@ def make_env(name: str, switch_episode: int = 500, clock=None, counts: bool = Tr
         raise ConfigError(
             f"unknown environment {name!r}; use matrix:climbing|penalty|nonmonotonic|shifting, "
             "lbf:Foraging-8x8-2p-2f-coop-v3 (any lbforaging id), rware:rware-tiny-2ag-v2, mpe:simple_spread, "
-            "mpe:simple_tag, vmas:<scenario> or grid:door"
+            "mpe:simple_tag, vmas:<scenario>, grid:door or overcooked:<layout>"
         )
     return ENVIRONMENTS[kind](rest, switch_episode, clock, counts, **env_args)

@@ -6,6 +6,8 @@ limit: ``obs`` (T+1, N, obs_dim), ``state`` (T+1, state_dim), ``avail`` (T+1, N,
 padding). A batch stacks episodes along a leading dimension B. Extra per-step fields (``extra_fields``, stored as
 ``step_<name>``) and per-slot fields (``slot_fields``, stored under their name, T+1 slots) let methods record what
 they need (which agents an attack controlled, the unmasked observations) without touching this module.
+Off-policy learners sample from a :class:`ReplayBuffer`; on-policy ones (MAPPO) train once on every episode an
+:class:`EpisodeRollout` collected.
 """
 
 from __future__ import annotations
@@ -164,3 +166,23 @@ class ReplayBuffer:
             raise ConfigError(f"the buffer holds {len(self)} episodes; cannot sample {batch_size}")
         idx = torch.as_tensor(self.rng.choice(len(self), batch_size, replace=False))
         return EpisodeBatch({k: v[idx] for k, v in self.storage.items()})
+
+
+class EpisodeRollout(ReplayBuffer):
+    """On-policy storage: the episodes collected since the last update, handed out together once.
+
+    The replay's interface (``insert``, ``can_sample``, ``sample``) and layout, so the run loop and its checkpoints
+    treat both alike; :meth:`sample` returns *every* held episode in collection order (at least ``batch_size``:
+    the run loop collects whole runner batches) and empties the storage."""
+
+    def insert(self, batch: EpisodeBatch) -> None:
+        if self.count + batch.size > self.capacity:
+            raise ConfigError(f"the rollout holds {self.count} of {self.capacity} episodes; cannot add {batch.size} "
+                              "(sample it first)")  # fmt: skip
+        super().insert(batch)
+
+    def sample(self, batch_size: int) -> EpisodeBatch:
+        if not self.can_sample(batch_size):
+            raise ConfigError(f"the rollout holds {len(self)} episodes; cannot hand out {batch_size}")
+        held, self.count = self.count, 0
+        return EpisodeBatch({k: v[:held].clone() for k, v in self.storage.items()})

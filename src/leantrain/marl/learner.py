@@ -13,6 +13,11 @@ masked mean squared error over real steps, gradient-norm clip 10, a hard target 
   tests), ``test_stats(runner)``: extra fields of a test record (S2Q's sub-values' greedy joint actions),
 
 or replace :meth:`td_loss` entirely (S2Q's several sub-values); the runner and replay stay untouched.
+
+:class:`Learner` is what the run loop asks of every learner, value-based or not (MAPPO subclasses it directly): the
+hooks above, ``train(batch, episodes) -> stats``, ``on_policy`` (train on the episodes just collected, once, instead
+of samples of a replay) and saving/restoring (:meth:`Learner.networks`, :meth:`Learner.optimizers`,
+:meth:`Learner.policy_parts`).
 """
 
 from __future__ import annotations
@@ -41,35 +46,23 @@ class LearnerConfig:
     target_update_episodes: int = 200
 
 
-class QLearner:
-    def __init__(self, mac: MultiAgentController, config: LearnerConfig):
-        self.mac, self.config = mac, config
-        info = mac.info
-        self.mixer = make_mixer(config.mixer, info.n_agents, info.state_dim)
-        self.target_mac, self.target_mixer = copy.deepcopy(mac), copy.deepcopy(self.mixer)
-        self.params = list(mac.parameters()) + list(self.mixer.parameters())
-        self.optimizer = self.make_optimizer(self.params)
-        self.last_target_update = 0
-        self.updates = 0
+class Learner:
+    """What the run loop asks of a learner: collection and test hooks, one update, saving and restoring."""
 
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
+    on_policy = False  # True: each update gets the episodes collected since the last one, then they are dropped
+    mac: MultiAgentController  # the agents' controller the runners act with
+    config: LearnerConfig
+    updates: int
+
+    def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        """``config.optimizer`` over ``params`` at ``lr`` (default ``config.lr``)."""
         c = self.config
+        lr = c.lr if lr is None else lr
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr)
-        return torch.optim.RMSprop(params, lr=c.lr, alpha=0.99, eps=1e-5)
+            return torch.optim.Adam(params, lr=lr)
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.99, eps=1e-5)
 
     # ------------------------------------------------------------ hooks
-
-    def intrinsic_reward(self, batch: EpisodeBatch) -> torch.Tensor | None:
-        return None
-
-    def extra_losses(self, batch: EpisodeBatch, context: dict) -> dict[str, torch.Tensor]:
-        return {}
-
-    def rewards(self, batch: EpisodeBatch) -> torch.Tensor:
-        """The reward every target is built from: the environment's plus :meth:`intrinsic_reward` (B, T)."""
-        bonus = self.intrinsic_reward(batch)
-        return batch["reward"] if bonus is None else batch["reward"] + bonus
 
     def collection_epsilon(self, t_env: int, epsilon: float) -> float:
         """Exploration of the training episodes collected at ``t_env`` (the schedule's ``epsilon`` by default)."""
@@ -83,6 +76,77 @@ class QLearner:
     def test_stats(self, runner) -> dict:
         """Extra fields of a test record."""
         return {}
+
+    def train(self, batch: EpisodeBatch, episodes: int) -> dict[str, float]:
+        """One update on ``batch``; ``episodes`` (collected so far) for schedules. Returns the stats to log."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ saving and restoring
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network of the learner (the keys of :meth:`state_dict` and model.safetensors)."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def policy_parts(self) -> dict[str, nn.Module]:
+        """The networks a saved policy restores (names as in :meth:`state_dict`)."""
+        raise NotImplementedError
+
+    def training_state(self) -> dict:
+        """What an exact resume needs: networks, optimizer states, the update counter."""
+        return {"networks": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "updates": self.updates}  # fmt: skip
+
+    def load_training_state(self, state: dict) -> None:
+        for name, net in self.networks().items():
+            net.load_state_dict(state["networks"][name])
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.updates = state["updates"]
+
+    def load_policy(self, path) -> None:
+        """Start from a saved policy (a run's ``model.safetensors``): the networks of :meth:`policy_parts`."""
+        from safetensors.torch import load_file
+
+        from leantrain.errors import ConfigError
+
+        tensors = load_file(str(path))
+        for name, net in self.policy_parts().items():
+            part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as err:
+                raise ConfigError(f"{path} does not fit this environment and learner: {err}") from None
+
+    def state_dict(self) -> dict:
+        return {name: net.state_dict() for name, net in self.networks().items()}
+
+
+class QLearner(Learner):
+    def __init__(self, mac: MultiAgentController, config: LearnerConfig):
+        self.mac, self.config = mac, config
+        info = mac.info
+        self.mixer = make_mixer(config.mixer, info.n_agents, info.state_dim)
+        self.target_mac, self.target_mixer = copy.deepcopy(mac), copy.deepcopy(self.mixer)
+        self.params = list(mac.parameters()) + list(self.mixer.parameters())
+        self.optimizer = self.make_optimizer(self.params)
+        self.last_target_update = 0
+        self.updates = 0
+
+    # ------------------------------------------------------------ hooks
+
+    def intrinsic_reward(self, batch: EpisodeBatch) -> torch.Tensor | None:
+        return None
+
+    def extra_losses(self, batch: EpisodeBatch, context: dict) -> dict[str, torch.Tensor]:
+        return {}
+
+    def rewards(self, batch: EpisodeBatch) -> torch.Tensor:
+        """The reward every target is built from: the environment's plus :meth:`intrinsic_reward` (B, T)."""
+        bonus = self.intrinsic_reward(batch)
+        return batch["reward"] if bonus is None else batch["reward"] + bonus
 
     # ------------------------------------------------------------ the update
 
@@ -140,35 +204,16 @@ class QLearner:
         return {"learner": self.optimizer}
 
     def training_state(self) -> dict:
-        """What an exact resume needs: networks, optimizer states, update counters."""
-        return {"networks": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
-                "updates": self.updates, "last_target_update": self.last_target_update}  # fmt: skip
+        return {**super().training_state(), "last_target_update": self.last_target_update}
 
     def load_training_state(self, state: dict) -> None:
-        for name, net in self.networks().items():
-            net.load_state_dict(state["networks"][name])
-        for name, opt in self.optimizers().items():
-            opt.load_state_dict(state["optimizers"][name])
-        self.updates, self.last_target_update = state["updates"], state["last_target_update"]
+        super().load_training_state(state)
+        self.last_target_update = state["last_target_update"]
 
     def load_policy(self, path) -> None:
         """Start from a saved policy (a run's ``model.safetensors``): agent network and mixer, targets included."""
-        from safetensors.torch import load_file
-
-        from leantrain.errors import ConfigError
-
-        tensors = load_file(str(path))
-        for name, net in self.policy_parts().items():
-            part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
-            try:
-                net.load_state_dict(part)
-            except RuntimeError as err:
-                raise ConfigError(f"{path} does not fit this environment and learner: {err}") from None
+        super().load_policy(path)
         self.update_targets()
 
     def policy_parts(self) -> dict[str, nn.Module]:
-        """The networks a saved policy restores (names as in :meth:`state_dict`)."""
         return {"mac": self.mac, "mixer": self.mixer}
-
-    def state_dict(self) -> dict:
-        return {name: net.state_dict() for name, net in self.networks().items()}

@@ -2,7 +2,7 @@
 
 A builder gets the run config, the agents' controller, the shared learner settings and the training runner, and
 returns the learner (installing the runner hooks its method needs: S2Q's behaviour policy, WALL's and IBAL's
-attacks).
+attacks, MAPPO's own policy and softmax sampling).
 Register another with :func:`register_learner`; the config accepts every registered name.
 """
 
@@ -80,6 +80,25 @@ def _fim(cfg, mac, lc, runner):
     from leantrain.marl.fim import FimConfig, FimLearner
 
     learner = FimLearner(mac, lc, method_options(FimConfig, cfg), replay_episodes=cfg.marl.buffer_episodes)
+    learner.attach(runner)
+    return learner
+
+
+@register_learner("mappo")
+def _mappo(cfg, mac, lc, runner):
+    """MAPPO: its own policy controller (``marl.agent``, ``marl.agent_hidden`` and the ``shared`` / ``last_action``
+    method options), installed on the training runner with softmax sampling; a centralised critic."""
+    from leantrain.marl.controller import MultiAgentController
+    from leantrain.marl.mappo import MappoConfig, MappoLearner
+
+    options, m = method_options(MappoConfig, cfg), cfg.marl
+    if options.num_mini_batch > m.batch_episodes:
+        raise ConfigError(f"marl.method_options for mappo: num_mini_batch={options.num_mini_batch} needs "
+                          f"marl.batch_episodes >= it (got {m.batch_episodes}): a minibatch holds whole "
+                          "episodes")  # fmt: skip
+    actor = MultiAgentController(mac.info, hidden=m.agent_hidden, agent=m.agent, last_action=options.last_action,
+                                 shared=options.shared)  # fmt: skip
+    learner = MappoLearner(actor, lc, options, seed=cfg.seed)
     learner.attach(runner)
     return learner
 

@@ -7,6 +7,8 @@
 - Agent networks are registered by name in :data:`AGENTS` (``marl.agent``): a method that needs its own agent
   network (FoX's formation head) registers a builder ``(input_dim, n_actions, hidden) -> module`` with
   ``init_hidden(rows)``, ``forward(inputs, h) -> (q, h')`` and ``unroll(inputs (M, T, D)) -> (q, hidden)``.
+- :class:`PerAgent`: one agent network per agent (no parameter sharing) behind the same interface (MAPPO's
+  separated policies, ``shared=False`` of the controller).
 - :class:`VDNMixer`: Q_tot = Σ_i Q_i (Sunehag et al. 2018).
 - :class:`QMixer` (Rashid et al. 2018): Q_tot = w2ᵀ elu(W1ᵀ q + b1) + b2 with W1, w2 ≥ 0 from hypernetworks of the
   state (absolute values), so ∂Q_tot/∂Q_i ≥ 0: the argmax of each Q_i is the argmax of Q_tot. Two-layer
@@ -51,6 +53,35 @@ class RNNAgent(nn.Module):
         weights = [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
         hidden = torch.gru(x, h0, weights, True, 1, 0.0, self.training, False, True)[0]
         return self.fc2(hidden), hidden
+
+
+class PerAgent(nn.Module):
+    """N agent networks, one per agent, behind one agent network's interface.
+
+    The controller lays its rows out as (batch, agent) flattened with the agent last, so row r belongs to agent
+    r % N; each network sees only its agent's rows."""
+
+    def __init__(self, agents: list[nn.Module]):
+        super().__init__()
+        self.agents = nn.ModuleList(agents)
+        self.hidden = agents[0].hidden
+
+    def init_hidden(self, rows: int) -> torch.Tensor:
+        return self.agents[0].init_hidden(rows)
+
+    def forward(self, inputs: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs (B·N, D), h (B·N, H) -> (q (B·N, A), h' (B·N, H))."""
+        n = len(self.agents)
+        x, h = inputs.view(-1, n, inputs.shape[-1]), h.view(-1, n, h.shape[-1])  # (B, N, ·)
+        outs = [agent(x[:, i], h[:, i]) for i, agent in enumerate(self.agents)]
+        return tuple(torch.stack(parts, 1).flatten(0, 1) for parts in zip(*outs, strict=True))
+
+    def unroll(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs (B·N, T, D) -> (q (B·N, T, A), hidden (B·N, T, H))."""
+        n = len(self.agents)
+        x = inputs.view(-1, n, *inputs.shape[1:])  # (B, N, T, D)
+        outs = [agent.unroll(x[:, i]) for i, agent in enumerate(self.agents)]
+        return tuple(torch.stack(parts, 1).flatten(0, 1) for parts in zip(*outs, strict=True))
 
 
 AgentBuilder = Callable[[int, int, int], nn.Module]  # (input_dim, n_actions, hidden) -> agent network

@@ -158,6 +158,9 @@ def evaluate_attacks(run_dir: str | Path, episodes: int = 200, fit_episodes: int
     for name in names:
         ATTACKS.pick(name)
     cfg, envs, mac, learner = load_run(run_dir)
+    if not hasattr(learner, "mixer"):
+        raise ConfigError(f"{run_dir}: the attacks need a value-decomposition run (a mixer); "
+                          f"marl.algo={cfg.marl.algo} has none")  # fmt: skip
     n = mac.info.n_agents
     config = config or getattr(learner, "attack", None) or WolfpackConfig(followups=min(2, n - 1))
     try:

@@ -1,15 +1,17 @@
-"""``leantrain run <marl-recipe>``: value-decomposition training with a run folder like any other run.
+"""``leantrain run <marl-recipe>``: multi-agent training with a run folder like any other run.
 
 The recipe's ``marl:`` section picks the environment, the learner and the budget (environment steps). Every
 ``n_envs`` episodes collected, the learner takes one update on a batch of ``batch_episodes`` sampled from the
-replay (once it holds that many). Every ``eval_every`` steps it runs ``test_episodes`` greedy episodes. The run
-folder holds ``config.yaml``, ``metrics.jsonl`` (``train`` records: t_env, episodes, return, epsilon, loss;
-``test`` records: greedy return, and for WALL the return under the attack), ``summary.json`` and
-``model.safetensors`` (the learner's networks, rewritten at every test) and ``checkpoints/`` (the full state after
-the latest test, every ``checkpoint_every`` environment steps if set, and where Ctrl-C stopped the run, which
-finishes the batch of episodes in flight first): ``leantrain run resume=<run folder>`` continues exactly, see
-:mod:`leantrain.marl.checkpoint`; ``marl.pretrained_policy=<run folder>`` instead starts a new run from its policy,
-a warm start).
+replay (once it holds that many); an on-policy learner (``learner.on_policy``: MAPPO) instead updates once on all
+the episodes collected since its last update (at least ``batch_episodes``), kept in an
+:class:`~leantrain.marl.episodes.EpisodeRollout` in place of the replay, and logs no epsilon. Every ``eval_every``
+steps it runs ``test_episodes`` greedy episodes. The run folder holds ``config.yaml``, ``metrics.jsonl``
+(``train`` records: t_env, episodes, return, epsilon, loss; ``test`` records: greedy return, and for WALL the
+return under the attack), ``summary.json`` and ``model.safetensors`` (the learner's networks, rewritten at every
+test) and ``checkpoints/`` (the full state after the latest test, every ``checkpoint_every`` environment steps if
+set, and where Ctrl-C stopped the run, which finishes the batch of episodes in flight first): ``leantrain run
+resume=<run folder>`` continues exactly, see :mod:`leantrain.marl.checkpoint`; ``marl.pretrained_policy=<run
+folder>`` instead starts a new run from its policy, a warm start).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from leantrain.errors import ConfigError, Interrupted
 
 
 def build(cfg):
-    """(training envs, test envs, controller, learner, runner) of a run config's ``marl`` section."""
+    """(training envs, test envs, controller, learner, runner) of a run config's ``marl`` section.
+
+    The controller returned is the learner's (``learner.mac``): a learner may bring its own (MAPPO's policy)."""
     from leantrain.marl.controller import MultiAgentController
     from leantrain.marl.envs import make_env
     from leantrain.marl.learner import LearnerConfig
@@ -46,7 +50,7 @@ def build(cfg):
     if m.pretrained_policy:
         learner.load_policy(policy_file(m.pretrained_policy))
     test_envs = [make_env(m.env, m.switch_episode, clock, counts=False, **m.env_args) for _ in range(m.n_envs)]
-    return envs, test_envs, mac, learner, runner
+    return envs, test_envs, learner.mac, learner, runner
 
 
 def policy_file(path: str | Path) -> Path:
@@ -62,7 +66,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     from leantrain.marl import checkpoint
     from leantrain.marl.controller import EpsilonSchedule
     from leantrain.marl.envs import make_env
-    from leantrain.marl.episodes import ReplayBuffer
+    from leantrain.marl.episodes import EpisodeRollout, ReplayBuffer
     from leantrain.train.checkpoint import load_state_checkpoint, save_state_checkpoint
     from leantrain.train.interrupt import deferred_sigint
     from leantrain.train.metric_loggers import open_metric_loggers
@@ -72,7 +76,10 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     started = time.perf_counter()
     envs, test_envs, mac, learner, runner = build(cfg)
     test_runner = type(runner)(test_envs, mac, seed=cfg.seed + 10_007)
-    buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
+    if learner.on_policy:  # every collected episode once: at most batch_episodes - 1 + n_envs are held
+        buffer = EpisodeRollout(m.batch_episodes + m.n_envs, seed=cfg.seed)
+    else:
+        buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
     epsilon = EpsilonSchedule(m.epsilon_start, m.epsilon_finish, m.epsilon_anneal_steps)
     t_env, episodes, next_test, status, elapsed = 0, 0, 0, "completed", 0.0
     next_checkpoint = m.checkpoint_every or 0
@@ -153,7 +160,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
                     "t_env": t_env,
                     "episodes": episodes,
                     "return_mean": statistics.fmean(train_returns),
-                    "epsilon": epsilon(t_env),
+                    **({} if learner.on_policy else {"epsilon": epsilon(t_env)}),
                     **last_stats,
                 }
                 logger.log(record)
@@ -175,8 +182,8 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
     final = last_test or {}
     summary = {
         "name": cfg.name, "run_dir": str(run_dir), "kind": "marl", "task": "marl", "metric_name": "return",
-        "status": status, "env": m.env, "algo": m.algo, "mixer": m.mixer, "t_env": t_env, "episodes": episodes,
-        "updates": learner.updates,
+        "status": status, "env": m.env, "algo": m.algo, "mixer": None if learner.on_policy else m.mixer,
+        "t_env": t_env, "episodes": episodes, "updates": learner.updates,
         "final": {"test_return": final.get("return_mean")}
         | {f"{name}_test_return": final.get(f"{name}_return_mean") for name in extra_runners},
         "wall_time_s": round(elapsed + time.perf_counter() - started, 3),

@@ -23,6 +23,9 @@ generators it keeps for its lifetime. Hooks for methods (all optional):
   what is recorded.
 - ``step_fields``: extra per-step fields hooks fill through ``record`` ({name: shape}); zeros where no hook
   recorded one (a step hook's field in a test episode).
+- ``select_actions(q, avail, epsilon, rng, generator) -> actions``: how training episodes pick actions from the
+  controller's outputs (default :func:`~leantrain.marl.controller.epsilon_greedy`; policy-gradient learners
+  install :func:`~leantrain.marl.controller.sample_policy`). Test episodes are always greedy.
 
 The episodes are written in place into arrays padded to the episode limit (:class:`BatchRecorder`): environments
 stepped in lockstep reach slot t together.
@@ -37,13 +40,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from leantrain.marl.controller import MultiAgentController, epsilon_greedy
+from leantrain.marl.controller import MultiAgentController, epsilon_greedy, greedy
 from leantrain.marl.env import MultiAgentEnv
 from leantrain.marl.episodes import BatchRecorder, EpisodeBatch
 
 ActionHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 ObservationHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 StepHook = Callable[[int, dict], None]
+# (q or logits (E, N, A), avail (E, N, A), epsilon, rng, generator) -> actions (E, N)
+ActionSelector = Callable[[torch.Tensor, torch.Tensor, float, np.random.Generator, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -70,6 +75,7 @@ class EpisodeRunner:
         self.step_fields: dict[str, tuple[int, ...]] = {}
         self.pending: dict[str, np.ndarray] = {}  # what the hooks recorded for the current step, per env
         self.store_intended = False
+        self.select_actions: ActionSelector = epsilon_greedy
 
     def record(self, name: str, values: np.ndarray) -> None:
         """Called by a hook: ``values`` (E, *shape) for the step being taken."""
@@ -104,7 +110,7 @@ class EpisodeRunner:
             obs, state, avail = (torch.as_tensor(x) for x in (obs_np, state_np, avail_np))
             h_prev = h
             q, h = self.mac.step(obs, last, h)
-            actions = epsilon_greedy(q, avail, epsilon, self.rng, self.generator)
+            actions = greedy(q, avail) if test else self.select_actions(q, avail, epsilon, self.rng, self.generator)
             self.pending = {}
             # what a hook may read: this step's inputs, the controller's hidden states, the exploration rate
             self.current = {"obs": obs, "state": state, "last_actions": last, "hidden_prev": h_prev, "hidden": h,
