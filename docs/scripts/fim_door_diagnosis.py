@@ -24,6 +24,8 @@ ARMS = {
     "fim-centered": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, center: true}}"]),
     "fim-beta0": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.0}}"]),
     "fim-door-focus": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, focus_dims: [4]}}"]),
+    "fim-no-trace": ("fim-door", [f"marl.method_options={{{FIM.replace('0.9', '0.0')}, beta: 0.05}}"]),
+    "fim-terminal-tail": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, terminal_tail: true}}"]),
     "fim-entropy": ("fim-door", [f"marl.method_options={{{FIM.replace('cog', 'entropy')}, beta: 0.05}}"]),
 }
 
@@ -56,6 +58,46 @@ def behaviour(run_dir: Path, episodes: int = 64) -> dict:
     return out
 
 
+def door_bonus(run_dir: Path, episodes: int = 64, trace_decay: float | None = None) -> dict:
+    """The saved forward model's door bonus (raw, focus = the door, traces as in training) by situation, over the
+    greedy episodes of the saved policy: the mean over steps whose state has both plates held with the door still
+    closed, held with the door already open, and elsewhere (the door opens on the step into a held state, so a held
+    state with the door closed does not occur); ``trace_decay=0`` gives the step's own influence."""
+    import torch
+    from safetensors.torch import load_file
+
+    from leantrain.marl.door_world import DoorWorld
+    from leantrain.marl.robustness import load_run
+    from leantrain.marl.runner import EpisodeRunner
+
+    _, envs, mac, learner = load_run(run_dir)
+    tensors = load_file(str(run_dir / "model.safetensors"))
+    learner.model.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("fim_model.")})
+    learner.focus = torch.tensor([DoorWorld.door_dim])
+    if trace_decay is not None:  # 0: the step's own influence, no trace
+        learner.fim.trace_decay = trace_decay
+    runner = EpisodeRunner(envs, mac, seed=12345)
+    sums = {"held_closed": [0.0, 0], "held_open": [0.0, 0], "elsewhere": [0.0, 0]}
+    done = 0
+    while done < episodes:
+        batch, _ = runner.run(0.0, test=True)
+        batch = batch.trimmed()
+        raw, filled, state = learner.raw_bonus(batch), batch["filled"], batch["state"][:, :-1]
+        pos = torch.round(state[..., :4] * torch.tensor([6.0, 4.0, 6.0, 4.0]))
+        held = (pos[..., 0] == 0) & (pos[..., 2] == 0) & ((pos[..., 1] - pos[..., 3]).abs() == 4)
+        door = state[..., DoorWorld.door_dim] > 0.5
+        for name, where in (("held_closed", held & ~door), ("held_open", held & door), ("elsewhere", ~held)):
+            mask = where & (filled > 0)
+            sums[name][0] += float(raw[mask].sum())
+            sums[name][1] += int(mask.sum())
+        done += batch["filled"].shape[0]
+    for env in envs:
+        env.close()
+    return {f"bonus_{k}": (v / n if n else None) for k, (v, n) in sums.items()} | {
+        f"steps_{k}": n for k, (_, n) in sums.items()
+    }
+
+
 def job(arm: str, seed: int) -> dict:
     import torch
 
@@ -71,7 +113,9 @@ def job(arm: str, seed: int) -> dict:
     return {"arm": arm, "seed": seed, "final": res["summary"]["final"]["test_return"], "run_dir": str(run_dir),
             "bonus_last": statistics.fmean(bonus[-5:]) if bonus else None, "focus": focus,
             "door_focus_share": statistics.fmean(4 in f for f in focus) if focus else None,
-            **behaviour(run_dir)}  # fmt: skip
+            **behaviour(run_dir), **(door_bonus(run_dir) if recipe == "fim-door" else {}),
+            **({f"{k}_no_trace": v for k, v in door_bonus(run_dir, trace_decay=0.0).items() if k.startswith("bonus")}
+               if recipe == "fim-door" else {})}  # fmt: skip
 
 
 def main() -> None:

@@ -207,6 +207,17 @@ def test_the_bonus_reaches_the_td_target():
     mean = float(raw[filled > 0].mean())
     torch.testing.assert_close(bonus, 0.5 * (raw - mean) * filled / centered.scale.std)
     assert abs(float(bonus[filled > 0].mean())) < 1e-5 and (bonus[filled == 0] == 0).all()
+    # terminal tail (ours): a terminated step adds the traces' discounted tail, every other step is unchanged
+    tail = copy.deepcopy(learner)
+    tail.fim = FimConfig(terminal_tail=True)
+    batch.data["terminated"] = torch.zeros_like(filled)
+    end = int(raw[0].argmax())  # a step with a bonus: as if the first episode ended there
+    assert raw[0, end] > 0
+    batch.data["terminated"][0, end] = 1.0
+    decay = 0.99 * 0.9
+    expected = raw.clone()
+    expected[0, end] *= 1 + decay / (1 - decay)
+    torch.testing.assert_close(tail.raw_bonus(batch), expected)
 
 
 def test_training_updates_every_part_and_restores():

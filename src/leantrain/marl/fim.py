@@ -36,6 +36,11 @@ abstracts (and of the project spec's reference interpretation), not the paper's:
 - ``center`` (ours, off by default): the running mean of the raw bonus is subtracted before scaling, so that the
   average step earns nothing and only above-average influence is paid. A bonus that is positive on every step pays
   the team for every step it stays, and on a task whose reward ends the episode it can outweigh that reward.
+- ``terminal_tail`` (ours, off by default): the traces keep paying after an influential step, about
+  1 / (1 − λ_e) times its influence in all, but only while the episode lasts; a goal that ends the episode forfeits
+  the rest, which pays the team for delaying it. With this option a terminated step (not a truncated one, which
+  bootstraps) also pays the rest of the tail, Σ_{k>=1} (γλ_e)^k F(e_t) = F(e_t) γλ_e / (1 − γλ_e), so ending the
+  episode costs no bonus (docs/fim.md measures it).
 - The bonus is computed with the current forward model at every update, for the sampled batch (not stored at
   collection), like FoX's formation reward.
 """
@@ -77,6 +82,7 @@ class FimConfig:
     synchrony: str = "min"  # F over agents: "min" | "mean" | "geometric"
     normalize: bool = True  # divide the raw bonus by its running std
     center: bool = False  # ours, not the paper's: subtract the raw bonus's running mean (see docs/fim.md)
+    terminal_tail: bool = False  # ours: a terminal step also pays the traces' discounted remaining tail
     normalizer_decay: float = 0.99
     model_hidden: int = 128  # forward model width (2 hidden layers)
     model_lr: float = 1e-3
@@ -161,7 +167,11 @@ class FimLearner(QLearner):
         influence = counterfactual_influence(self.model, batch["state"][:, :-1], batch["actions"],
                                              batch["avail"][:, :-1], self.focus)  # fmt: skip
         traces = eligibility_traces(influence, filled, self.fim.trace_decay)  # (B, T, N, C)
-        return synchronized_focus(traces, self.fim.synchrony) * filled
+        raw = synchronized_focus(traces, self.fim.synchrony) * filled
+        if self.fim.terminal_tail:  # without new influence F(e_{t+k}) = λ^k F(e_t): Σ_{k>=1} (γλ)^k F(e_t)
+            decay = self.config.gamma * self.fim.trace_decay
+            raw = raw * (1 + batch["terminated"] * decay / (1 - decay))
+        return raw
 
     def intrinsic_reward(self, batch: EpisodeBatch) -> torch.Tensor | None:
         f, filled = self.fim, batch["filled"]
