@@ -27,6 +27,9 @@ ARMS = {
     "fim-no-trace": ("fim-door", [f"marl.method_options={{{FIM.replace('0.9', '0.0')}, beta: 0.05}}"]),
     "fim-terminal-tail": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, terminal_tail: true}}"]),
     "fim-entropy": ("fim-door", [f"marl.method_options={{{FIM.replace('cog', 'entropy')}, beta: 0.05}}"]),
+    # two changes: the entropy criterion (whose focus stays on the door here) and the terminal tail
+    "fim-entropy-tail": ("fim-door", [f"marl.method_options={{{FIM.replace('cog', 'entropy')}, beta: 0.05, "
+                                      "terminal_tail: true}"]),
 }
 
 
