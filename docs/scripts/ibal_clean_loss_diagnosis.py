@@ -4,7 +4,7 @@ Usage: ``.venv/bin/python docs/scripts/ibal_clean_loss_diagnosis.py PRETRAINED_R
 PRETRAINED_RUN is a finished ``qmix-lbf-4p`` run folder (the robustness part's clean policy, 200k steps); every arm
 continues it for ``--steps`` environment steps (default 10k) with the recipe named in :data:`ARMS` plus overrides,
 and reports the greedy clean test return (32 episodes) at each test and, for IBAL arms, the return under IBAL's
-test attack. Writes bench-results/ibal_diag/ARM.json and prints one line per arm.
+test attack. Writes bench-results/ibal_diag/ARM-<pretrained folder name>.json and prints one line per arm.
 """
 
 import argparse
@@ -63,7 +63,7 @@ def main() -> None:
     n = len(args.arms)
     with ProcessPoolExecutor(args.workers) as pool:
         for r in pool.map(job, args.arms, [args.pretrained] * n, [args.steps] * n):
-            (OUT / f"{r['arm']}.json").write_text(json.dumps(r, indent=1))
+            (OUT / f"{r['arm']}-{Path(r['pretrained']).name}.json").write_text(json.dumps(r, indent=1))
             print(r["arm"], r["tests_t_clean_ibal"], flush=True)
 
 

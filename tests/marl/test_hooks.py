@@ -319,3 +319,16 @@ def test_an_attack_uses_its_own_timing_rule_with_a_shared_planner():
     WolfpackAttack(runner, mac, torch.nn.Identity(), planner, rule)
     runner.run(0.0, test=True)
     assert seen and all(r is rule for r in seen)
+
+
+@pytest.mark.parametrize("env,module", [("lbf:Foraging-8x8-2p-2f-coop-v3", "lbforaging"),
+                                        ("mpe:simple_spread", "mpe2"), ("mpe:simple_tag", "mpe2"),
+                                        ("vmas:balance", "vmas")])  # fmt: skip
+def test_a_missing_environment_package_names_its_install_command(env, module, monkeypatch):
+    import sys
+
+    from leantrain.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"is not installed; install it with: pip install .*\[marl\]"):
+        make_env(env)

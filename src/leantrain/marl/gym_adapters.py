@@ -46,7 +46,7 @@ class GymnasiumMultiAgent(MultiAgentEnv):
             elif env_id.startswith("rware"):
                 import rware  # noqa: F401
         except ImportError as err:
-            raise MissingDependencyError(f"environment {env_id!r} needs the marl extras: {MARL_INSTALL}") from err
+            raise MissingDependencyError(f"environment {env_id!r} (the marl extras)", MARL_INSTALL) from err
         try:
             self.env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
         except TypeError as err:
@@ -145,7 +145,7 @@ class SimpleSpread(MpeTeam):
         try:
             from mpe2 import simple_spread_v3
         except ImportError as err:
-            raise MissingDependencyError(f"simple_spread needs the marl extras: {MARL_INSTALL}") from err
+            raise MissingDependencyError("mpe2 simple_spread (the marl extras)", MARL_INSTALL) from err
         env = simple_spread_v3.parallel_env(N=n_agents, max_cycles=episode_limit, local_ratio=local_ratio,
                                             continuous_actions=False)  # fmt: skip
         env.reset(seed=0)
@@ -176,7 +176,7 @@ class PredatorPrey(MpeTeam):
         try:
             from mpe2 import simple_tag_v3
         except ImportError as err:
-            raise MissingDependencyError(f"simple_tag needs the marl extras: {MARL_INSTALL}") from err
+            raise MissingDependencyError("mpe2 simple_tag (the marl extras)", MARL_INSTALL) from err
         if prey not in ("flee", "random"):
             raise ConfigError(f"predator-prey prey={prey!r}; choose 'flee' or 'random'")
         if n_predators < 1 or n_prey < 1:

@@ -23,7 +23,7 @@ class VmasMultiAgent(MultiAgentEnv):
             import torch
             import vmas
         except ImportError as err:
-            raise MissingDependencyError(f"vmas environments need the marl extras: {MARL_INSTALL}") from err
+            raise MissingDependencyError("vmas (the marl extras)", MARL_INSTALL) from err
         if scenario not in vmas.scenarios:
             raise ConfigError(f"unknown vmas scenario {scenario!r}; choose from {', '.join(vmas.scenarios)}")
         self.torch = torch
