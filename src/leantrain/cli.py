@@ -269,7 +269,7 @@ def bench(
             help="only these parts (finetune: scoring, accuracy, cost, profile; optim: steptime, accuracy, async, "
             "mlbfgs; federated: accuracy, accuracy-iid, partial, embracing, cross-device, workers, memory; "
             "lowrank: accuracy, deflate-svd; prune: mlp, resnet; hetero: accuracy, ablation, timing; marl: matrix, "
-            "throughput, lbf, attack[:task], exploration[:fox|fim], robustness)"
+            "throughput, lbf, attack[:task], exploration[:fox|fim], robustness, zsc[:task])"
         ),
     ] = None,
 ) -> None:

@@ -247,6 +247,42 @@ class MarlConfig:
     switch_episode: int = _f(10_000, "matrix:shifting: training episodes (all environments) before the switch", ge=1)
     method_options: dict = _f({}, "options of the MARL method (S2Q, WALL, MAPPO, ...: its config dataclass)")
     pretrained_policy: str | None = _f(None, "start from this run folder's model.safetensors (agents and mixer)")
+    snapshot_every: int | None = _f(
+        None, "keep the policy every N environment steps, from the start, as policies/t_env-<t>.safetensors "
+        "(FCP-style partner stages); None: only model.safetensors", ge=1
+    )  # fmt: skip
+
+
+@dataclass
+class SbcConfig:
+    population: int | None = _f(
+        None, "SBC (state-blocked coordination): partners in the population, one per blocking set; None: not an "
+        "SBC run", ge=1
+    )  # fmt: skip
+    units_per_set: int = _f(1, "blocked units per set (0: no blocking, an FCP-style population of seeds)", ge=0)
+    block_kinds: list[str] = _f([], "unit kinds the sets are drawn from (destination; cell, pot, onion, dish, serve, "
+                                "counter); empty: all")  # fmt: skip
+    block_mode: Literal["penalty", "hard"] = _f(
+        "penalty", "penalty: the partner's reward is r - c * 1[state in B]; hard: moves into B are no-ops"
+    )
+    block_penalty: float = _f(1.0, "c of the penalty mode", ge=0.0)
+    include_empty: bool = _f(True, "the first set is empty: a self-play partner, also the self-play baseline")
+    partner_steps: int = _f(100_000, "environment steps of each partner's (and held-out partner's) training", ge=1)
+    partner_stages: int = _f(3, "policies kept per partner, evenly spaced over its training, the end included", ge=1)
+    partner_start: bool = _f(False, "the untrained start is one of the stages (FCP keeps it: start, middle, end)")
+    ego_options: dict = _f({}, "the ego's MAPPO options changed from marl.method_options (e.g. {entropy_coef: 0.05})")
+    partner_agent: str = _f("random", "the agent a partner plays in the ego's episodes: random (per episode) or an "
+                            "index (0, 1)")  # fmt: skip
+    held_out_seeds: int = _f(2, "held-out self-play partners trained here, seeds held_out_seed, +1, ...", ge=0)
+    held_out_seed: int = _f(1000, "seed of the first held-out partner (the population's are 10000 + 100 seed + i)",
+                            ge=0)  # fmt: skip
+    held_out: list[str] = _f([], "more held-out partners: run folders, policies/*.safetensors, scripted:<name>")
+    crossplay_episodes: int = _f(32, "episodes per (policy, held-out partner), the partner as each agent in turn",
+                                 ge=1)  # fmt: skip
+    eval_env_args: dict = _f({}, "marl.env_args changed for cross-play (e.g. {shaped_reward: 0.0})")
+    crossplay_actions: Literal["greedy", "sample"] = _f(
+        "greedy", "cross-play episodes: both policies greedy, or both sampling from their softmax (Overcooked)"
+    )
 
 
 @dataclass
@@ -307,6 +343,7 @@ class RunConfig:
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     marl: MarlConfig = field(default_factory=MarlConfig)
+    sbc: SbcConfig = field(default_factory=SbcConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
 
 
@@ -318,6 +355,7 @@ SECTIONS = {
     "lowrank": LowRankConfig,
     "prune": PruneConfig,
     "marl": MarlConfig,
+    "sbc": SbcConfig,
     "hetero": HeteroConfig,
 }
 

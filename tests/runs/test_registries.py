@@ -67,6 +67,8 @@ def test_every_registered_marl_learner_trains_from_a_recipe(algo, tmp_path):
         small += ["marl.method_options={clean_steps: 16, budget: 1, test_budget: 1, followups: 1, duration: 1}"]
     if algo == "ibal":  # observation masking needs LBF's per-agent blocks; on a matrix game only actions are attacked
         small += ["marl.method_options={mask_observations: false, group_rule: random, budget: 1, test_budget: 1}"]
+    if algo == "mappo-br":  # a best response needs partners: a scripted one fits any environment
+        small += ["marl.method_options={partners: ['scripted:random']}"]
     summary = run(resolve("qmix-climbing", [f"marl.algo={algo}", *small])).summary
     assert summary["status"] == "completed" and summary["algo"] == algo and summary["updates"] > 0
 

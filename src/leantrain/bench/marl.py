@@ -16,6 +16,8 @@ Parts (``--part``; all by default), 1 torch thread per process, jobs spread over
 - ``lbf``: ``Foraging-8x8-2p-2f-coop-v3``, seeds 0..2: S2Q against QMIX with S2Q's optimizer and targets, 300k
   steps each.
 - ``exploration``, ``robustness``: FoX, FIM and IBAL against their bases (:mod:`leantrain.bench.marl_methods`).
+- ``zsc``: zero-shot coordination, SBC against self-play MAPPO and an FCP-style population, cross-play with
+  held-out partners (:mod:`leantrain.bench.marl_zsc`; ``zsc:<task>`` runs one task).
 - ``attack``: per task of :data:`ATTACK_TASKS` (predator-prey: mpe2 simple_tag with 4 predators; LBF 8x8 with 4
   players, 3 foods and 25-step episodes), seeds 0..2: a clean QMIX policy, then from it the same number of steps of
   clean training (vanilla) or of WALL training; both final policies are attacked by a Wolfpack planner fitted
@@ -64,7 +66,7 @@ SHIFTING_METHODS = ("qmix", "s2q")
 SHIFT = ["marl.env=matrix:shifting", "marl.switch_episode=10000", "marl.eval_every=500"]
 CLIMB = ["marl.eval_every=1000"]  # a greedy test (and the sub-values' greedy joint actions) every 1000 episodes
 QUICK = ["marl.max_steps=2000", "marl.epsilon_anneal_steps=1000", "marl.eval_every=1000"]
-PARTS = ("matrix", "throughput", "lbf", "attack", "exploration", "robustness")
+PARTS = ("matrix", "throughput", "lbf", "attack", "exploration", "robustness", "zsc")
 LBF_STEPS = 300_000
 LBF_QUICK = ["marl.max_steps=1500", "marl.eval_every=1000", "marl.test_episodes=2", "marl.batch_episodes=4"]
 
@@ -369,9 +371,10 @@ def _pm(mean: float, std: float) -> str:
 
 def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple[str, ...] = PARTS) -> Path:
     from leantrain.bench.marl_methods import EXPLORATION
+    from leantrain.bench.marl_zsc import ZSC_TASKS
 
     # "attack:<task>" runs the attack part on one task of ATTACK_TASKS, "exploration:<method>" one method's pair
-    choices = {"attack": tuple(ATTACK_TASKS), "exploration": tuple(EXPLORATION)}
+    choices = {"attack": tuple(ATTACK_TASKS), "exploration": tuple(EXPLORATION), "zsc": tuple(ZSC_TASKS)}
     picked = {name: tuple(p.partition(":")[2] for p in parts if p.startswith(f"{name}:")) for name in choices}
     parts = (*[p for p in parts if ":" not in p], *[name for name, sub in picked.items() if sub])
     unknown = sorted(set(parts) - set(PARTS))
@@ -466,6 +469,19 @@ def run_bench(quick: bool, out_dir: Path, seeds: int | None = None, parts: tuple
             row.update({c: _pm(m, s) for c, (m, s) in row["extra"]["mean_std"].items()})
         tables.append("Robustness (mean greedy return ± std over seeds, test budget 8)\n"
                       + markdown_table(part, ["method", "seeds", *conditions]))  # fmt: skip
+    if "zsc" in parts:
+        from leantrain.bench.marl_zsc import plot_zsc, zsc_rows, zsc_targets
+
+        zsc_tasks = picked["zsc"] or tuple(ZSC_TASKS)
+        log(f"zsc: {', '.join(zsc_tasks)}: held-out self-play partners, then SBC and FCP-style pipelines per seed")
+        part = zsc_rows(seeds or (1 if quick else 3), quick, add=results.add, tasks=zsc_tasks)
+        met.update(zsc_targets(part))
+        for row in part:
+            row.update(crossplay=_pm(row["metric"], row["metric_std"]), per_seed=row["extra"]["per_seed"])
+        figure = plot_zsc(part, Path(out_dir) / "marl_zsc.png")
+        log(f"zsc plot: {figure}")
+        title = "Zero-shot coordination (cross-play return with held-out partners, mean ± std over seeds)"
+        tables.append(title + "\n" + markdown_table(part, ["method", "seeds", "crossplay", "per_seed"]))
     path = results.finish({"targets": met, "wall_time_s": round(time.perf_counter() - started, 1)})
     print("\n\n".join(tables))
     print_targets(met, path)

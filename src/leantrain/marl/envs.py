@@ -8,6 +8,12 @@
 - ``vmas:<scenario>`` (VMAS's torch-vectorised scenarios with discrete actions),
 - ``grid:door`` (:class:`~leantrain.marl.door_world.DoorWorld`: two agents, two plates, a latching door, a sparse
   goal behind it; FIM's task; ``env_args`` ``width``, ``height``, ``episode_limit``),
+- ``grid:multi_destination`` (:class:`~leantrain.marl.multi_destination.MultiDestinationSpread`: two agents, K
+  equally good destinations, reward only when both reach the same one; SBC's task; ``env_args`` ``size``,
+  ``destinations``, ``episode_limit``),
+- ``blocked:<kind>:<name>`` (:class:`~leantrain.marl.sbc_blocking.BlockedEnv`: SBC's virtual environment, the
+  environment ``<kind>:<name>`` with a blocking set; ``env_args`` ``blocked_units`` (a list of units, e.g.
+  ``[[destination, 1]]``), ``block_mode`` (penalty, hard), ``block_penalty`` (c), the rest for the environment),
 - ``overcooked:<layout>`` (:class:`~leantrain.marl.overcooked_env.OvercookedMultiAgent`: two cooks on cramped_room,
   asymmetric_advantages, coordination_ring, forced_coordination or counter_circuit; ``env_args``
   ``episode_limit`` (400), ``shaped_reward`` (0.0), ``old_dynamics``, ``random_start``, ``counter_features``).
@@ -108,13 +114,25 @@ def _vmas(name, switch_episode, clock, counts, **env_args):
 @register_env("grid")
 def _grid(name, switch_episode, clock, counts, **env_args):
     from leantrain.marl.door_world import DoorWorld
+    from leantrain.marl.multi_destination import MultiDestinationSpread
 
-    if name != "door":
-        raise ConfigError(f"unknown grid world {name!r}; choose from: door")
+    worlds = {"door": DoorWorld, "multi_destination": MultiDestinationSpread}
+    if name not in worlds:
+        raise ConfigError(f"unknown grid world {name!r}; choose from: {', '.join(worlds)}")
     try:
-        return DoorWorld(**env_args)
+        return worlds[name](**env_args)
     except TypeError as err:
-        raise ConfigError(f"marl.env_args for grid:door: {err}") from None
+        raise ConfigError(f"marl.env_args for grid:{name}: {err}") from None
+
+
+@register_env("blocked")
+def _blocked(name, switch_episode, clock, counts, blocked_units=(), block_mode="penalty", block_penalty=1.0,
+             **env_args):  # fmt: skip
+    """SBC's virtual environment: ``blocked:<kind>:<name>`` is ``<kind>:<name>`` behind a blocking set."""
+    from leantrain.marl.sbc_blocking import BlockedEnv
+
+    env = make_env(name, switch_episode, clock, counts, **env_args)
+    return BlockedEnv(env, [tuple(u) for u in blocked_units], block_mode, block_penalty)
 
 
 @register_env("overcooked")
@@ -134,6 +152,7 @@ def make_env(name: str, switch_episode: int = 500, clock=None, counts: bool = Tr
         raise ConfigError(
             f"unknown environment {name!r}; use matrix:climbing|penalty|nonmonotonic|shifting, "
             "lbf:Foraging-8x8-2p-2f-coop-v3 (any lbforaging id), rware:rware-tiny-2ag-v2, mpe:simple_spread, "
-            "mpe:simple_tag, vmas:<scenario>, grid:door or overcooked:<layout>"
+            "mpe:simple_tag, vmas:<scenario>, grid:door, grid:multi_destination, overcooked:<layout> or "
+            "blocked:<kind>:<name>"
         )
     return ENVIRONMENTS[kind](rest, switch_episode, clock, counts, **env_args)

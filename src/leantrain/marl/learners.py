@@ -2,7 +2,7 @@
 
 A builder gets the run config, the agents' controller, the shared learner settings and the training runner, and
 returns the learner (installing the runner hooks its method needs: S2Q's behaviour policy, WALL's and IBAL's
-attacks, MAPPO's own policy and softmax sampling).
+attacks, MAPPO's own policy and softmax sampling, the frozen partners of a MAPPO best response).
 Register another with :func:`register_learner`; the config accepts every registered name.
 """
 
@@ -56,10 +56,11 @@ def _ibal(cfg, mac, lc, runner):
     return learner
 
 
-def method_options(config_cls, cfg):
-    """``marl.method_options`` as the method's config dataclass; an unknown or bad option is a ConfigError."""
+def method_options(config_cls, cfg, options: dict | None = None):
+    """``marl.method_options`` (or ``options``, what is left of them) as the method's config dataclass; an unknown or
+    bad option is a ConfigError."""
     try:
-        return config_cls(**cfg.marl.method_options)
+        return config_cls(**(cfg.marl.method_options if options is None else options))
     except TypeError as err:
         raise ConfigError(f"marl.method_options for {cfg.marl.algo}: {err}") from None
 
@@ -88,17 +89,33 @@ def _fim(cfg, mac, lc, runner):
 def _mappo(cfg, mac, lc, runner):
     """MAPPO: its own policy controller (``marl.agent``, ``marl.agent_hidden`` and the ``shared`` / ``last_action``
     method options), installed on the training runner with softmax sampling; a centralised critic."""
-    from leantrain.marl.controller import MultiAgentController
     from leantrain.marl.mappo import MappoConfig, MappoLearner
 
-    options, m = method_options(MappoConfig, cfg), cfg.marl
+    return _build_mappo(MappoLearner, cfg, mac, lc, runner, method_options(MappoConfig, cfg))
+
+
+@register_learner("mappo-br")
+def _mappo_best_response(cfg, mac, lc, runner):
+    """MAPPO best response to frozen partners (SBC's and FCP's ego, :mod:`leantrain.marl.partners`): the method
+    options ``partners``, ``partner_agent`` and ``partner_actions``, the rest MAPPO's."""
+    from leantrain.marl.mappo import MappoConfig
+    from leantrain.marl.partners import BestResponseConfig, MappoBestResponse
+
+    options = dict(cfg.marl.method_options)
+    partners = BestResponseConfig.pop_from(options)
+    mappo = method_options(MappoConfig, cfg, options)
+    return _build_mappo(MappoBestResponse, cfg, mac, lc, runner, mappo, partners=partners)
+
+
+def _build_mappo(learner_cls, cfg, mac, lc, runner, options, **extra):
+    from leantrain.marl.mappo import mappo_actor
+
+    m = cfg.marl
     if options.num_mini_batch > m.batch_episodes:
-        raise ConfigError(f"marl.method_options for mappo: num_mini_batch={options.num_mini_batch} needs "
+        raise ConfigError(f"marl.method_options for {m.algo}: num_mini_batch={options.num_mini_batch} needs "
                           f"marl.batch_episodes >= it (got {m.batch_episodes}): a minibatch holds whole "
                           "episodes")  # fmt: skip
-    actor = MultiAgentController(mac.info, hidden=m.agent_hidden, agent=m.agent, last_action=options.last_action,
-                                 shared=options.shared)  # fmt: skip
-    learner = MappoLearner(actor, lc, options, seed=cfg.seed)
+    learner = learner_cls(mappo_actor(mac.info, m, options), lc, options, seed=cfg.seed, **extra)
     learner.attach(runner)
     return learner
 

@@ -13,7 +13,9 @@ episodes just collected: ``ppo_epoch`` passes, each over ``num_mini_batch`` mini
   on value-normalised targets R (GAE returns);
 
 with advantages normalised over the batch, unavailable actions masked out of the softmax (probability exactly 0),
-padding steps masked out of every mean, separate optimizers for actor and critic and gradient-norm clip 10 each.
+padding steps masked out of every mean (and, where a batch carries the step field ``agent_mask``, the agent-steps
+it marks 0 out of the policy and entropy terms: a frozen partner's steps, :mod:`leantrain.marl.partners`),
+separate optimizers for actor and critic and gradient-norm clip 10 each.
 Defaults are the paper's (its MPE script): lr 7e-4 in the recipe (5e-4 elsewhere in the paper), clip 0.2,
 gae_lambda 0.95, gamma 0.99, ppo_epoch 10 (5-15 in the paper), one minibatch, entropy 0.01, value loss weight 1,
 Huber delta 10, grad-norm clip 10, value normalisation on, hidden 64, shared parameters with the agent's one-hot id.
@@ -51,6 +53,8 @@ from leantrain.marl.episodes import EpisodeBatch
 from leantrain.marl.learner import Learner, LearnerConfig
 from leantrain.marl.policy import StateValue
 from leantrain.marl.targets import gae_advantages
+
+AGENT_MASK = "agent_mask"  # an optional step field (B, T, N): 1 for the agent-steps the policy learns from
 
 
 @dataclass
@@ -92,14 +96,17 @@ class MappoConfig:
 
 def ppo_losses(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, entropy: torch.Tensor,
                values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor, filled: torch.Tensor,
-               config: MappoConfig) -> dict[str, torch.Tensor]:  # fmt: skip
+               config: MappoConfig, agent_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """The three MAPPO terms, masked means over real steps.
 
     logp, old_logp, entropy (B, T, N): the taken actions' log-probabilities now and at collection, the policy's
     entropy; adv, values, old_values, targets, filled (B, T): team advantage, critic now and at collection, value
-    targets (the critic's units), 1 for real steps. Returns policy (to minimise), entropy and value losses and the
-    fraction of agent-steps whose ratio was clipped."""
+    targets (the critic's units), 1 for real steps; ``agent_mask`` (B, T, N), optional: the agent-steps the policy
+    and entropy terms average over (default every agent). Returns policy (to minimise), entropy and value losses and
+    the fraction of agent-steps whose ratio was clipped."""
     agents = filled.unsqueeze(-1).expand_as(logp)  # (B, T, N)
+    if agent_mask is not None:
+        agents = agents * agent_mask
     count = agents.sum().clamp(min=1)
     ratio = (logp - old_logp).exp()
     a = adv.unsqueeze(-1)  # one team advantage for every agent
@@ -130,6 +137,13 @@ def normalized_advantages(adv: torch.Tensor, filled: torch.Tensor) -> torch.Tens
     real = adv[filled > 0]
     std = real.std() if real.numel() > 1 else real.new_ones(())
     return (adv - real.mean()) / (std + 1e-5) * filled
+
+
+def mappo_actor(info, marl, options: MappoConfig) -> MultiAgentController:
+    """MAPPO's policy for an environment (``info``): the run config's ``marl`` section's agent network and width, the
+    options' ``last_action`` and ``shared`` (what a run trains and what a saved policy is loaded into)."""
+    return MultiAgentController(info, hidden=marl.agent_hidden, agent=marl.agent, last_action=options.last_action,
+                                shared=options.shared)  # fmt: skip
 
 
 class MappoLearner(Learner):
@@ -189,7 +203,8 @@ class MappoLearner(Learner):
                 logp, entropy = self.policy_terms(part)
                 values = self.critic(part["state"][:, :-1])
                 losses = ppo_losses(logp, fixed["old_logp"][idx], fixed["adv"][idx], entropy, values,
-                                    fixed["old_values"][idx], fixed["targets"][idx], part["filled"], c)  # fmt: skip
+                                    fixed["old_values"][idx], fixed["targets"][idx], part["filled"], c,
+                                    part.data.get(f"step_{AGENT_MASK}"))  # fmt: skip
                 actor_loss = losses["policy"] - c.entropy_coef * losses["entropy"]
                 loss = actor_loss + c.value_loss_coef * losses["value"]
                 self.actor_optimizer.zero_grad(set_to_none=True)

@@ -47,6 +47,12 @@ Departures, interpretations and package problems (see docs/overcooked.md for how
 
 A scripted partner can read :attr:`OvercookedMultiAgent.state` (the package's ``OvercookedState``), ``mdp`` and
 ``planner``; :class:`~leantrain.marl.overcooked_scripted.GreedyCook` is one.
+
+SBC's blockable units (:mod:`leantrain.marl.sbc_blocking`; our interpretation, the paper names "specific tiles or
+interactable objects" only): every floor cell ``("cell", x, y)`` a cook can stand on, and every interactable tile
+``(<kind>, x, y)`` with kind ``pot``, ``onion``, ``tomato``, ``dish`` (dispensers), ``serve`` or ``counter``. A cook
+occupies the cell it stands on, and the tile it interacted with in the step just taken; a move enters the floor
+cell it targets, an interact uses the tile the cook faces.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ LAYOUTS = {
     "counter_circuit": "counter_circuit_o_1order",
 }
 N_ACTIONS = 6  # the package's Action.ALL_ACTIONS: north, south, east, west, stay, interact
+STAY, INTERACT = 4, 5
+DIRECTIONS = ((0, -1), (0, 1), (1, 0), (-1, 0))  # the moves 0-3 as (dx, dy), the package's order
+TILE_UNITS = {"P": "pot", "O": "onion", "T": "tomato", "D": "dish", "S": "serve", "X": "counter"}  # terrain -> unit
 OBS_DIM = 96  # featurize_state with two players and two pots: 2 * (2 * 10 + 28)
 _PLANNERS: dict[str, object] = {}  # layout -> MotionPlanner (depends on the terrain only; shared by copies)
 
@@ -133,6 +142,7 @@ class OvercookedMultiAgent(MultiAgentEnv):
     """Two cooks on an Overcooked-AI layout (see the module docstring for observations, reward and departures)."""
 
     n_agents = 2
+    noop_action = STAY  # what a hard-blocked action becomes (sbc_blocking.BlockedEnv)
 
     def __init__(
         self,
@@ -163,6 +173,10 @@ class OvercookedMultiAgent(MultiAgentEnv):
         self.avail = np.ones((2, N_ACTIONS), bool)
         self.starts = list(itertools.permutations(self.mdp.get_valid_player_positions(), 2))  # distinct cells
         self.state = self.mdp.get_standard_start_state()
+        self.floor = set(self.mdp.get_valid_player_positions())
+        self.tiles = {pos: (TILE_UNITS[kind], *pos) for kind, cells in self.mdp.terrain_pos_dict.items()
+                      if kind in TILE_UNITS for pos in cells}  # fmt: skip
+        self.last_actions = [STAY, STAY]
 
     def _observation(self) -> Observation:
         features = self.mdp.featurize_state(self.state, self.distances)  # 2 x (96,) int arrays
@@ -177,10 +191,12 @@ class OvercookedMultiAgent(MultiAgentEnv):
             )
         else:
             self.state = self.mdp.get_standard_start_state()
+        self.last_actions = [STAY, STAY]
         return self._observation()
 
     def step(self, actions) -> Step:
         a = self.check_actions(actions, self.avail)
+        self.last_actions = a.tolist()
         joint = [self.action_table.INDEX_TO_ACTION[k] for k in a.tolist()]
         self.state, infos = self.mdp.get_state_transition(self.state, joint)
         sparse = float(sum(infos["sparse_reward_by_agent"]))
@@ -188,3 +204,34 @@ class OvercookedMultiAgent(MultiAgentEnv):
         info = {"sparse_reward": sparse, "shaped_reward": shaped, "soups": sum(infos["event_infos"]["soup_delivery"])}
         truncated = self.state.timestep >= self.info.episode_limit
         return Step(self._observation(), sparse + self.shaped_reward * shaped, False, truncated, info)
+
+    # ------------------------------------------------------------ SBC's blockable units: floor cells and tiles
+
+    def blockable_units(self) -> tuple[tuple, ...]:
+        cells = [("cell", *pos) for pos in sorted(self.floor)]
+        return (*cells, *sorted(self.tiles.values()))
+
+    def _faced(self, player) -> tuple[int, int]:
+        (x, y), (dx, dy) = player.position, player.orientation
+        return x + dx, y + dy
+
+    def occupied_units(self) -> list[frozenset]:
+        """Per cook, its cell, and the tile it interacted with in the step just taken."""
+        out = []
+        for player, action in zip(self.state.players, self.last_actions, strict=True):
+            used = self.tiles.get(self._faced(player)) if action == INTERACT else None
+            out.append(frozenset({("cell", *player.position)} | ({used} if used else set())))
+        return out
+
+    def action_units(self, actions) -> list[frozenset]:
+        """Per cook, the floor cell its move would enter, or the tile its interact would use."""
+        out = []
+        for player, action in zip(self.state.players, np.asarray(actions).tolist(), strict=True):
+            if action < len(DIRECTIONS):
+                x, y = player.position
+                target = (x + DIRECTIONS[action][0], y + DIRECTIONS[action][1])
+                out.append(frozenset({("cell", *target)}) if target in self.floor else frozenset())
+            else:
+                used = self.tiles.get(self._faced(player)) if action == INTERACT else None
+                out.append(frozenset({used}) if used else frozenset())
+        return out

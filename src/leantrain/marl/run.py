@@ -11,7 +11,9 @@ return under the attack), ``summary.json`` and ``model.safetensors`` (the learne
 test) and ``checkpoints/`` (the full state after the latest test, every ``checkpoint_every`` environment steps if
 set, and where Ctrl-C stopped the run, which finishes the batch of episodes in flight first): ``leantrain run
 resume=<run folder>`` continues exactly, see :mod:`leantrain.marl.checkpoint`; ``marl.pretrained_policy=<run
-folder>`` instead starts a new run from its policy, a warm start).
+folder>`` instead starts a new run from its policy, a warm start). With ``marl.snapshot_every`` set, the policy is
+also kept every that many environment steps from the start, as ``policies/t_env-<t_env>.safetensors`` (the
+partner stages of FCP and SBC populations).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         buffer = ReplayBuffer(m.buffer_episodes, seed=cfg.seed)
     epsilon = EpsilonSchedule(m.epsilon_start, m.epsilon_finish, m.epsilon_anneal_steps)
     t_env, episodes, next_test, status, elapsed = 0, 0, 0, "completed", 0.0
-    next_checkpoint = m.checkpoint_every or 0
+    next_checkpoint, next_snapshot = m.checkpoint_every or 0, 0
     train_returns: list[float] = []
     last_stats: dict = {}
     resumed = _resumed_t_env(resume_from)
@@ -118,20 +120,23 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         t_env, episodes, next_test, elapsed = loop["t_env"], loop["episodes"], loop["next_test"], loop["elapsed"]
         train_returns, last_stats = loop["train_returns"], loop["last_stats"]
         next_checkpoint, last_test = loop.get("next_checkpoint", next_checkpoint), loop.get("last_test")
+        next_snapshot = loop.get("next_snapshot", next_snapshot)
         logger.log({"split": "resume", "t_env": t_env, "episodes": episodes, "from": resume_from.name})
 
     def save_checkpoint() -> Path:
         loop = {"t_env": t_env, "episodes": episodes, "next_test": next_test, "train_returns": train_returns,
                 "last_stats": last_stats, "next_checkpoint": next_checkpoint, "last_test": last_test,
-                "elapsed": elapsed + time.perf_counter() - started}  # fmt: skip
+                "next_snapshot": next_snapshot, "elapsed": elapsed + time.perf_counter() - started}  # fmt: skip
         state = checkpoint.capture(loop, learner, buffer, runners, clock)
         return save_state_checkpoint(run_dir / "checkpoints", t_env, state, keep=1)
 
-    def save_policy() -> None:
-        """The learner's networks to model.safetensors (written aside, then renamed: never a torn file)."""
+    def save_policy(path: Path = run_dir / "model.safetensors") -> None:
+        """The learner's networks to ``path`` (model.safetensors or a snapshot; written aside, then renamed: never
+        a torn file)."""
         tensors = {f"{k}.{n}": v.contiguous() for k, sd in learner.state_dict().items() for n, v in sd.items()}
-        save_file(tensors, str(run_dir / "model.safetensors.tmp"))
-        (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
+        path.parent.mkdir(exist_ok=True)
+        save_file(tensors, str(path.with_name(path.name + ".tmp")))
+        path.with_name(path.name + ".tmp").replace(path)
 
     kept = None
     with deferred_sigint() as interrupted:
@@ -142,6 +147,9 @@ def run_marl(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
                 if t_env and m.checkpoint_every is None:
                     save_policy()  # the latest policy and the state to resume from survive a crash
                     save_checkpoint()
+            if m.snapshot_every is not None and t_env >= next_snapshot:  # FCP-style stages of the policy
+                save_policy(run_dir / "policies" / f"t_env-{t_env:09d}.safetensors")
+                next_snapshot = (t_env // m.snapshot_every + 1) * m.snapshot_every
             if m.checkpoint_every is not None and t_env >= next_checkpoint:
                 next_checkpoint += m.checkpoint_every
                 if t_env:

@@ -1,7 +1,8 @@
 """The kinds of run a recipe can be, each handed to its area's runner through this registry.
 
 A recipe is *supervised* (the plain training loop), *federated* (``federated.algorithm`` set: the simulator),
-*marl* (``marl.env`` set: the value-decomposition runner) or *hetero* (``hetero.method`` set: local SGD across
+*marl* (``marl.env`` set: the value-decomposition runner), *sbc* (``sbc.population`` set: SBC's pipeline of
+MARL runs, :mod:`leantrain.marl.sbc`) or *hetero* (``hetero.method`` set: local SGD across
 devices of different speed). A kind names the config keys its recipes use (an
 override of any other key is an error, see :mod:`leantrain.config`), the x axis of its metrics, the budget keys
 a resumed run may raise, and its runner ``runner(cfg, run_dir, resume_from) -> summary`` as ``"module:function"``
@@ -73,6 +74,10 @@ register_run_kind(RunKind(
      "optim.weight_decay", "federated"), "round",
     ("federated.rounds", "federated.stop_after"), selector="federated.algorithm", progress="rounds",
     summary_progress="rounds_done", follower="leantrain.federated.run:torchrun_follower",
+))  # fmt: skip
+register_run_kind(RunKind(  # before marl: an SBC recipe sets marl.env too
+    "sbc", "leantrain.marl.sbc:run_sbc", ("marl", "sbc"), "stage", (), selector="sbc.population",
+    split="crossplay", splits=("job", "crossplay"), progress="stages", summary_progress="stages_done",
 ))  # fmt: skip
 register_run_kind(RunKind(
     "marl", "leantrain.marl.run:run_marl", ("marl",), "t_env", ("marl.max_steps",), selector="marl.env",
