@@ -169,14 +169,19 @@ def compress(
 
     if threads:
         torch.set_num_threads(threads)
+    from leantrain.train.interrupt import recorded_sigint
+
     console = Console(stderr=True)
     started = time.perf_counter()
 
-    def stage(text: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {text}")
-
     try:
-        with console.status("compressing", spinner="dots"):
+        with recorded_sigint() as interrupted, console.status("compressing", spinner="dots"):
+
+            def stage(text: str) -> None:
+                if interrupted.is_set():  # a Ctrl-C that Python dropped (it landed in a __del__) stops us here
+                    raise KeyboardInterrupt
+                console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {text}")
+
             s = run_compress(model, remove, select, recover, out, calib, evaluation, block, calib_windows,
                              eval_windows, num_clusters, ridge, stage=stage)  # fmt: skip
     except KeyboardInterrupt:

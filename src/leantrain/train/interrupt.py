@@ -31,3 +31,26 @@ def deferred_sigint() -> Iterator[threading.Event]:
         yield event
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def recorded_sigint() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt at once, as usual, and is also recorded in the yielded event.
+
+    Python drops an exception raised inside a ``__del__`` or a weakref callback ("Exception ignored in ..."), so a
+    Ctrl-C that lands there is lost. A caller checks the event at its next stage and raises it again."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        event.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
