@@ -1,6 +1,7 @@
 """What the greedy policies of FIM and QMIX do on the door world: the experiment behind docs/fim.md "Why".
 
-Usage: ``.venv/bin/python docs/scripts/fim_door_diagnosis.py ARM [ARM...] [--seeds N]``; arms are named in
+Usage: ``.venv/bin/python docs/scripts/fim_door_diagnosis.py ARM [ARM...] [--seeds N]``, or ``--plot PNG`` to draw
+the kept ``fim`` and ``qmix`` runs' test curves; arms are named in
 :data:`ARMS` (each is a recipe plus overrides that differ in one thing). Each (arm, seed) trains the recipe for its
 200k steps, keeps the run under bench-results/fim_diagnosis/, then plays 64 greedy episodes of the saved policy and
 records, per episode: the return (= reached the goal), whether the door opened, the length, and the steps on which
@@ -121,12 +122,35 @@ def job(arm: str, seed: int) -> dict:
                if recipe == "fim-door" else {})}  # fmt: skip
 
 
+def plot_kept(path: Path) -> None:
+    """The test curves of the kept ``fim`` and ``qmix`` runs (the recipes as shipped, the bench pair's seeds) drawn
+    by the bench's own plot, as rows of ``leantrain bench marl --part exploration:fim``."""
+    from leantrain.bench.marl_methods import plot_exploration
+
+    rows = []
+    for arm, method in (("fim", "fim"), ("qmix", "fim-baseline-qmix")):
+        curves, speeds = [], []
+        for run in sorted((OUT / arm).iterdir()):
+            tests = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            curves.append([(r["t_env"], r["return_mean"]) for r in tests if r["split"] == "test"])
+            speeds.append(json.loads((run / "summary.json").read_text())["env_steps_per_s"])
+        rows.append({"method": method, "anchor": arm == "qmix", "task": ARMS[arm][0],
+                     "extra": {"part": "exploration", "curves": curves, "env_steps_per_s": speeds}})  # fmt: skip
+        print(arm, "env steps/s per seed", [round(v, 1) for v in speeds])
+    print(plot_exploration(rows, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("arms", nargs="+", choices=list(ARMS))
+    parser.add_argument("arms", nargs="*", help=f"any of {', '.join(ARMS)}")
+    parser.add_argument("--plot", type=Path, help="only draw the kept fim and qmix runs' curves to this PNG")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    if args.plot:
+        return plot_kept(args.plot)
+    if not args.arms or set(args.arms) - set(ARMS):
+        parser.error(f"name one or more arms of {', '.join(ARMS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     jobs = [(a, s) for a in args.arms for s in range(args.seeds)]
     with ProcessPoolExecutor(args.workers) as pool:
