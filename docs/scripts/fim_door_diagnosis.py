@@ -16,26 +16,40 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 OUT = Path("bench-results/fim_diagnosis")
-FIM = "criterion: cog, trace_decay: 0.9, recompute_every: 50, statistics: replay"
+
+
+def _fim(**change) -> list[str]:
+    """fim-door's method options with ``change``."""
+    from leantrain.bench.marl_jobs import options_override
+
+    return [options_override("fim-door", **change)]
+
+
 ARMS = {
     "qmix": ("qmix-door", []),
     "fim": ("fim-door", []),
     # one change each against "fim"
-    "fim-beta0.01": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.01}}"]),
-    "fim-centered": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, center: true}}"]),
-    "fim-beta0": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.0}}"]),
-    "fim-door-focus": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, focus_dims: [4]}}"]),
-    "fim-no-trace": ("fim-door", [f"marl.method_options={{{FIM.replace('0.9', '0.0')}, beta: 0.05}}"]),
-    "fim-terminal-tail": ("fim-door", [f"marl.method_options={{{FIM}, beta: 0.05, terminal_tail: true}}"]),
-    "fim-entropy": ("fim-door", [f"marl.method_options={{{FIM.replace('cog', 'entropy')}, beta: 0.05}}"]),
+    "fim-beta0.01": ("fim-door", _fim(beta=0.01)),
+    "fim-centered": ("fim-door", _fim(center=True)),
+    "fim-beta0": ("fim-door", _fim(beta=0.0)),
+    "fim-door-focus": ("fim-door", _fim(focus_dims=[4])),
+    "fim-no-trace": ("fim-door", _fim(trace_decay=0.0)),
+    "fim-terminal-tail": ("fim-door", _fim(terminal_tail=True)),
+    "fim-entropy": ("fim-door", _fim(criterion="entropy")),
     # two changes: the entropy criterion (whose focus stays on the door here) and the terminal tail
-    "fim-entropy-tail": ("fim-door", [f"marl.method_options={{{FIM.replace('cog', 'entropy')}, beta: 0.05, "
-                                      "terminal_tail: true}"]),
+    "fim-entropy-tail": ("fim-door", _fim(criterion="entropy", terminal_tail=True)),
 }
 
 
-def behaviour(run_dir: Path, episodes: int = 64) -> dict:
+def plates_held(state):
+    """Whether both plates are held in door-world states (..., 5) of the default 7 x 5 grid: (...) bool."""
     import torch
+
+    pos = torch.round(state[..., :4] * torch.tensor([6.0, 4.0, 6.0, 4.0]))  # both agents' (x, y) in cells
+    return (pos[..., 0] == 0) & (pos[..., 2] == 0) & ((pos[..., 1] - pos[..., 3]).abs() == 4)
+
+
+def behaviour(run_dir: Path, episodes: int = 64) -> dict:
 
     from leantrain.marl.door_world import DoorWorld
     from leantrain.marl.robustness import load_run
@@ -50,10 +64,8 @@ def behaviour(run_dir: Path, episodes: int = 64) -> dict:
         for e in range(state.shape[0]):
             n = int(filled[e].sum())
             s = state[e, : n + 1]
-            pos = torch.round(s[:, :4] * torch.tensor([6.0, 4.0, 6.0, 4.0]))
-            plates = ((pos[:, 0] == 0) & (pos[:, 2] == 0) & ((pos[:, 1] - pos[:, 3]).abs() == 4)).sum()
             rows.append({"ret": stats.returns[e], "door": float(s[:, DoorWorld.door_dim].max()), "len": n,
-                         "plates_held": int(plates)})  # fmt: skip
+                         "plates_held": int(plates_held(s).sum())})  # fmt: skip
     for env in envs:
         env.close()
     rows = rows[:episodes]
@@ -64,9 +76,9 @@ def behaviour(run_dir: Path, episodes: int = 64) -> dict:
 
 def door_bonus(run_dir: Path, episodes: int = 64, trace_decay: float | None = None) -> dict:
     """The saved forward model's door bonus (raw, focus = the door, traces as in training) by situation, over the
-    greedy episodes of the saved policy: the mean over steps whose state has both plates held with the door still
-    closed, held with the door already open, and elsewhere (the door opens on the step into a held state, so a held
-    state with the door closed does not occur); ``trace_decay=0`` gives the step's own influence."""
+    greedy episodes of the saved policy: the mean over steps whose state has both plates held (the door is then
+    already open: it opens on the step into such a state) and over the other steps; ``trace_decay=0`` gives the
+    step's own influence."""
     import torch
     from safetensors.torch import load_file
 
@@ -81,16 +93,14 @@ def door_bonus(run_dir: Path, episodes: int = 64, trace_decay: float | None = No
     if trace_decay is not None:  # 0: the step's own influence, no trace
         learner.fim.trace_decay = trace_decay
     runner = EpisodeRunner(envs, mac, seed=12345)
-    sums = {"held_closed": [0.0, 0], "held_open": [0.0, 0], "elsewhere": [0.0, 0]}
+    sums = {"held_open": [0.0, 0], "elsewhere": [0.0, 0]}
     done = 0
     while done < episodes:
         batch, _ = runner.run(0.0, test=True)
         batch = batch.trimmed()
         raw, filled, state = learner.raw_bonus(batch), batch["filled"], batch["state"][:, :-1]
-        pos = torch.round(state[..., :4] * torch.tensor([6.0, 4.0, 6.0, 4.0]))
-        held = (pos[..., 0] == 0) & (pos[..., 2] == 0) & ((pos[..., 1] - pos[..., 3]).abs() == 4)
-        door = state[..., DoorWorld.door_dim] > 0.5
-        for name, where in (("held_closed", held & ~door), ("held_open", held & door), ("elsewhere", ~held)):
+        held = plates_held(state)
+        for name, where in (("held_open", held), ("elsewhere", ~held)):
             mask = where & (filled > 0)
             sums[name][0] += float(raw[mask].sum())
             sums[name][1] += int(mask.sum())

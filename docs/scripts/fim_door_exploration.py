@@ -13,10 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from leantrain.bench import marl_methods
-from leantrain.bench.marl_jobs import _mean_std, _run
+from leantrain.bench.marl_jobs import _mean_std, _run, options_override
 
-BONUS_OFF = ("marl.method_options={criterion: cog, beta: 0.0, trace_decay: 0.9, recompute_every: 50, "
-             "statistics: replay}")
+BONUS_OFF = options_override("fim-door", beta=0.0)
 
 
 def bonus_off(seed: int) -> float:

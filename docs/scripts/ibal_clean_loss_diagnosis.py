@@ -14,15 +14,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 OUT = Path("bench-results/ibal_diag")
-IBAL = ("clean_steps: 0, attacked_episodes: 0.5, collect_epsilon: 0.0, consistency: 0.1, budget: 12, "
-        "test_budget: 8, attack_prob: 0.5, mask_observations: true, action_agents: 1, action_rule: worst, "
-        "group_rule: greedy")  # fmt: skip
 
 
 def _ibal(**change) -> list[str]:
-    options = dict(kv.split(": ") for kv in IBAL.split(", "))
-    options.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in change.items()})
-    return ["marl.method_options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}"]
+    from leantrain.bench.marl_jobs import options_override
+
+    return [options_override("ibal-lbf-4p", **change)]
 
 
 ARMS = {

@@ -219,7 +219,7 @@ class MarlConfig:
     algo: str = _f(
         "qmix",
         "learner: plain value decomposition (qmix, vdn), s2q, wall (training under the Wolfpack attack), fox, fim, "
-        "ibal, or mappo (on-policy actor-critic)",
+        "ibal, mappo (on-policy actor-critic) or mappo-br (MAPPO best response to frozen partners)",
         choices="leantrain.marl.learners:LEARNERS",
     )
     mixer: str = _f("qmix", "mixing network", choices="leantrain.marl.networks:MIXERS")

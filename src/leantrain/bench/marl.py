@@ -41,8 +41,8 @@ from leantrain.bench.marl_jobs import (
     _in_worker,
     _mean_std,
     _run,
-    _wall_options,
     _workers,
+    options_override,
 )
 from leantrain.bench.report import BenchResults, Progress, discard, log, markdown_table, print_targets
 from leantrain.errors import ConfigError
@@ -241,8 +241,9 @@ def throughput_rows(quick: bool, add=discard) -> list[dict]:
     from leantrain.config import resolve
 
     torch.set_num_threads(1)
+    wall = options_override("wall-lbf-8x8", clean_steps=0)
     arms = {"qmix": ("qmix-lbf-8x8", []), "vdn": ("qmix-lbf-8x8", ["marl.mixer=vdn"]),
-            "s2q": ("s2q-lbf-8x8", []), "wall": ("wall-lbf-8x8", [_wall_options(clean_steps=0)])}  # fmt: skip
+            "s2q": ("s2q-lbf-8x8", []), "wall": ("wall-lbf-8x8", [wall])}  # fmt: skip
     episodes, repeats = (4, 2) if quick else (40, 5)
     units = Progress("marl throughput", len(arms))
     rows = []

@@ -148,9 +148,12 @@ def plot_exploration(rows: list[dict], path) -> object | None:
     if not methods:
         return None
     fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 3.6), squeeze=False)
+    by = {r["method"]: r for r in rows}
     for ax, method in zip(axes[0], methods, strict=True):
-        for r, color in ((r, c) for r in rows for m, c in ((method, "C1"), (f"{method}-baseline-qmix", "C0"))
-                         if r["method"] == m):  # fmt: skip
+        for name, color in ((method, "C1"), (f"{method}-baseline-qmix", "C0")):
+            if name not in by:
+                continue
+            r = by[name]
             curves = [np.asarray(c, dtype=float) for c in r["extra"]["curves"]]
             grid = np.linspace(0, min(c[-1, 0] for c in curves), 50)
             for c in curves:

@@ -29,9 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from leantrain.errors import ConfigError
+from leantrain.marl.door_world import MOVES  # the grid worlds' five moves: stay, up, down, left, right
 from leantrain.marl.env import EnvInfo, MultiAgentEnv, Observation, Step
-
-MOVES = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0))  # stay, up, down, left, right as (dx, dy)
 
 
 class MultiDestinationSpread(MultiAgentEnv):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +149,6 @@ class PartnerHook:
 
 
 POLICY_LEARNERS = ("mappo", "mappo-br")  # runs whose saved policy a partner can be (MAPPO's softmax policies)
-BEST_RESPONSE_OPTIONS = ("partners", "partner_agent", "partner_actions")
 
 
 def load_policy(run_dir: str | Path, file: str | Path | None = None) -> MultiAgentController:
@@ -216,6 +215,9 @@ class BestResponseConfig:
     def pop_from(cls, options: dict) -> BestResponseConfig:
         """This config's fields taken out of ``options`` (the rest are MAPPO's)."""
         return cls(**{name: options.pop(name) for name in BEST_RESPONSE_OPTIONS if name in options})
+
+
+BEST_RESPONSE_OPTIONS = tuple(f.name for f in fields(BestResponseConfig))  # the rest of mappo-br's options: MAPPO's
 
 
 class MappoBestResponse(MappoLearner):

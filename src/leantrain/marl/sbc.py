@@ -112,12 +112,13 @@ def blocking_sets(cfg) -> list[frozenset]:
     return sample_blocking_sets(units, s.population, s.units_per_set, seed=cfg.seed, include_empty=s.include_empty)
 
 
-def plan(cfg, run_dir: Path) -> dict:
-    """The MARL run of every training step, by name: partners, held-out partners (the ego's comes later)."""
+def plan(cfg, run_dir: Path, sets: list[frozenset]) -> dict:
+    """The MARL run of every training step, by name: a partner per blocking set of ``sets``, the held-out partners
+    (the ego's comes later)."""
     s, m = cfg.sbc, cfg.marl
     stages = {"snapshot_every": snapshot_every(s)}
     jobs = {}
-    for i, units in enumerate(blocking_sets(cfg)):
+    for i, units in enumerate(sets):
         env_args = {**m.env_args, "blocked_units": [list(u) for u in sorted(units, key=str)],
                     "block_mode": s.block_mode, "block_penalty": s.block_penalty}  # fmt: skip
         name, seed = f"partner-{i:02d}", 10_000 + 100 * cfg.seed + i
@@ -171,7 +172,8 @@ def run_sbc(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
 
     _check(cfg)
     s, started = cfg.sbc, time.perf_counter()
-    jobs = plan(cfg, run_dir)
+    sets = blocking_sets(cfg)
+    jobs = plan(cfg, run_dir, sets)
     resumed = None if resume_from is None else load_state_checkpoint(resume_from)[0]
     logger = open_metric_loggers(run_dir, cfg.log_formats, x_key="stage", resume_after=resumed)
     total = len(jobs) + 2  # the ego and the cross-play
@@ -226,7 +228,7 @@ def run_sbc(cfg, run_dir: Path, resume_from: Path | None = None) -> dict:
         prefix = "" if policy == "sbc" else f"{policy}_"
         final |= {f"{prefix}crossplay_return": mean, f"{prefix}crossplay_return_std": std}
     summary.update(status="completed", stages_done=total, final=final, runs=dirs,
-                   blocking_sets=[[list(u) for u in sorted(b, key=str)] for b in blocking_sets(cfg)])  # fmt: skip
+                   blocking_sets=[[list(u) for u in sorted(b, key=str)] for b in sets])  # fmt: skip
     finish_stage(total, "crossplay", final)
     _write(run_dir, summary, started)
     progress.close()
